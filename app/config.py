@@ -1,0 +1,229 @@
+"""Every CAP_* setting, read and validated in one place.
+
+Each setting is declared once below with its environment variable, its default and the
+form it expects. ``load_settings()`` reads them all; a wrong value raises ``ConfigError``
+naming the variable and the expected form, and every entry point turns that into one line
+on stderr and a non-zero exit before doing anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from pymongo.errors import ConfigurationError, InvalidURI
+from pymongo.uri_parser import parse_uri
+
+
+class ConfigError(Exception):
+    """A CAP_* variable holds a value the process cannot start with."""
+
+    def __init__(self, variable: str, value: object, expected: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{variable}={value!r} is invalid: expected {expected}")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated configuration of one process."""
+
+    # CAP_MONGO_URI: the replica set, e.g. mongodb://m0,m1,m2/certautopilot?replicaSet=rs0.
+    # Unset only for `certautopilot dev`, which starts the embedded server and sets it.
+    mongo_uri: str | None = None
+    # CAP_MONGO_DB: database name; defaults to the URI's path, else "certautopilot".
+    mongo_db: str = "certautopilot"
+    # CAP_BROKER_DB: database of kombu's MongoDB transport (same cluster as CAP_MONGO_URI).
+    broker_db: str = "certautopilot_broker"
+    # CAP_MONGO_TIMEOUT_MS: server selection / connect timeout; an unreachable database
+    # fails within this bound instead of hanging.
+    mongo_timeout_ms: int = 5000
+    # CAP_KEK_FILE / CAP_KEK_DIR / CAP_KEK_COMMAND: where the key-encryption key comes from
+    # (at most one of them). It never enters MongoDB.
+    kek_file: Path | None = None
+    kek_dir: Path | None = None
+    kek_command: str | None = None
+    # CAP_JOB_LEASE_SECONDS: how long a claimed job is held without a heartbeat.
+    job_lease_seconds: float = 60.0
+    # CAP_JOB_MAX_ATTEMPTS: attempts before a failing job is marked dead.
+    job_max_attempts: int = 5
+    # CAP_JOB_GRACE_SECONDS: on SIGTERM, how long running jobs may take to finish.
+    job_grace_seconds: float = 30.0
+    # CAP_REAPER_REPUBLISH_SECONDS: a queued job older than this with no claim is re-published.
+    reaper_republish_seconds: float = 30.0
+    # CAP_SCHEDULER_LEASE_SECONDS / _RENEW_SECONDS / _RETRY_SECONDS: leader lease length,
+    # the leader's renewal interval, and the standby's acquire interval.
+    scheduler_lease_seconds: float = 15.0
+    scheduler_renew_seconds: float = 5.0
+    scheduler_retry_seconds: float = 2.0
+    # CAP_LOG_LEVEL and CAP_LOG_FORMAT (json lines, the default off a terminal, or text).
+    log_level: str = "INFO"
+    log_format: str = "json"
+    # CAP_API_BIND: host:port the API listens on.
+    api_bind: str = "127.0.0.1:8000"
+    # CAP_DATA_DIR: where `certautopilot dev` keeps the embedded database and dev KEK.
+    data_dir: Path = Path(".certautopilot")
+    # CAP_DEV_MONGO_PORT: port of the embedded database started by `certautopilot dev`.
+    dev_mongo_port: int = 27117
+
+    def require_mongo_uri(self) -> str:
+        if not self.mongo_uri:
+            raise ConfigError("CAP_MONGO_URI", None, "a mongodb:// URI (it is not set)")
+        return self.mongo_uri
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, raw, "a positive number of seconds") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError(name, raw, "a positive number of seconds")
+    return value
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int, expected: str) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, raw, expected) from None
+    if value <= 0:
+        raise ConfigError(name, raw, expected)
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _positive_int(env, name, default, "a TCP port between 1 and 65535")
+    if value > 65535:
+        raise ConfigError(name, env.get(name), "a TCP port between 1 and 65535")
+    return value
+
+
+def validate_mongo_uri(name: str, raw: str) -> str | None:
+    """Check a MongoDB URI; return the database named in its path, if any."""
+    expected = "a mongodb:// or mongodb+srv:// URI, e.g. mongodb://m0,m1,m2/certautopilot?replicaSet=rs0"
+    if not raw.startswith(("mongodb://", "mongodb+srv://")):
+        raise ConfigError(name, raw, expected)
+    try:
+        parsed = parse_uri(raw, connect_timeout=1.0) if raw.startswith("mongodb+srv://") \
+            else parse_uri(raw)
+    except (InvalidURI, ConfigurationError, ValueError) as exc:
+        raise ConfigError(name, raw, f"{expected} ({exc})") from None
+    if not parsed.get("nodelist") and not raw.startswith("mongodb+srv://"):
+        raise ConfigError(name, raw, expected)
+    database = parsed.get("database")
+    return str(database) if database else None
+
+
+def _api_bind(env: Mapping[str, str]) -> str:
+    raw = env.get("CAP_API_BIND", "127.0.0.1:8000")
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("CAP_API_BIND", raw, "host:port, e.g. 0.0.0.0:8000")
+    return raw
+
+
+def _kek_sources(env: Mapping[str, str]) -> tuple[Path | None, Path | None, str | None]:
+    kek_file = env.get("CAP_KEK_FILE") or None
+    kek_dir = env.get("CAP_KEK_DIR") or None
+    kek_command = env.get("CAP_KEK_COMMAND") or None
+    given = [n for n, v in (("CAP_KEK_FILE", kek_file), ("CAP_KEK_DIR", kek_dir),
+                            ("CAP_KEK_COMMAND", kek_command)) if v]
+    if len(given) > 1:
+        raise ConfigError(given[1], env.get(given[1]),
+                          f"only one KEK source, but {' and '.join(given)} are both set")
+    if kek_file and not Path(kek_file).is_file():
+        raise ConfigError("CAP_KEK_FILE", kek_file,
+                          "the path of a readable file holding base64 of 32 random bytes")
+    if kek_dir and not Path(kek_dir).is_dir():
+        raise ConfigError("CAP_KEK_DIR", kek_dir,
+                          "a directory of versioned KEK files (e.g. v1.key, v2.key)")
+    return (Path(kek_file) if kek_file else None, Path(kek_dir) if kek_dir else None,
+            kek_command)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every CAP_* variable; raise ConfigError on the first bad one."""
+    env = os.environ if environ is None else environ
+
+    mongo_uri = env.get("CAP_MONGO_URI") or None
+    uri_db = validate_mongo_uri("CAP_MONGO_URI", mongo_uri) if mongo_uri else None
+    mongo_db = env.get("CAP_MONGO_DB") or uri_db or "certautopilot"
+    broker_db = env.get("CAP_BROKER_DB") or "certautopilot_broker"
+    for name, value in (("CAP_MONGO_DB", mongo_db), ("CAP_BROKER_DB", broker_db)):
+        if any(ch in value for ch in '/\\. "$') or len(value) > 63:
+            raise ConfigError(name, value, "a MongoDB database name without / \\ . \" $ or spaces")
+
+    level = (env.get("CAP_LOG_LEVEL") or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError("CAP_LOG_LEVEL", env.get("CAP_LOG_LEVEL"), "one of " + ", ".join(LOG_LEVELS))
+    default_format = "text" if sys.stderr.isatty() else "json"
+    log_format = (env.get("CAP_LOG_FORMAT") or default_format).lower()
+    if log_format not in LOG_FORMATS:
+        raise ConfigError("CAP_LOG_FORMAT", env.get("CAP_LOG_FORMAT"), "json or text")
+
+    kek_file, kek_dir, kek_command = _kek_sources(env)
+
+    scheduler_lease = _positive_float(env, "CAP_SCHEDULER_LEASE_SECONDS", 15.0)
+    scheduler_renew = _positive_float(env, "CAP_SCHEDULER_RENEW_SECONDS", 5.0)
+    if scheduler_renew >= scheduler_lease:
+        raise ConfigError("CAP_SCHEDULER_RENEW_SECONDS", env.get("CAP_SCHEDULER_RENEW_SECONDS"),
+                          f"fewer seconds than CAP_SCHEDULER_LEASE_SECONDS ({scheduler_lease:g})")
+
+    return Settings(
+        mongo_uri=mongo_uri,
+        mongo_db=mongo_db,
+        broker_db=broker_db,
+        mongo_timeout_ms=_positive_int(env, "CAP_MONGO_TIMEOUT_MS", 5000,
+                                       "a positive number of milliseconds"),
+        kek_file=kek_file,
+        kek_dir=kek_dir,
+        kek_command=kek_command,
+        job_lease_seconds=_positive_float(env, "CAP_JOB_LEASE_SECONDS", 60.0),
+        job_max_attempts=_positive_int(env, "CAP_JOB_MAX_ATTEMPTS", 5, "a positive integer"),
+        job_grace_seconds=_positive_float(env, "CAP_JOB_GRACE_SECONDS", 30.0),
+        reaper_republish_seconds=_positive_float(env, "CAP_REAPER_REPUBLISH_SECONDS", 30.0),
+        scheduler_lease_seconds=scheduler_lease,
+        scheduler_renew_seconds=scheduler_renew,
+        scheduler_retry_seconds=_positive_float(env, "CAP_SCHEDULER_RETRY_SECONDS", 2.0),
+        log_level=level,
+        log_format=log_format,
+        api_bind=_api_bind(env),
+        data_dir=Path(env.get("CAP_DATA_DIR") or ".certautopilot"),
+        dev_mongo_port=_port(env, "CAP_DEV_MONGO_PORT", 27117),
+    )
+
+
+def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:
+    """load_settings() for entry points: a bad value prints one line and exits 2."""
+    try:
+        return load_settings(environ)
+    except ConfigError as exc:
+        print(f"certautopilot: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def configure_logging(settings: Settings) -> None:
+    from app.logs import setup_logging
+
+    setup_logging(settings.log_level, settings.log_format)
+    logging.getLogger(__name__).debug("settings loaded")

@@ -1,0 +1,95 @@
+"""Start CertAutoPilot roles as real subprocesses, signal them, and always reap them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def signal(self, signum: int) -> None:
+        """Signal the whole process group (celery/gunicorn children included)."""
+        try:
+            os.killpg(self.popen.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill9(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def terminate(self) -> None:
+        """SIGTERM (after SIGCONT, in case a test stopped it)."""
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class ProcessManager:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        log_path = self.log_dir / f"{name}-{len(self.procs)}.log"
+        with open(log_path, "ab") as out:
+            popen = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, env: dict[str, str], name: str = "worker", concurrency: int = 1,
+               extra: list[str] | None = None) -> Proc:
+        argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--concurrency",
+                str(concurrency), "-n", f"{name}-{len(self.procs)}@%h", "--without-gossip",
+                "--without-mingle", "--loglevel", "INFO", *(extra or [])]
+        return self.start(name, argv, env)
+
+    def scheduler(self, env: dict[str, str], name: str = "scheduler") -> Proc:
+        argv = [sys.executable, "-m", "celery", "-A", "tasks", "beat", "-S",
+                "scheduler.MongoLeaseScheduler", "--loglevel", "INFO"]
+        return self.start(name, argv, env)
+
+    def api(self, env: dict[str, str], bind: str, workers: int = 2) -> Proc:
+        argv = [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "--bind",
+                bind, "--workers", str(workers), "app:create_app()"]
+        return self.start("api", argv, env)
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        for proc in self.procs:
+            if proc.alive():
+                proc.signal(signal.SIGCONT)
+                proc.signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            proc.signal(signal.SIGKILL)
+            try:
+                proc.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
