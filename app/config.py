@@ -175,7 +175,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     level = (env.get("CAP_LOG_LEVEL") or "INFO").upper()
     if level not in LOG_LEVELS:
-        raise ConfigError("CAP_LOG_LEVEL", env.get("CAP_LOG_LEVEL"), "one of " + ", ".join(LOG_LEVELS))
+        raise ConfigError("CAP_LOG_LEVEL", env.get("CAP_LOG_LEVEL"),
+                          "one of " + ", ".join(LOG_LEVELS))
     default_format = "text" if sys.stderr.isatty() else "json"
     log_format = (env.get("CAP_LOG_FORMAT") or default_format).lower()
     if log_format not in LOG_FORMATS:

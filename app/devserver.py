@@ -111,7 +111,7 @@ class Supervisor:
     def stop_all(self, grace: float = 20.0) -> None:
         for child in self.children:
             if child.proc and child.proc.poll() is None:
-                os.killpg(child.proc.pid, signal.SIGTERM)
+                child.proc.terminate()  # the role's own warm shutdown stops its children
         deadline = time.monotonic() + grace
         for child in self.children:
             if child.proc is None:
@@ -189,7 +189,7 @@ def run_dev(settings: Settings) -> int:
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         if wait_ready(base + "/readyz"):
             print(f"CertAutoPilot is up.\n  API:       {base}/\n  OpenAPI:   {base}/docs\n"
-                  f"  Dashboard: {base}/dashboard/\n  Logs:      {log_dir}/\n"
+                  f"  Logs:      {log_dir}/\n"
                   "Ctrl-C stops everything.", flush=True)
         else:
             print(f"the api did not become ready; see {log_dir}/api.log", file=sys.stderr)

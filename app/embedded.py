@@ -70,6 +70,7 @@ def start(storage: Path, port: int, *, log_path: Path | None = None,
             raise EmbeddedServerError(f"embedded database exited with {proc.returncode}"
                                       + (f"; see {log_path}" if log_path else ""))
         try:
+            client: pymongo.MongoClient[dict[str, object]]
             with pymongo.MongoClient(uri, serverSelectionTimeoutMS=500) as client:
                 client.admin.command("ping")
             return proc, uri

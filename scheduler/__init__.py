@@ -1,0 +1,1 @@
+"""Mongo-lease Celery beat scheduler (see scheduler/schedulers.py)."""
