@@ -1,0 +1,24 @@
+"""The one registration point for time-driven work.
+
+Each ``TimedWork`` makes the scheduler leader enqueue a job of ``kind`` every
+``every_seconds`` (dedupe key ``"<name>@<slot>"``, fenced by the lease term). The job's
+handler lives in ``app/`` and is registered there with ``@register_handler``.
+To add timed work: append one ``TimedWork`` line below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TimedWork:
+    name: str
+    every_seconds: float
+    kind: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+TIMED_WORK: list[TimedWork] = [
+]
