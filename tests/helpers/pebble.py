@@ -112,7 +112,7 @@ def start_pebble(directory: Path, env_extra: dict[str, str] | None = None,
                **(env_extra or {}))
     chall = subprocess.Popen(
         ["pebble-challtestsrv", "-dns01", f"127.0.0.1:{dns_port}", "-http01", "",
-         "-https01", "", "-tlsalpn01", "", "-doh", "", "-management",
+         "-https01", "", "-tlsalpn01", "", "-management",
          f"127.0.0.1:{chall_mgmt}", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
         stdout=out, stderr=out)
     peb = subprocess.Popen(["pebble", "-config", str(config_path), "-dnsserver",
