@@ -8,6 +8,7 @@ on stderr and a non-zero exit before doing anything else.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -66,6 +67,10 @@ class Settings:
     scheduler_lease_seconds: float = 15.0
     scheduler_renew_seconds: float = 5.0
     scheduler_retry_seconds: float = 2.0
+    # CAP_SCHEDULER_EXTRA_ENTRIES: more timed work beside scheduler/timed.py, as a JSON list
+    # of {"name", "every_seconds", "kind", "payload"} objects (tests, benchmarks, one-off
+    # operator schedules). Parsed into plain dicts here; the scheduler builds its entries.
+    scheduler_extra_entries: tuple[dict[str, Any], ...] = ()
     # CAP_LOG_LEVEL and CAP_LOG_FORMAT (json lines, the default off a terminal, or text).
     log_level: str = "INFO"
     log_format: str = "json"
@@ -132,6 +137,36 @@ def validate_mongo_uri(name: str, raw: str) -> str | None:
         raise ConfigError(name, raw, expected)
     database = parsed.get("database")
     return str(database) if database else None
+
+
+def _scheduler_extra_entries(env: Mapping[str, str]) -> tuple[dict[str, Any], ...]:
+    raw = env.get("CAP_SCHEDULER_EXTRA_ENTRIES") or ""
+    if not raw.strip():
+        return ()
+    expected = ('a JSON list of {"name": str, "every_seconds": number >= 0.1, '
+                '"kind": str, "payload": object (optional)} with distinct names')
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        raise ConfigError("CAP_SCHEDULER_EXTRA_ENTRIES", raw, expected) from None
+    if not isinstance(items, list):
+        raise ConfigError("CAP_SCHEDULER_EXTRA_ENTRIES", raw, expected)
+    entries: list[dict[str, Any]] = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) - {"name", "every_seconds", "kind",
+                                                      "payload"}:
+            raise ConfigError("CAP_SCHEDULER_EXTRA_ENTRIES", raw, expected)
+        name, kind, every = item.get("name"), item.get("kind"), item.get("every_seconds")
+        payload = item.get("payload", {})
+        if (not isinstance(name, str) or not name.strip() or len(name) > 200
+                or not isinstance(kind, str) or not kind.strip()
+                or isinstance(every, bool) or not isinstance(every, (int, float))
+                or not 0.1 <= every <= 366 * 86400 or not isinstance(payload, dict)
+                or name in {e["name"] for e in entries}):
+            raise ConfigError("CAP_SCHEDULER_EXTRA_ENTRIES", raw, expected)
+        entries.append({"name": name, "every_seconds": float(every), "kind": kind,
+                        "payload": payload})
+    return tuple(entries)
 
 
 def _api_bind(env: Mapping[str, str]) -> str:
@@ -206,6 +241,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         scheduler_lease_seconds=scheduler_lease,
         scheduler_renew_seconds=scheduler_renew,
         scheduler_retry_seconds=_positive_float(env, "CAP_SCHEDULER_RETRY_SECONDS", 2.0),
+        scheduler_extra_entries=_scheduler_extra_entries(env),
         log_level=level,
         log_format=log_format,
         api_bind=_api_bind(env),
