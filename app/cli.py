@@ -19,7 +19,10 @@ from app.config import Settings, load_or_exit
 from app.errors import CertAutoPilotError
 
 # Modules contributing a subcommand (attribute ``command``). Add new ones here.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "app.scheduler_cli",
+    "app.keys.cli",
+]
 
 
 class CliContext:

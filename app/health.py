@@ -51,3 +51,8 @@ def readiness(db: Database[dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
         detail[name] = {"ok": ok, **info}
         ready = ready and ok
     return ready, detail
+
+
+# Checks other modules register, imported here so every process that asks for readiness
+# (/readyz, `certautopilot health`) has them. The cycle is safe: register_check is defined.
+import app.keys.health  # noqa: E402,F401

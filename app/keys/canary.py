@@ -85,7 +85,7 @@ def check(db: Database[Doc], keyring: Keyring, version: int) -> bool | None:
     return ok
 
 
-def _contradicting_record(db: Database[Doc], kek: AESGCM, version: int) -> bool:
+def contradicting_record(db: Database[Doc], kek: AESGCM, version: int) -> bool:
     """Whether a key record sealed under ``version`` exists that ``kek`` cannot unwrap."""
     record = dbm.retry(lambda: dbm.primary(db)[dbm.KEYS].find_one(
         {"kek_version": int(version)},
@@ -115,7 +115,7 @@ def ensure(db: Database[Doc], keyring: Keyring, version: int, *,
         return "verified"
     if state is False:
         raise wrong_kek(version, keyring)
-    if _contradicting_record(db, kek, version):
+    if contradicting_record(db, kek, version):
         raise wrong_kek(version, keyring)
     canary = make_canary(kek, version)
     who = actor or audit.system_actor("keys")

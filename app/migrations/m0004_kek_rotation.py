@@ -1,0 +1,29 @@
+"""KEK rotation bookkeeping: one running rotation at a time, rotations in order."""
+
+from typing import Any
+
+from pymongo import ASCENDING, IndexModel
+from pymongo.database import Database
+
+VERSION = 4
+DESCRIPTION = "KEK rotations: one running at a time (partial unique index), ordered by seq"
+
+KEK_ROTATIONS = "kek_rotations"
+KEK_VERSIONS = "kek_versions"
+
+INDEXES: dict[str, list[IndexModel]] = {
+    KEK_ROTATIONS: [
+        IndexModel([("state", ASCENDING)], unique=True, name="one_running",
+                   partialFilterExpression={"state": "running"}),
+        IndexModel([("seq", ASCENDING)], unique=True, name="seq_unique"),
+    ],
+    KEK_VERSIONS: [IndexModel([("state", ASCENDING)], name="state")],
+}
+
+
+def apply(db: Database[dict[str, Any]]) -> None:
+    existing = set(db.list_collection_names())
+    for name, indexes in INDEXES.items():
+        if name not in existing:
+            db.create_collection(name)
+        db[name].create_indexes(indexes)
