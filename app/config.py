@@ -13,12 +13,15 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
+
+if TYPE_CHECKING:
+    from app.audit.sinkconfig import SinkSpec
 
 
 class ConfigError(Exception):
@@ -80,6 +83,31 @@ class Settings:
     data_dir: Path = Path(".certautopilot")
     # CAP_DEV_MONGO_PORT: port of the embedded database started by `certautopilot dev`.
     dev_mongo_port: int = 27117
+    # CAP_ACME_DIRECTORY_URL: the ACME directory of accounts that do not name their own
+    # (an https:// URL; Let's Encrypt production by default).
+    acme_directory_url: str = "https://acme-v02.api.letsencrypt.org/directory"
+    # CAP_ACME_CA_BUNDLE: PEM file of CA certificates that verify the ACME server's TLS
+    # certificate (a private CA; Pebble in tests). Unset: the system's trust store.
+    acme_ca_bundle: Path | None = None
+    # CAP_ACME_ORDER_TIMEOUT_SECONDS: how long one wait on the CA (validation, issuance)
+    # may take before the attempt fails and the job retries.
+    acme_order_timeout_seconds: float = 120.0
+    # CAP_RENEWAL_BACKOFF_SECONDS / CAP_RENEWAL_BACKOFF_MAX_SECONDS: after a failed
+    # validation the next attempt waits base * 2^(failures-1), at most max (1 h → 32 h).
+    renewal_backoff_seconds: float = 3600.0
+    renewal_backoff_max_seconds: float = 115200.0
+    # CAP_AUDIT_HMAC_KEY: when set (at least 32 characters), the audit hash chain is an
+    # HMAC-SHA256 under this key, so a database writer cannot forge it. Keep it outside
+    # MongoDB (a Kubernetes Secret); it is never logged or shown.
+    audit_hmac_key: bytes | None = field(default=None, repr=False)
+    # CAP_AUDIT_SINKS: where the audit log is forwarded (SIEM): syslog over TCP or TLS,
+    # HTTP JSON (Splunk HEC shape), a JSON-lines file; see app/audit/sinkconfig.py.
+    audit_sinks: tuple[SinkSpec, ...] = ()
+    # CAP_API_RATE_LIMIT: requests one API token may make per window, shared by every api
+    # replica through MongoDB: "<count>/<second|minute|hour>" (e.g. 6000/minute), or "off".
+    # api_rate_limit 0 means no limit.
+    api_rate_limit: int = 6000
+    api_rate_window_seconds: int = 60
 
     def require_mongo_uri(self) -> str:
         if not self.mongo_uri:
@@ -196,6 +224,57 @@ def _kek_sources(env: Mapping[str, str]) -> tuple[Path | None, Path | None, str 
             kek_command)
 
 
+RATE_WINDOWS = {"second": 1, "minute": 60, "hour": 3600}
+
+
+def _api_rate_limit(env: Mapping[str, str]) -> tuple[int, int]:
+    raw = (env.get("CAP_API_RATE_LIMIT") or "6000/minute").strip().lower()
+    if raw in ("off", "0"):
+        return 0, 60
+    count, sep, window = raw.partition("/")
+    if not sep or window not in RATE_WINDOWS or not count.isdigit() or int(count) <= 0:
+        raise ConfigError("CAP_API_RATE_LIMIT", env.get("CAP_API_RATE_LIMIT"),
+                          "<count>/<second|minute|hour> with a positive count, e.g. "
+                          "6000/minute, or off")
+    return int(count), RATE_WINDOWS[window]
+
+
+def audit_hmac_key(env: Mapping[str, str]) -> bytes | None:
+    """CAP_AUDIT_HMAC_KEY as bytes (None when unset); the value never appears in errors."""
+    raw = env.get("CAP_AUDIT_HMAC_KEY") or None
+    if raw is None:
+        return None
+    if len(raw) < 32 or raw != raw.strip():
+        raise ConfigError("CAP_AUDIT_HMAC_KEY", "<hidden>",
+                          "at least 32 characters without surrounding spaces, e.g. the output "
+                          "of `openssl rand -base64 48`")
+    return raw.encode()
+
+
+def _acme_settings(env: Mapping[str, str]) -> dict[str, Any]:
+    directory = env.get("CAP_ACME_DIRECTORY_URL") or Settings.acme_directory_url
+    if not directory.startswith("https://") or len(directory) < 12 or " " in directory:
+        raise ConfigError("CAP_ACME_DIRECTORY_URL", directory,
+                          "the https:// URL of an ACME directory")
+    bundle = env.get("CAP_ACME_CA_BUNDLE") or None
+    if bundle and not Path(bundle).is_file():
+        raise ConfigError("CAP_ACME_CA_BUNDLE", bundle, "the path of a readable PEM file")
+    backoff = _positive_float(env, "CAP_RENEWAL_BACKOFF_SECONDS", 3600.0)
+    backoff_max = _positive_float(env, "CAP_RENEWAL_BACKOFF_MAX_SECONDS", 115200.0)
+    if backoff_max < backoff:
+        raise ConfigError("CAP_RENEWAL_BACKOFF_MAX_SECONDS",
+                          env.get("CAP_RENEWAL_BACKOFF_MAX_SECONDS"),
+                          f"at least CAP_RENEWAL_BACKOFF_SECONDS ({backoff:g})")
+    return {
+        "acme_directory_url": directory,
+        "acme_ca_bundle": Path(bundle) if bundle else None,
+        "acme_order_timeout_seconds": _positive_float(env, "CAP_ACME_ORDER_TIMEOUT_SECONDS",
+                                                      120.0),
+        "renewal_backoff_seconds": backoff,
+        "renewal_backoff_max_seconds": backoff_max,
+    }
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every CAP_* variable; raise ConfigError on the first bad one."""
     env = os.environ if environ is None else environ
@@ -225,6 +304,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("CAP_SCHEDULER_RENEW_SECONDS", env.get("CAP_SCHEDULER_RENEW_SECONDS"),
                           f"fewer seconds than CAP_SCHEDULER_LEASE_SECONDS ({scheduler_lease:g})")
 
+    api_rate_limit, api_rate_window = _api_rate_limit(env)
+
     return Settings(
         mongo_uri=mongo_uri,
         mongo_db=mongo_db,
@@ -247,7 +328,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         api_bind=_api_bind(env),
         data_dir=Path(env.get("CAP_DATA_DIR") or ".certautopilot"),
         dev_mongo_port=_port(env, "CAP_DEV_MONGO_PORT", 27117),
+        **_acme_settings(env),
+        audit_hmac_key=audit_hmac_key(env),
+        audit_sinks=_audit_sinks(env),
+        api_rate_limit=api_rate_limit,
+        api_rate_window_seconds=api_rate_window,
     )
+
+
+def _audit_sinks(env: Mapping[str, str]) -> tuple[SinkSpec, ...]:
+    from app.audit.sinkconfig import parse_sinks  # lazily: app.audit imports this module
+
+    return parse_sinks(env)
 
 
 def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:

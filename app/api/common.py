@@ -1,0 +1,228 @@
+"""Pieces every resource shares: the URL prefix, the error schema, cursor pagination,
+ETags, and the visibility rule (a token sees its own project only).
+
+Pagination is by cursor: a list is sorted on a unique key (``_id``, or ``seq`` for the
+audit log) and the cursor holds the last key of the page, so a page is the next
+``limit`` items *after* it. Items inserted while a client pages through never cause an
+item to be skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from bson import ObjectId
+from flask import Response, g, request
+from marshmallow import Schema, fields, validate
+from pymongo.collection import Collection
+
+from app import db as dbm
+from app.domain.tokens import Principal
+from app.errors import CertAutoPilotError, NotFound, PreconditionFailed
+
+API_PREFIX = "/api/v1"
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 200
+
+Doc = dict[str, Any]
+
+
+class BadRequest(CertAutoPilotError):
+    status, code = 400, "bad_request"
+
+
+class ErrorSchema(Schema):
+    """The one error envelope of every API error."""
+
+    code = fields.String(required=True, metadata={
+        "description": "Stable machine-readable code, e.g. not_found, validation_failed",
+        "example": "not_found"})
+    status = fields.Integer(required=True, metadata={"description": "HTTP status",
+                                                     "example": 404})
+    message = fields.String(required=True, metadata={"description": "What went wrong"})
+    errors = fields.Dict(required=True, metadata={
+        "description": "Details by field or location (e.g. {'json': {'names': [...]}})"})
+
+
+class PageArgsSchema(Schema):
+    limit = fields.Integer(load_default=DEFAULT_LIMIT,
+                           validate=validate.Range(min=1, max=MAX_LIMIT),
+                           metadata={"description": f"Page size (1-{MAX_LIMIT})"})
+    cursor = fields.String(load_default=None, validate=validate.Length(max=500),
+                           metadata={"description": "next_cursor of the previous page"})
+
+
+def page_schema(item: type[Schema], name: str) -> type[Schema]:
+    """A ``{items: [...], next_cursor}`` schema for a list of ``item``."""
+    return Schema.from_dict({
+        "items": fields.List(fields.Nested(item), required=True),
+        "next_cursor": fields.String(required=True, allow_none=True, metadata={
+            "description": "Pass as ?cursor= for the next page; null on the last page"}),
+    }, name=name)
+
+
+# -- the caller ----------------------------------------------------------------------
+
+def principal() -> Principal:
+    """The authenticated caller of this request (set by app.api.auth)."""
+    found = g.get("principal")
+    if found is None:
+        raise RuntimeError("no authenticated principal: is the view missing @scope(...)?")
+    assert isinstance(found, Principal)
+    return found
+
+
+def ensure_visible(doc: Mapping[str, Any] | None, what: str, ident: Any,
+                   project_key: str = "project_id") -> Any:
+    """Return ``doc`` if the caller may see it; NotFound otherwise (never 403: a token
+    of another project must not learn that the object exists)."""
+    if doc is None or not principal().can_see(doc.get(project_key)):
+        raise NotFound(f"{what} {ident!r} not found")
+    return doc
+
+
+def project_scope(requested: str | None) -> str | None:
+    """The project a list or create applies to: a project token's own project (asking
+    for another is NotFound), or, for an admin, the one requested (None = all)."""
+    caller = principal()
+    if caller.is_admin:
+        if requested is not None:
+            from app.domain.projects import get_project
+
+            get_project(current_db_(), requested)
+        return requested
+    if requested is not None and requested != caller.project_id:
+        raise NotFound(f"project {requested!r} not found")
+    return caller.project_id
+
+
+def required_project(requested: str | None) -> str:
+    """For creates: the project the new object belongs to (admins must name one)."""
+    project_id = project_scope(requested)
+    if project_id is None:
+        from app.errors import ValidationFailed
+
+        raise ValidationFailed("an admin token must say which project: set project_id",
+                               errors={"project_id": ["required for admin tokens"]})
+    return project_id
+
+
+def visibility_filter(project_id: str | None) -> Doc:
+    return {} if project_id is None else {"project_id": project_id}
+
+
+def current_db_() -> Any:
+    from app import current_db
+
+    return current_db()
+
+
+# -- cursors -------------------------------------------------------------------------
+
+def _encode_value(value: Any) -> Any:
+    if isinstance(value, ObjectId):
+        return {"o": str(value)}
+    if isinstance(value, datetime):
+        return {"d": value.astimezone(UTC).isoformat()}
+    if isinstance(value, (str, int)):
+        return value
+    raise TypeError(f"cannot page on a key of type {type(value).__name__}")
+
+
+def _decode_value(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"o"}:
+        return ObjectId(value["o"])
+    if isinstance(value, dict) and set(value) == {"d"}:
+        return datetime.fromisoformat(value["d"])
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return value
+    raise ValueError("bad cursor value")
+
+
+def encode_cursor(key: str, value: Any) -> str:
+    raw = json.dumps({"k": key, "v": _encode_value(value)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, key: str) -> Any:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        if not isinstance(data, dict) or data.get("k") != key:
+            raise ValueError("cursor of another list")
+        return _decode_value(data["v"])
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise BadRequest("invalid cursor: pass next_cursor from a previous page unchanged",
+                         errors={"query": {"cursor": ["invalid"]}}) from None
+
+
+def paginate(collection: Collection[Doc], query: Doc, *, limit: int, cursor: str | None,
+             key: str = "_id", projection: Doc | None = None,
+             descending: bool = False) -> dict[str, Any]:
+    """One page of ``query`` sorted on the unique ``key``: ``{items, next_cursor}``."""
+    if cursor:
+        last = decode_cursor(cursor, key)
+        query = {"$and": [query, {key: {"$lt" if descending else "$gt": last}}]}
+    order = -1 if descending else 1
+
+    def fetch() -> list[Doc]:
+        return list(collection.find(query, projection).sort(key, order).limit(limit + 1))
+
+    items = dbm.retry(fetch, what=f"list {collection.name}")
+    next_cursor = None
+    if len(items) > limit:
+        items = items[:limit]
+        next_cursor = encode_cursor(key, items[-1][key])
+    return {"items": items, "next_cursor": next_cursor}
+
+
+# -- ETags ---------------------------------------------------------------------------
+
+def etag_of(representation: Any) -> str:
+    """A strong ETag: a hash of the JSON representation a GET returns."""
+    body = json.dumps(representation, sort_keys=True, separators=(",", ":"), default=str)
+    return '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
+
+
+def _etags(header: str | None) -> list[str]:
+    if not header:
+        return []
+    return [part.strip().removeprefix("W/") for part in header.split(",") if part.strip()]
+
+
+def not_modified(etag: str) -> Response | None:
+    """A 304 when the client's If-None-Match holds the current ETag."""
+    wanted = _etags(request.headers.get("If-None-Match"))
+    if "*" in wanted or etag in wanted:
+        response = Response(status=304)
+        response.headers["ETag"] = etag
+        return response
+    return None
+
+
+def check_if_match(etag: str) -> None:
+    """412 when the client sent If-Match and the object changed since it read it."""
+    header = request.headers.get("If-Match")
+    if header is None:
+        return
+    wanted = _etags(header)
+    if "*" not in wanted and etag not in wanted:
+        raise PreconditionFailed("the object changed since you read it (If-Match does not "
+                                 "match its ETag); read it again and retry",
+                                 errors={"etag": etag})
+
+
+IF_NONE_MATCH_PARAM = {"in": "header", "name": "If-None-Match", "required": False,
+                       "schema": {"type": "string"},
+                       "description": "ETag of a copy you hold: 304 if unchanged"}
+IF_MATCH_PARAM = {"in": "header", "name": "If-Match", "required": False,
+                  "schema": {"type": "string"},
+                  "description": "ETag the change is based on: 412 if the object changed"}
+ETAG_HEADER = {"ETag": {"description": "Version of the representation",
+                        "schema": {"type": "string"}}}

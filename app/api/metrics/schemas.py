@@ -1,0 +1,1 @@
+"""/metrics answers Prometheus text exposition, not JSON: no schema."""

@@ -1,0 +1,1 @@
+"""Projects (tenants): admin-managed; a project token sees its own."""

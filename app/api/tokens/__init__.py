@@ -1,0 +1,1 @@
+"""API tokens: create (shown once), list, read, revoke."""

@@ -1,0 +1,91 @@
+"""API tokens. A token is shown once, at creation; tokens of a project are visible to
+that project's tokens; a token never grants more than its creator holds."""
+
+from typing import Any
+
+from flask import g
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from app import current_db
+from app import db as dbm
+from app.api.auth import READ, WRITE, scope
+from app.api.common import API_PREFIX, ensure_visible, paginate, principal, project_scope
+from app.api.tokens.schemas import (
+    CreatedTokenSchema,
+    TokenCreateSchema,
+    TokenListArgsSchema,
+    TokenPageSchema,
+    TokenSchema,
+)
+from app.domain import tokens
+from app.errors import Forbidden, NotFound
+
+blp = Blueprint("tokens", __name__, url_prefix=f"{API_PREFIX}/tokens",
+                description="API tokens: 256 random bits, stored as a hash, shown once.")
+
+
+@blp.route("")
+class Tokens(MethodView):
+    @scope(READ)
+    @blp.arguments(TokenListArgsSchema, location="query")
+    @blp.response(200, TokenPageSchema)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List tokens (metadata only, never the token itself)."""
+        project_id = project_scope(args.get("project_id"))
+        query: dict[str, Any] = {} if project_id is None else {"project_id": project_id}
+        if not args["include_revoked"]:
+            query["revoked_at"] = None
+        return paginate(current_db()[dbm.API_TOKENS], query, limit=args["limit"],
+                        cursor=args["cursor"], projection={"token_hash": 0})
+
+    @scope(WRITE)
+    @blp.arguments(TokenCreateSchema)
+    @blp.response(201, CreatedTokenSchema)
+    def post(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Create a token; the answer holds it once (store it now)."""
+        caller = principal()
+        if data["admin"]:
+            if not caller.is_admin:
+                raise Forbidden("only an admin token can create admin tokens")
+            project_id, scopes = None, [tokens.ADMIN]
+        else:
+            project_id = data["project_id"] or caller.project_id
+            if project_id is None:
+                from app.errors import ValidationFailed
+
+                raise ValidationFailed("set project_id (or admin: true)",
+                                       errors={"project_id": ["required"]})
+            if not caller.can_see(project_id):
+                raise NotFound(f"project {project_id!r} not found")
+            scopes = data["scopes"]
+        tokens.check_grant(caller, project_id, scopes)
+        doc, plaintext = tokens.create_token(
+            current_db(), project_id=project_id, scopes=scopes, actor=caller.actor,
+            name=data["name"], expires_in_days=data["expires_in_days"])
+        # An idempotent replay of this answer must not come from a stored plaintext.
+        g.idempotency_redact = {"token": "(shown only in the first answer)"}
+        return {**doc, "token": plaintext}
+
+
+@blp.route("/<string:token_id>")
+class TokenById(MethodView):
+    @scope(READ)
+    @blp.response(200, TokenSchema)
+    def get(self, token_id: str) -> dict[str, Any]:
+        """Read a token's metadata."""
+        return ensure_visible(_get(token_id), "token", token_id)
+
+    @scope(WRITE)
+    @blp.response(204)
+    def delete(self, token_id: str) -> None:
+        """Revoke a token (takes effect on every replica within 5 seconds)."""
+        ensure_visible(_get(token_id), "token", token_id)
+        tokens.revoke_token(current_db(), token_id, actor=principal().actor)
+
+
+def _get(token_id: str) -> dict[str, Any] | None:
+    try:
+        return tokens.get_token(current_db(), token_id)
+    except NotFound:
+        return None

@@ -1,0 +1,30 @@
+"""The API's own collections: idempotency keys and rate-limit windows, both expiring by
+TTL index."""
+
+from typing import Any
+
+from pymongo import ASCENDING, IndexModel
+from pymongo.database import Database
+
+# Same names as app.api.idempotency.IDEMPOTENCY and app.api.ratelimit.RATE_LIMITS
+# (kept literal so migrate does not import the web stack).
+IDEMPOTENCY = "api_idempotency"
+RATE_LIMITS = "api_rate_limits"
+
+VERSION = 7
+DESCRIPTION = "api: idempotency keys and rate-limit windows (TTL)"
+
+INDEXES: dict[str, list[IndexModel]] = {
+    IDEMPOTENCY: [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0,
+                             name="ttl_expires_at")],
+    RATE_LIMITS: [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0,
+                             name="ttl_expires_at")],
+}
+
+
+def apply(db: Database[dict[str, Any]]) -> None:
+    existing = set(db.list_collection_names())
+    for name, indexes in INDEXES.items():
+        if name not in existing:
+            db.create_collection(name)
+        db[name].create_indexes(indexes)
