@@ -22,6 +22,8 @@ from app.errors import CertAutoPilotError
 COMMAND_MODULES: list[str] = [
     "app.scheduler_cli",
     "app.keys.cli",
+    "app.projects_cli",
+    "app.tokens_cli",
 ]
 
 
