@@ -21,4 +21,6 @@ class TimedWork:
 
 
 TIMED_WORK: list[TimedWork] = [
+    # Re-claim jobs whose lease lapsed, re-publish queued jobs whose message was lost.
+    TimedWork("jobs.reap", 15, "jobs.reap"),
 ]

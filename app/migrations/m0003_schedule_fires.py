@@ -1,0 +1,27 @@
+"""The scheduler's per-slot fire log (see app/scheduling_status.py)."""
+
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, IndexModel
+from pymongo.database import Database
+
+from app import db as dbm
+from app.scheduling_status import FIRES, FIRES_TTL_SECONDS
+
+VERSION = 3
+DESCRIPTION = "schedule_fires: one document per fired slot, unique per entry and slot"
+
+INDEXES = [
+    # A slot fires once: even a double fire cannot commit twice (within the TTL).
+    IndexModel([("entry", ASCENDING), ("slot", ASCENDING)], unique=True, name="entry_slot"),
+    IndexModel([("fired_at", ASCENDING)], expireAfterSeconds=int(FIRES_TTL_SECONDS),
+               name="ttl_fired_at"),
+    IndexModel([("term", ASCENDING), ("fired_at", DESCENDING)], name="term_fired_at"),
+]
+
+
+def apply(db: Database[dict[str, Any]]) -> None:
+    if FIRES not in set(db.list_collection_names()):
+        db.create_collection(FIRES)
+    db[FIRES].create_indexes(INDEXES)
+    db[dbm.SCHEDULE].create_index([("source", ASCENDING)], name="source")

@@ -1,0 +1,111 @@
+"""What the scheduler leaves in the database, read back for operators.
+
+The scheduler (``scheduler/``, which ``app/`` never imports) keeps three things here:
+
+- ``leases/scheduler``: the leader lease — ``holder``, ``term`` (rises at every change of
+  holder), ``expires_at``, ``renewed_at``, ``acquired_at``, ``released_at``.
+- ``schedule``: one document per entry — ``definition`` (kind, payload, every_seconds or
+  cron) apart from its run metadata (``last_run_at``, ``next_run_at``,
+  ``total_run_count``, ``last_term``, ``last_holder``, ``last_job_id``).
+- ``schedule_fires``: one document per fired slot (entry, slot, term, holder, job id),
+  unique on (entry, slot), kept ``FIRES_TTL_SECONDS``: the durable proof that a slot ran
+  once, and the history ``certautopilot scheduler status`` shows.
+
+``status(db)`` assembles them, with the lease's state judged on the server's clock.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pymongo.database import Database
+
+from app import db as dbm
+
+Doc = dict[str, Any]
+
+SCHEDULER_LEASE_ID = "scheduler"
+FIRES = "schedule_fires"
+FIRES_TTL_SECONDS = 7 * 86400
+
+
+def _seconds(later: datetime | None, earlier: datetime) -> float | None:
+    if later is None:
+        return None
+    return round((later - earlier).total_seconds(), 3)
+
+
+def lease_status(db: Database[Doc], now: datetime | None = None) -> Doc:
+    """The scheduler lease as an operator reads it: who leads, under which term, until
+    when (``state`` is ``held``, ``expired``, ``released`` or ``never taken``)."""
+    db = dbm.primary(db)
+    now = now or dbm.server_now(db)
+    doc = dbm.retry(lambda: db[dbm.LEASES].find_one({"_id": SCHEDULER_LEASE_ID}),
+                    what="read scheduler lease")
+    if doc is None:
+        return {"state": "never taken", "holder": None, "term": 0, "expires_at": None,
+                "renewed_at": None, "acquired_at": None, "expires_in_s": None,
+                "server_time": now}
+    expires_at = doc.get("expires_at")
+    if doc.get("holder") is None:
+        state = "released"
+    elif expires_at is not None and expires_at > now:
+        state = "held"
+    else:
+        state = "expired"
+    return {
+        "state": state,
+        "holder": doc.get("holder"),
+        "term": int(doc.get("term") or 0),
+        "expires_at": expires_at,
+        "renewed_at": doc.get("renewed_at"),
+        "acquired_at": doc.get("acquired_at"),
+        "released_at": doc.get("released_at"),
+        "lease_seconds": doc.get("lease_seconds"),
+        "expires_in_s": _seconds(expires_at, now) if state == "held" else None,
+        "server_time": now,
+    }
+
+
+def entries_status(db: Database[Doc], now: datetime | None = None) -> list[Doc]:
+    """Every schedule entry with its definition, last and next run (soonest first)."""
+    db = dbm.primary(db)
+    now = now or dbm.server_now(db)
+    docs = dbm.retry(lambda: list(db[dbm.SCHEDULE].find().sort([("next_run_at", 1),
+                                                                 ("_id", 1)])),
+                     what="read schedule")
+    rows = []
+    for doc in docs:
+        definition = doc.get("definition") or {}
+        rows.append({
+            "name": doc["_id"],
+            "kind": definition.get("kind"),
+            "every_seconds": definition.get("every_seconds"),
+            "cron": definition.get("cron"),
+            "source": doc.get("source"),
+            "next_run_at": doc.get("next_run_at"),
+            "next_run_in_s": _seconds(doc.get("next_run_at"), now),
+            "last_run_at": doc.get("last_run_at"),
+            "total_run_count": int(doc.get("total_run_count") or 0),
+            "last_term": doc.get("last_term"),
+            "last_holder": doc.get("last_holder"),
+            "last_job_id": doc.get("last_job_id"),
+        })
+    return rows
+
+
+def recent_fires(db: Database[Doc], limit: int = 10) -> list[Doc]:
+    """The last ``limit`` fired slots, newest first."""
+    db = dbm.primary(db)
+    return dbm.retry(lambda: list(db[FIRES].find({}, {"_id": 0}).sort("fired_at", -1)
+                                  .limit(limit)), what="read schedule fires")
+
+
+def status(db: Database[Doc], *, fires: int = 0) -> Doc:
+    """Lease, entries and (optionally) the last ``fires`` fired slots."""
+    now = dbm.server_now(db)
+    result: Doc = {"lease": lease_status(db, now), "entries": entries_status(db, now)}
+    if fires:
+        result["recent_fires"] = recent_fires(db, fires)
+    return result
