@@ -1,24 +1,125 @@
 """gunicorn settings for the api role (``gunicorn -c python:app.gunicorn_conf 'app:create_app()'``).
 
-Worker count follows the CPUs; the graceful timeout is shorter than the pod's
-terminationGracePeriodSeconds (Helm chart: 45 s) so a rollout with PDB maxUnavailable 1
-drains in-flight requests; access log is JSON lines with the request id.
+- Workers follow the CPUs this container may use (cgroup quota, affinity), 2 per CPU + 1,
+  at most 8 (``CAP_API_WORKERS`` overrides), each with ``CAP_API_THREADS`` threads
+  (gthread: MongoDB waits do not hold a worker).
+- Rollouts: Kubernetes sends SIGTERM and waits ``terminationGracePeriodSeconds`` (Helm:
+  45 s) before SIGKILL. gunicorn stops accepting, lets in-flight requests finish for
+  ``graceful_timeout`` (30 s, below 45 s so nothing is cut), then exits; with the PDB's
+  maxUnavailable 1, the other replicas serve meanwhile. Requests are short (no request
+  waits on a CA: issuance runs in workers), so 30 s is ample.
+- Access log: one JSON object per line (method, path, status, duration, request id,
+  ...), built with json.dumps so a quote in a user agent cannot break the line. The
+  request id is the ``X-Request-ID`` the app set on the answer (the caller's or a new
+  one); the same id is in the app's own log records and in audit entries.
+- Prometheus multiprocess mode: metrics of all workers are merged by ``/metrics``.
+  ``PROMETHEUS_MULTIPROC_DIR`` must be set before any metric is created, i.e. here, in
+  the master, before the app is imported; a fresh directory per start (or the one the
+  operator set, emptied at start).
 """
 
-import multiprocessing
+from __future__ import annotations
+
+import json
+import math
 import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from gunicorn import glogging
+
+
+def cpu_limit() -> int:
+    """CPUs this process may use: cgroup v2 quota, else affinity, else the count."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) <= 0:
+        raise SystemExit(f"certautopilot: configuration error: {name}={raw!r} is invalid: "
+                         "expected a positive integer")
+    return int(raw)
+
 
 bind = os.environ.get("CAP_API_BIND", "127.0.0.1:8000")
-workers = int(os.environ.get("CAP_API_WORKERS", "0")) or min(8, multiprocessing.cpu_count() * 2 + 1)
-threads = int(os.environ.get("CAP_API_THREADS", "4"))
+workers = _env_int("CAP_API_WORKERS", min(8, cpu_limit() * 2 + 1))
+threads = _env_int("CAP_API_THREADS", 4)
 worker_class = "gthread"
 graceful_timeout = 30
 timeout = 60
 keepalive = 5
 accesslog = "-"
 errorlog = "-"
-access_log_format = (
-    '{"time":"%(t)s","remote":"%(h)s","method":"%(m)s","path":"%(U)s","status":%(s)s,'
-    '"bytes":"%(B)s","duration_ms":%(M)s,"request_id":"%({x-request-id}o)s",'
-    '"user_agent":"%(a)s"}'
-)
+# Behind a load balancer / ingress: trust X-Forwarded-* from it only.
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+logger_class = "app.gunicorn_conf.JsonLogger"
+
+_own_multiproc_dir: str | None = None
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _own_multiproc_dir = tempfile.mkdtemp(prefix="cap-prometheus-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _own_multiproc_dir
+
+
+def on_starting(server: Any) -> None:
+    """Start with an empty metrics directory (stale files would add old counts)."""
+    directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    directory.mkdir(parents=True, exist_ok=True)
+    for path in directory.glob("*.db"):
+        path.unlink(missing_ok=True)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    if _own_multiproc_dir:
+        shutil.rmtree(_own_multiproc_dir, ignore_errors=True)
+
+
+class JsonLogger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's logger with a JSON-lines access log."""
+
+    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        if not self.access_log_enabled:
+            return
+        headers = {str(k).lower(): v for k, v in (getattr(resp, "headers", None) or [])}
+        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) \
+            else resp.status
+        entry = {
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": "INFO",
+            "logger": "gunicorn.access",
+            "remote": environ.get("REMOTE_ADDR", "-"),
+            "method": environ.get("REQUEST_METHOD"),
+            "path": environ.get("PATH_INFO"),
+            "query": environ.get("QUERY_STRING") or None,
+            "status": int(status) if str(status).isdigit() else status,
+            "bytes": getattr(resp, "sent", None),
+            "duration_ms": round(request_time.total_seconds() * 1000, 2),
+            "request_id": headers.get("x-request-id"),
+            "user_agent": environ.get("HTTP_USER_AGENT"),
+            "pid": os.getpid(),
+        }
+        try:
+            self.access_log.info(json.dumps(entry, default=str))
+        except Exception:  # noqa: BLE001 - a log line must never fail a request
+            self.error("could not write the access log line")

@@ -82,7 +82,8 @@ def register_error_handlers(app: Flask) -> None:
         for key, value in exc.get_headers():  # e.g. Allow on 405
             if key.lower() != "content-type":
                 response.headers[key] = value
-        for key, value in (getattr(exc, "data", None) or {}).get("headers", {}).items():
+        for key, value in ((data if isinstance(data, dict) else {}).get("headers")
+                           or {}).items():
             response.headers[key] = value
         return response
 

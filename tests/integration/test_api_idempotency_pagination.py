@@ -1,0 +1,134 @@
+"""Idempotency-Key on POST, and cursor pagination under concurrent inserts."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from app import create_app
+from app import db as dbm
+from app.api.idempotency import IDEMPOTENCY
+from app.domain import tokens
+from tests.helpers.api import API, make_admin, make_project, make_token
+
+
+@pytest.fixture
+def client(migrated_db, settings):
+    tokens.clear_cache()
+    return create_app(settings).test_client()
+
+
+def test_repeat_with_same_key_returns_first_answer_and_does_nothing_again(
+        client, migrated_db) -> None:
+    admin = make_admin(migrated_db)
+    headers = {**admin.headers, "Idempotency-Key": "create-payments-1"}
+    first = client.post(f"{API}/projects", json={"name": "payments"}, headers=headers)
+    audit_after_first = migrated_db[dbm.AUDIT].count_documents({})
+    # Same JSON, other spacing and key order: the same request.
+    second = client.post(f"{API}/projects", data='{ "name" :  "payments" }',
+                         content_type="application/json", headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert second.json == first.json
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert migrated_db[dbm.PROJECTS].count_documents({"name": "payments"}) == 1
+    assert migrated_db[dbm.AUDIT].count_documents({}) == audit_after_first
+
+    other = client.post(f"{API}/projects", json={"name": "billing"}, headers=headers)
+    assert other.status_code == 422
+    assert "Idempotency-Key" in other.json["errors"]["headers"]
+    assert migrated_db[dbm.PROJECTS].count_documents({"name": "billing"}) == 0
+
+    # Keys belong to a token: another token's same key is a new request.
+    admin_2 = make_admin(migrated_db)
+    third = client.post(f"{API}/projects", json={"name": "billing"},
+                        headers={**admin_2.headers, "Idempotency-Key": "create-payments-1"})
+    assert third.status_code == 201
+
+
+def test_an_error_answer_is_replayed_too(client, migrated_db) -> None:
+    admin = make_admin(migrated_db)
+    make_project(migrated_db, "taken")
+    headers = {**admin.headers, "Idempotency-Key": "k-409"}
+    first = client.post(f"{API}/projects", json={"name": "taken"}, headers=headers)
+    second = client.post(f"{API}/projects", json={"name": "taken"}, headers=headers)
+    assert first.status_code == second.status_code == 409
+    assert second.headers["Idempotent-Replayed"] == "true"
+
+
+def test_same_key_while_the_first_is_running_is_409_and_a_stale_one_is_retaken(
+        client, migrated_db) -> None:
+    admin = make_admin(migrated_db)
+    headers = {**admin.headers, "Idempotency-Key": "slow"}
+    assert client.post(f"{API}/projects", json={"name": "one"}, headers=headers).status_code \
+        == 201
+    record = migrated_db[IDEMPOTENCY].find_one({})
+    # Put the record back in the state of a first request still running.
+    migrated_db[IDEMPOTENCY].update_one({"_id": record["_id"]}, {"$set": {
+        "state": "running", "lease_until": datetime.now(UTC) + timedelta(minutes=2)}})
+    busy = client.post(f"{API}/projects", json={"name": "one"}, headers=headers)
+    assert busy.status_code == 409 and busy.headers["Retry-After"] == "1"
+    # The first request's process died: after its lease the key can be used again.
+    migrated_db[IDEMPOTENCY].update_one({"_id": record["_id"]}, {"$set": {
+        "lease_until": datetime.now(UTC) - timedelta(seconds=1)}})
+    retaken = client.post(f"{API}/projects", json={"name": "one"}, headers=headers)
+    assert retaken.status_code == 409  # it runs again: the project exists → Conflict
+    assert migrated_db[IDEMPOTENCY].find_one({})["state"] == "done"
+
+
+def test_a_replayed_token_creation_never_stores_or_returns_the_token(client,
+                                                                     migrated_db) -> None:
+    pid = make_project(migrated_db, "alpha")
+    writer = make_token(migrated_db, pid, ["read", "write"])
+    headers = {**writer.headers, "Idempotency-Key": "tok-1"}
+    first = client.post(f"{API}/tokens", json={"scopes": ["read"]}, headers=headers)
+    second = client.post(f"{API}/tokens", json={"scopes": ["read"]}, headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert second.json["id"] == first.json["id"]
+    assert first.json["token"].startswith("cap_")
+    assert first.json["token"] != second.json["token"]
+    assert first.json["token"] not in repr(list(migrated_db[IDEMPOTENCY].find()))
+    assert migrated_db[dbm.API_TOKENS].count_documents({"project_id": pid}) == 2
+
+
+def test_pagination_is_stable_under_concurrent_inserts(client, migrated_db) -> None:
+    admin = make_admin(migrated_db)
+    existing = {make_project(migrated_db, f"p{i:02d}") for i in range(23)}
+    stop = threading.Event()
+    inserted: list[str] = []
+
+    def insert_more() -> None:
+        n = 0
+        while not stop.is_set() and n < 40:
+            inserted.append(make_project(migrated_db, f"late{n:02d}"))
+            n += 1
+
+    writer = threading.Thread(target=insert_more)
+    writer.start()
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    try:
+        while True:
+            url = f"{API}/projects?limit=5" + (f"&cursor={cursor}" if cursor else "")
+            page = client.get(url, headers=admin.headers)
+            assert page.status_code == 200, page.json
+            seen.extend(p["id"] for p in page.json["items"])
+            pages += 1
+            cursor = page.json["next_cursor"]
+            if cursor is None:
+                break
+            assert pages < 100
+    finally:
+        stop.set()
+        writer.join()
+    assert len(seen) == len(set(seen)), "an item was returned twice"
+    assert existing <= set(seen), "an item that existed before paging was skipped"
+    assert set(seen) <= existing | set(inserted)
+    # Every page but the last is full; a cursor from another list is refused.
+    assert len(seen) >= 23
+    bad = client.get(f"{API}/tokens?cursor={page.json['next_cursor'] or 'eyJrIjoiX2lkIn0'}",
+                     headers=admin.headers)
+    assert bad.status_code == 400
