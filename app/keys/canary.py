@@ -34,9 +34,9 @@ CANARY_PLAINTEXT = b"certautopilot KEK canary"
 
 Doc = dict[str, Any]
 
-# KEK versions whose canary this process has opened, with the cipher object that did it
-# (a reloaded keyring has new objects and is checked again).
-_verified: dict[int, AESGCM] = {}
+# (database, KEK version) pairs whose canary this process has opened, with the cipher
+# object that did it (a reloaded keyring has new objects and is checked again).
+_verified: dict[tuple[str, int], AESGCM] = {}
 _verified_lock = threading.Lock()
 
 
@@ -81,7 +81,7 @@ def check(db: Database[Doc], keyring: Keyring, version: int) -> bool | None:
     ok = canary_opens(doc["canary"], kek, version)
     if ok:
         with _verified_lock:
-            _verified[version] = kek
+            _verified[(db.name, version)] = kek
     return ok
 
 
@@ -108,7 +108,7 @@ def ensure(db: Database[Doc], keyring: Keyring, version: int, *,
     is wrong or absent. Nothing is written when the key is wrong."""
     kek = keyring.aead(version)
     with _verified_lock:
-        if _verified.get(version) is kek:
+        if _verified.get((db.name, version)) is kek:
             return "cached"
     state = check(db, keyring, version)
     if state is True:

@@ -12,17 +12,21 @@ from typing import Any
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from app import db as dbm
-from app.errors import CertAutoPilotError
 from app.health import CheckResult, register_check
-from app.keys import canary
-from app.keys.keyring import current_settings, get_keyring
-from app.keys.store import active_version
 
 READINESS_CACHE_SECONDS = 5.0
 
 
 def kek_check(db: Database[dict[str, Any]]) -> CheckResult:
+    # Imported here: app.health imports this module at its end, and the key store imports
+    # app.audit, which registers its own check with app.health (an import cycle otherwise).
+    from app import db as dbm
+    from app.errors import CertAutoPilotError
+    from app.keys import canary
+    from app.keys.keyring import current_settings, get_keyring
+    from app.keys.rotation import retired_versions
+    from app.keys.store import active_version
+
     try:
         keyring = get_keyring(current_settings(), max_age=READINESS_CACHE_SECONDS)
     except CertAutoPilotError as exc:
@@ -35,8 +39,6 @@ def kek_check(db: Database[dict[str, Any]]) -> CheckResult:
         if active not in keyring:
             return False, {**detail, "error": f"the active KEK v{active} is not in this "
                                                f"process's keyring ({keyring.source})"}
-        from app.keys.rotation import retired_versions
-
         retired = set(retired_versions(db))
         unverified = []
         for version in keyring.versions:
