@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     "app.keys.cli",
     "app.projects_cli",
     "app.tokens_cli",
+    "app.audit.cli",
 ]
 
 

@@ -1,5 +1,12 @@
 """Tamper-evident audit log (invariant 4): every mutation writes one entry in the same
-transaction as the change. ``record()`` is the one function every mutation path calls."""
+transaction as the change. ``record()`` is the one function every mutation path calls.
+
+- ``log``: ``record()`` and the hash chain; ``verify``: walking and diagnosing the chain;
+- ``sinkconfig`` / ``sinks`` / ``forward``: CAP_AUDIT_SINKS and at-least-once forwarding;
+- ``status``: the ``audit_sinks`` readiness check and metrics (``app.health`` imports it);
+- ``cli``: ``certautopilot audit ...``; ``jobs``: the ``audit.forward`` job handler;
+- ``walk``: helpers for tests that check every mutating route and command is audited.
+"""
 
 from app.audit.log import Actor, canonical_json, entry_hash, record, system_actor
 

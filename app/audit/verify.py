@@ -1,0 +1,324 @@
+"""Verifying the audit hash chain: stream every entry in seq order, recompute each hash,
+and on the first break say what happened (edited, deleted, inserted, reordered).
+
+The walk is the hot path of a DR drill (``certautopilot audit verify`` after a restore),
+so it reads raw BSON batches on a helper thread while the caller's thread decodes and
+hashes, and hashes with one reused JSON encoder. Diagnosis of a break (a few targeted
+queries) runs only once, at the first break.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import bson
+from bson.codec_options import CodecOptions
+from pymongo.database import Database
+
+from app import db as dbm
+from app.audit.log import ALG_HMAC, CHAIN_ID, GENESIS_HASH, _json_default, hmac_key
+
+Doc = dict[str, Any]
+
+EDITED, DELETED, INSERTED, REORDERED = "edited", "deleted", "inserted", "reordered"
+UNKEYED, KEY_MISSING, MALFORMED = "unkeyed", "key-missing", "malformed"
+
+_CODEC: CodecOptions[Doc] = CodecOptions(tz_aware=True, tzinfo=UTC)
+_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                           default=_json_default, allow_nan=False).encode
+
+
+@dataclass
+class Problem:
+    seq: int
+    kind: str
+    message: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "kind": self.kind, "message": self.message}
+
+
+@dataclass
+class VerifyResult:
+    intact: bool
+    checked: int = 0
+    from_seq: int = 1
+    last_seq: int | None = None
+    head_seq: int | None = None
+    unkeyed: int = 0
+    seconds: float = 0.0
+    problem: Problem | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def entries_per_second(self) -> float:
+        return self.checked / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "intact": self.intact, "checked": self.checked, "from_seq": self.from_seq,
+            "last_seq": self.last_seq, "head_seq": self.head_seq,
+            "unkeyed_entries": self.unkeyed, "seconds": round(self.seconds, 3),
+            "entries_per_second": round(self.entries_per_second, 1),
+            "problem": self.problem.as_dict() if self.problem else None,
+            "notes": self.notes,
+        }
+
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat(timespec="milliseconds")
+    return value
+
+
+def compute_hash(doc: Doc, key: bytes | None, *, seq: Any = None,
+                 prev_hash: str | None = None) -> str:
+    """The hash ``doc`` should carry (optionally as if its seq were ``seq``)."""
+    body = {k: v for k, v in doc.items() if k != "_id" and k != "hash"}
+    body["time"] = _iso(body.get("time"))
+    if seq is not None:
+        body["seq"] = seq
+    prev = prev_hash if prev_hash is not None else str(doc.get("prev_hash"))
+    message = prev.encode() + b"\n" + _encode(body).encode()
+    alg = body.get("hash_alg") or (ALG_HMAC if key else "sha256")
+    if alg == ALG_HMAC:
+        if not key:
+            return ""
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hashlib.sha256(message).hexdigest()
+
+
+class _Prefetch:
+    """Raw BSON batches read on a helper thread (the server answers while we hash)."""
+
+    def __init__(self, db: Database[Doc], from_seq: int, batch_size: int) -> None:
+        self._cursor = db[dbm.AUDIT].find_raw_batches(
+            {"seq": {"$gte": from_seq}}, sort=[("seq", 1)], batch_size=batch_size)
+        self._queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=4)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-verify-read",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for batch in self._cursor:
+                raw = cast(bytes, batch)  # find_raw_batches yields BSON bytes
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(raw, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._put_final(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+            self._put_final(exc)
+
+    def _put_final(self, item: BaseException | None) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[Doc]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from bson.decode_all(item, _CODEC)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self._cursor.close()
+
+
+def verify_chain(db: Database[Doc], *, from_seq: int = 1, key: bytes | None = None,
+                 use_configured_key: bool = True, allow_unkeyed_prefix: bool = False,
+                 progress: Callable[[int], None] | None = None,
+                 batch_size: int = 10_000) -> VerifyResult:
+    """Walk the chain from ``from_seq``; stop at the first break and diagnose it.
+
+    The key defaults to CAP_AUDIT_HMAC_KEY. With a key, every entry must be HMAC-protected
+    (``allow_unkeyed_prefix`` accepts plain SHA-256 entries before the first HMAC entry:
+    a chain that predates the key); without one, an HMAC entry cannot be checked.
+    """
+    if key is None and use_configured_key:
+        key = hmac_key()
+    started = time.monotonic()
+    db = dbm.primary(db)
+    head0 = db[dbm.COUNTERS].find_one({"_id": CHAIN_ID}) or {}
+    result = VerifyResult(intact=True, from_seq=from_seq, head_seq=head0.get("seq"))
+
+    if from_seq > 1:
+        first = db[dbm.AUDIT].find_one({"seq": from_seq})
+        if first is None:
+            if not head0 or from_seq > int(head0.get("seq", 0)):
+                result.notes.append(f"nothing to check: the chain ends before seq {from_seq}")
+                result.seconds = time.monotonic() - started
+                return result
+            result.intact = False
+            result.problem = Problem(from_seq, DELETED, f"seq {from_seq} is missing")
+            result.seconds = time.monotonic() - started
+            return result
+        prev = str(first.get("prev_hash"))
+        result.notes.append(f"trusting the prev_hash of seq {from_seq} (checked from there on)")
+    else:
+        prev = GENESIS_HASH
+
+    expected = from_seq
+    seen_hmac = False
+    reader = _Prefetch(db, from_seq, batch_size)
+    try:
+        entries = iter(reader)
+        since_progress = 0
+        for doc in entries:
+            body = dict(doc)
+            del body["_id"]
+            stored = body.pop("hash", None)
+            body["time"] = _iso(body.get("time"))
+            alg = body.get("hash_alg") or (ALG_HMAC if key else "sha256")
+            message = prev.encode() + b"\n" + _encode(body).encode()
+            if alg == ALG_HMAC:
+                if not key:
+                    result.problem = Problem(int(doc.get("seq") or expected), KEY_MISSING,
+                                             "the entry is HMAC-protected: set "
+                                             "CAP_AUDIT_HMAC_KEY to verify it")
+                    break
+                seen_hmac = True
+                computed = hmac.new(key, message, hashlib.sha256).hexdigest()
+            else:
+                if key:
+                    if allow_unkeyed_prefix and not seen_hmac:
+                        result.unkeyed += 1
+                    else:
+                        result.problem = Problem(
+                            int(doc.get("seq") or expected), UNKEYED,
+                            "the entry is not HMAC-protected although CAP_AUDIT_HMAC_KEY is "
+                            "set" + (" and an earlier entry was" if seen_hmac else
+                                     " (a chain started before the key: "
+                                     "--allow-unkeyed-prefix)"))
+                        break
+                computed = hashlib.sha256(message).hexdigest()
+            if (doc.get("seq") != expected or doc.get("prev_hash") != prev
+                    or computed != stored):
+                nxt = next(entries, None)
+                result.problem = _diagnose(db, key, expected, prev, doc, nxt, from_seq)
+                break
+            prev = stored
+            result.last_seq = expected
+            expected += 1
+            result.checked += 1
+            since_progress += 1
+            if progress is not None and since_progress >= 1000:
+                progress(since_progress)
+                since_progress = 0
+        if progress is not None and since_progress:
+            progress(since_progress)
+    finally:
+        reader.close()
+
+    if result.problem is None:
+        result.problem = _check_head(db, head0, result.last_seq, prev, from_seq)
+    result.intact = result.problem is None
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _check_head(db: Database[Doc], head0: Doc, last_seq: int | None, last_hash: str,
+                from_seq: int) -> Problem | None:
+    """The tail: the chain head (counter) read before the walk must be covered; entries
+    beyond the head read after the walk were not written by ``record()``."""
+    head1 = db[dbm.COUNTERS].find_one({"_id": CHAIN_ID}) or {}
+    seen = last_seq if last_seq is not None else from_seq - 1
+    head0_seq = int(head0.get("seq", 0))
+    head1_seq = int(head1.get("seq", 0))
+    if seen < head0_seq:
+        missing = f"seq {seen + 1}" + (f"..{head0_seq}" if head0_seq > seen + 1 else "")
+        return Problem(seen + 1, DELETED,
+                       f"{missing} missing at the end of the chain (the chain head is at "
+                       f"seq {head0_seq})")
+    if seen > head1_seq:
+        return Problem(head1_seq + 1, INSERTED,
+                       f"seq {head1_seq + 1}..{seen} lie beyond the chain head (seq "
+                       f"{head1_seq}): not written by the application")
+    if seen == head1_seq and seen >= from_seq and head1.get("hash") != last_hash:
+        return Problem(seen, EDITED, f"seq {seen} does not match the chain head's hash")
+    return None
+
+
+def _diagnose(db: Database[Doc], key: bytes | None, expected: int, prev: str, doc: Doc,
+              nxt: Doc | None, from_seq: int) -> Problem:
+    """Name the first break: ``doc`` is where the walk expected seq ``expected`` chained
+    to ``prev``; ``nxt`` is the entry after it, if any."""
+    seq = doc.get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        return Problem(expected, MALFORMED, f"an entry after seq {expected - 1} has no "
+                                            f"integer seq ({seq!r})")
+    coll = db[dbm.AUDIT]
+    if nxt is not None and nxt.get("seq") == seq:
+        intruder = nxt if doc.get("prev_hash") == prev else doc
+        return Problem(seq, INSERTED, f"two entries claim seq {seq}; the one with _id "
+                                      f"{intruder.get('_id')} is not part of the chain")
+    if seq > expected:
+        missing = f"seq {expected}" + (f"..{seq - 1}" if seq - 1 > expected else "")
+        return Problem(expected, DELETED, f"{missing} missing: seq {seq} follows seq "
+                                          f"{expected - 1}")
+
+    stored = doc.get("hash")
+    self_ok = compute_hash(doc, key) == stored
+    if self_ok:
+        # Consistent in itself but chained to something else.
+        if (nxt is not None and nxt.get("prev_hash") == prev
+                and compute_hash(nxt, key, seq=seq) == nxt.get("hash")):
+            return Problem(seq, INSERTED, f"seq {seq} is not part of the chain: the original "
+                                          f"seq {seq} follows it, renumbered {seq + 1}")
+        origin = coll.find_one({"hash": doc.get("prev_hash")}, {"seq": 1})
+        if origin is not None and origin.get("seq") != seq - 1:
+            return Problem(seq, REORDERED, f"seq {seq} was written after seq "
+                                           f"{origin.get('seq')}, not after seq {seq - 1}")
+        if seq - 1 >= from_seq:
+            return Problem(seq - 1, EDITED,
+                           f"seq {seq - 1} was rewritten: its hash was recomputed and is no "
+                           f"longer the one seq {seq} chained to")
+        return Problem(seq, EDITED, f"seq {seq} does not chain to the entry before it")
+
+    # Its content does not match its hash: edited, or moved to another seq.
+    candidates: list[int] = []
+    successor = coll.find_one({"prev_hash": stored}, {"seq": 1})
+    if successor is not None and isinstance(successor.get("seq"), int):
+        candidates.append(successor["seq"] - 1)
+    candidates += [seq - 1, seq + 1]
+    for original in dict.fromkeys(c for c in candidates if c != seq and c > 0):
+        if compute_hash(doc, key, seq=original) != stored:
+            continue
+        if original == seq - 1:
+            return Problem(seq - 1, INSERTED,
+                           f"seq {seq - 1} is not part of the chain: the original seq "
+                           f"{seq - 1} follows it, renumbered {seq}")
+        if original == seq + 1 and coll.find_one({"hash": doc.get("prev_hash")},
+                                                  {"_id": 1}) is None:
+            return Problem(seq, DELETED, f"the original seq {seq} is missing: the entries "
+                                         f"after it were renumbered down by one")
+        return Problem(seq, REORDERED, f"the entry at seq {seq} was written as seq "
+                                       f"{original}: entries were swapped or moved")
+    if (nxt is not None and nxt.get("prev_hash") == prev
+            and compute_hash(nxt, key, seq=seq) == nxt.get("hash")):
+        return Problem(seq, INSERTED, f"seq {seq} is not part of the chain: the original "
+                                      f"seq {seq} follows it, renumbered {seq + 1}")
+    return Problem(seq, EDITED, f"the content of seq {seq} does not match its hash")
