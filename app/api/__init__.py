@@ -36,6 +36,8 @@ RESOURCES: list[str] = [
     "app.api.metrics",
     "app.api.projects",
     "app.api.tokens",
+    "app.api.audit",
+    "app.api.status",
 ]
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -180,9 +182,10 @@ def register_api(app: Flask) -> Api:
     app.config.setdefault("MAX_CONTENT_LENGTH", MAX_BODY_BYTES)
     app.config.setdefault("API_SPEC_OPTIONS", {"info": {"description": API_DESCRIPTION}})
     from app.api.auth import init_auth
-    from app.api.openapi import document_errors_and_security
+    from app.api.openapi import document_errors_and_security, register_components
 
     api = CapApi(app)
+    register_components(api)
     app.before_request(_start_request)
     init_auth(app)
     app.before_request(_idempotency_begin)

@@ -1,10 +1,10 @@
 """Pieces every resource shares: the URL prefix, the error schema, cursor pagination,
 ETags, and the visibility rule (a token sees its own project only).
 
-Pagination is by cursor: a list is sorted on a unique key (``_id``, or ``seq`` for the
-audit log) and the cursor holds the last key of the page, so a page is the next
-``limit`` items *after* it. Items inserted while a client pages through never cause an
-item to be skipped or repeated.
+Pagination is by cursor: a list is sorted on keys ending in a unique one (creation time
+then ``_id``; ``seq`` for the audit log) and the cursor holds the last item's keys, so a
+page is the next ``limit`` items *after* it. Items inserted while a client pages through
+never cause an item to be skipped or repeated.
 """
 
 from __future__ import annotations
@@ -126,6 +126,8 @@ def current_db_() -> Any:
 # -- cursors -------------------------------------------------------------------------
 
 def _encode_value(value: Any) -> Any:
+    if value is None:
+        return {"n": 0}
     if isinstance(value, ObjectId):
         return {"o": str(value)}
     if isinstance(value, datetime):
@@ -136,6 +138,8 @@ def _encode_value(value: Any) -> Any:
 
 
 def _decode_value(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"n"}:
+        return None
     if isinstance(value, dict) and set(value) == {"o"}:
         return ObjectId(value["o"])
     if isinstance(value, dict) and set(value) == {"d"}:
@@ -145,40 +149,57 @@ def _decode_value(value: Any) -> Any:
     raise ValueError("bad cursor value")
 
 
-def encode_cursor(key: str, value: Any) -> str:
-    raw = json.dumps({"k": key, "v": _encode_value(value)}, separators=(",", ":"))
+def encode_cursor(keys: tuple[str, ...], values: list[Any]) -> str:
+    raw = json.dumps({"k": list(keys), "v": [_encode_value(v) for v in values]},
+                     separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str, key: str) -> Any:
+def decode_cursor(cursor: str, keys: tuple[str, ...]) -> list[Any]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if not isinstance(data, dict) or data.get("k") != key:
+        if not isinstance(data, dict) or data.get("k") != list(keys):
             raise ValueError("cursor of another list")
-        return _decode_value(data["v"])
+        values = data["v"]
+        if not isinstance(values, list) or len(values) != len(keys):
+            raise ValueError("bad cursor values")
+        return [_decode_value(v) for v in values]
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         raise BadRequest("invalid cursor: pass next_cursor from a previous page unchanged",
                          errors={"query": {"cursor": ["invalid"]}}) from None
 
 
+def _after(keys: tuple[str, ...], values: list[Any], descending: bool) -> Doc:
+    """Documents strictly after ``values`` in the (keys...) order."""
+    op = "$lt" if descending else "$gt"
+    clauses = []
+    for i, key in enumerate(keys):
+        clause = {k: values[j] for j, k in enumerate(keys[:i])}
+        clause[key] = {op: values[i]}
+        clauses.append(clause)
+    return clauses[0] if len(clauses) == 1 else {"$or": clauses}
+
+
 def paginate(collection: Collection[Doc], query: Doc, *, limit: int, cursor: str | None,
-             key: str = "_id", projection: Doc | None = None,
+             keys: tuple[str, ...] = ("created_at", "_id"), projection: Doc | None = None,
              descending: bool = False) -> dict[str, Any]:
-    """One page of ``query`` sorted on the unique ``key``: ``{items, next_cursor}``."""
+    """One page of ``query`` in ``keys`` order (the last key unique): ``{items,
+    next_cursor}``. The default order is creation order, so items inserted while a
+    client pages come last."""
     if cursor:
-        last = decode_cursor(cursor, key)
-        query = {"$and": [query, {key: {"$lt" if descending else "$gt": last}}]}
+        query = {"$and": [query, _after(keys, decode_cursor(cursor, keys), descending)]}
     order = -1 if descending else 1
 
     def fetch() -> list[Doc]:
-        return list(collection.find(query, projection).sort(key, order).limit(limit + 1))
+        return list(collection.find(query, projection).sort([(k, order) for k in keys])
+                    .limit(limit + 1))
 
     items = dbm.retry(fetch, what=f"list {collection.name}")
     next_cursor = None
     if len(items) > limit:
         items = items[:limit]
-        next_cursor = encode_cursor(key, items[-1][key])
+        next_cursor = encode_cursor(keys, [items[-1].get(k) for k in keys])
     return {"items": items, "next_cursor": next_cursor}
 
 

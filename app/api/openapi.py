@@ -26,6 +26,7 @@ ERRORS: dict[int, tuple[str, str, dict[str, Any] | None]] = {
     422: ("UnprocessableEntity", "Invalid input (details in errors), or an "
                                  "Idempotency-Key reused with another request", None),
     429: ("TooManyRequests", "The token exceeded its request rate", _RETRY_AFTER),
+    502: ("BadGateway", "The ACME CA refused the request or could not be reached", None),
     503: ("ServiceUnavailable", "The database or the KEK is unavailable; retry later",
           _RETRY_AFTER),
 }
@@ -53,7 +54,8 @@ def _errors_for(path: str, method: str, operation: dict[str, Any]) -> list[int]:
     return sorted(set(codes))
 
 
-def document_errors_and_security(api: Api) -> None:
+def register_components(api: Api) -> None:
+    """Before the blueprints: the components their docs may refer to."""
     spec = api.spec
     spec.components.security_scheme("bearerAuth", SECURITY_SCHEME)
     if "Error" not in spec.components.schemas:
@@ -61,6 +63,11 @@ def document_errors_and_security(api: Api) -> None:
     for name, description, headers in ERRORS.values():
         if name not in spec.components.responses:
             spec.components.response(name, _error_component(description, headers))
+
+
+def document_errors_and_security(api: Api) -> None:
+    """After the blueprints: every operation lists the errors it can answer."""
+    spec = api.spec
     for path, operations in spec._paths.items():  # noqa: SLF001 - apispec keeps them here
         for method, operation in operations.items():
             if method not in ("get", "post", "put", "patch", "delete"):

@@ -1,0 +1,1 @@
+"""The audit log: query by time, actor, action, target."""

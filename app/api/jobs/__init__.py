@@ -1,0 +1,1 @@
+"""Durable jobs: list, read, retry a dead one, cancel a queued one."""
