@@ -20,6 +20,9 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.config.update(config or {})
     app.extensions["cap_settings"] = settings
     register_api(app)
+    from app.acme.responder import register as register_http01_responder
+
+    register_http01_responder(app)  # GET /.well-known/acme-challenge/<token>, outside /api
     return app
 
 

@@ -1,0 +1,640 @@
+"""Issue or renew one certificate: drive an ACME order, resuming it after any crash.
+
+``run_issuance()`` is what the ``certificates.issue`` job runs. Each step is saved in
+``orders`` before the next (see ``app.domain.orders``): the order URL the moment newOrder
+answers, each challenge once answered, the lease-fenced ``finalizing`` state before the
+finalize request, the certificate URL, the downloaded chain, and finally the certificate
+document and the order's completion in one fenced transaction.
+
+A job that runs again (a peer after the first worker died, or a retry) finds its order by
+job id, fetches it by URL and continues from the CA's real state; it creates a new order
+only when the stored one is invalid or expired at the CA.
+
+Failures are decided from ACME problem types (``app.acme.errors.classify``): a failed
+validation or a refused request is recorded on the certificate with the CA's problem
+detail and backs off exponentially (``IssuanceFailed``); ``rateLimited`` and
+``Retry-After`` surface as ``AcmeProblem`` with ``retry_after`` for the job to reschedule;
+``badNonce`` never leaves the client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, TypeVar
+
+from acme import crypto_util
+from pymongo.client_session import ClientSession
+from pymongo.database import Database
+
+from app import audit
+from app import db as dbm
+from app.acme import ari, solvers, testhooks
+from app.acme.client import AcmeClient, OrderState, PollSchedule, poll
+from app.acme.errors import (
+    AcmeError,
+    AcmeProblem,
+    AcmeProtocolError,
+    ChallengeFailed,
+    Decision,
+    OrderFailed,
+    classify,
+)
+from app.config import Settings
+from app.domain import accounts, certificates, orders
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Doc = dict[str, Any]
+
+# A run creates at most this many orders (each replaces an expired one) before giving up.
+MAX_ORDERS_PER_RUN = 3
+# ARI: a renewal time this close counts as due now.
+ARI_DUE_SLACK = timedelta(minutes=1)
+
+
+class Fence(Protocol):
+    """What the issuance needs from the job running it (``app.jobs.JobContext``)."""
+
+    @property
+    def job_id(self) -> str | None: ...
+
+    @property
+    def lease_token(self) -> str | None: ...
+
+    def check_lease(self) -> None: ...
+
+    def transaction(self, fn: Callable[[ClientSession], T]) -> T: ...
+
+
+class LocalFence:
+    """Run outside a job (CLI, tests): no lease, plain transactions."""
+
+    def __init__(self, db: Database[Doc], job_id: str | None = None) -> None:
+        self.db = db
+        self._job_id = job_id
+
+    @property
+    def job_id(self) -> str | None:
+        return self._job_id
+
+    @property
+    def lease_token(self) -> str | None:
+        return None
+
+    def check_lease(self) -> None:
+        return None
+
+    def transaction(self, fn: Callable[[ClientSession], T]) -> T:
+        return dbm.transaction(self.db, fn, what="issuance step")
+
+
+class IssuanceFailed(AcmeError):
+    """The attempt failed for a reason retrying soon will not fix; it is recorded on the
+    certificate (problem detail, failure count, next attempt after backoff)."""
+
+    code = "issuance_failed"
+
+    def __init__(self, problem: AcmeProblem, next_attempt_at: datetime) -> None:
+        self.problem = problem
+        self.next_attempt_at = next_attempt_at
+        super().__init__(f"{problem} (next attempt after {next_attempt_at.isoformat()})")
+
+
+class AccountReset(AcmeError):
+    """The CA no longer knows the account: its URL was cleared; retry at once."""
+
+    code = "acme_account_reset"
+
+
+def _now() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def _parse_expires(value: object) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return ari._parse_time(value, "expires")
+    except AcmeProtocolError:
+        return None
+
+
+def _csr_for(key_pem: bytes, identifiers: list[Doc]) -> str:
+    names = [i["value"] for i in identifiers if i["type"] == "dns"]
+    ips = [ipaddress.ip_address(i["value"]) for i in identifiers if i["type"] == "ip"]
+    return crypto_util.make_csr(key_pem, names, ipaddrs=ips).decode()
+
+
+class IssuanceRun:
+    def __init__(self, db: Database[Doc], fence: Fence, settings: Settings,
+                 certificate_id: str, reason: str, actor: audit.Actor) -> None:
+        self.db = db
+        self.fence = fence
+        self.settings = settings
+        self.certificate_id = certificate_id
+        self.reason = reason
+        self.actor = actor
+        self.schedule = PollSchedule(timeout=settings.acme_order_timeout_seconds)
+        self.orders_created = 0
+        self.resumed = False
+
+    # ------------------------------------------------------------ entry point
+    def run(self) -> Doc:
+        cert = certificates.get_certificate(self.db, self.certificate_id, include_deleted=True)
+        if cert.get("deleted_at"):
+            return {"outcome": "skipped", "why": "certificate deleted",
+                    "certificate_id": self.certificate_id}
+        if cert.get("status") == certificates.STATUS_REVOKED and self.reason not in (
+                "manual", "reissue"):
+            return {"outcome": "skipped", "why": "certificate revoked",
+                    "certificate_id": self.certificate_id}
+        order = orders.latest_for_job(self.db, self.fence.job_id) if self.fence.job_id else None
+        if order is not None and order["state"] == orders.COMPLETED:
+            return self._result(order, cert)  # done before a crash: nothing more to do
+        account = accounts.get_account(self.db, cert["account_id"])
+        client = accounts.client_for(self.db, account, self.settings)
+        try:
+            account = accounts.ensure_registered(self.db, account, client, self.actor,
+                                                 fence=self.fence)
+            if order is not None and order["state"] not in orders.TERMINAL:
+                self.resumed = True
+                return self._drive(order, cert, account, client, None)
+            if self.reason == "renewal" and order is None:
+                not_due = self._ari_gate(cert, client)
+                if not_due is not None:
+                    return not_due
+            order = self._create_order(cert, account, client)
+            return self._drive(order, cert, account, client, self._new_order(order, client))
+        except AcmeProblem as problem:
+            decision = classify(problem)
+            if decision is Decision.ACCOUNT_MISSING:
+                accounts.forget_account_url(self.db, account, self.actor, fence=self.fence)
+                current = orders.latest_for_job(self.db, self.fence.job_id) \
+                    if self.fence.job_id else None
+                if current is not None and current["state"] not in orders.TERMINAL:
+                    orders.transition(self.db, current, orders.ABANDONED,
+                                      fields={"error": problem.as_doc()})
+                raise AccountReset(f"the CA does not know account {account['_id']} any "
+                                   "more; it will be recovered or registered again") from None
+            if decision is Decision.RECORD_AND_BACK_OFF:
+                current = orders.latest_for_job(self.db, self.fence.job_id) \
+                    if self.fence.job_id else order
+                raise self._record_failure(cert, current, problem) from None
+            raise
+
+    # ------------------------------------------------------------ ARI gate
+    def _ari_gate(self, cert: Doc, client: AcmeClient) -> Doc | None:
+        """A scheduled renewal asks the CA's renewalInfo first; if the window moved later,
+        reschedule instead of ordering."""
+        renewal = cert.get("renewal") or {}
+        if not (cert.get("certificate_pem") and cert.get("ari_cert_id")
+                and renewal.get("use_ari", True) and client.has_renewal_info()):
+            return None
+        now = _now()
+        try:
+            body, retry_after = client.renewal_info(cert["ari_cert_id"])
+            decision = ari.decide(body, retry_after, now)
+        except AcmeError as exc:
+            log.warning("renewalInfo unavailable; renewing as scheduled",
+                        extra={"certificate_id": cert["_id"], "error": str(exc)[:200]})
+            return None
+        if decision.renew_at <= now + ARI_DUE_SLACK:
+            return None
+        next_at = min(decision.renew_at, decision.next_check_at)
+
+        def save(session: ClientSession) -> None:
+            self.db[dbm.CERTIFICATES].update_one(
+                {"_id": cert["_id"]},
+                {"$set": {"ari": decision.as_doc(now), "next_renewal_at": next_at,
+                          "renewal_source": "ari", "updated_at": now}}, session=session)
+            audit.record(self.db, session, actor=self.actor,
+                         action="certificate.renewal_rescheduled",
+                         target=f"certificate:{cert['_id']}", project_id=cert["project_id"],
+                         details={"source": "ari", "next_renewal_at": next_at,
+                                  "window_start": decision.window.start,
+                                  "window_end": decision.window.end})
+
+        self.fence.transaction(save)
+        return {"outcome": "not_due", "certificate_id": cert["_id"],
+                "next_renewal_at": next_at.isoformat()}
+
+    # ------------------------------------------------------------ order creation
+    def _create_order(self, cert: Doc, account: Doc, client: AcmeClient) -> Doc:
+        from app.keys import generate_private_key, open_private_key, seal_private_key
+
+        if self.orders_created >= MAX_ORDERS_PER_RUN:
+            raise AcmeProtocolError(f"{self.orders_created} orders expired in one attempt")
+        self.orders_created += 1
+        renewal = cert.get("renewal") or {}
+        reuse = bool(renewal.get("reuse_key")) and bool(cert.get("key_id")) and \
+            cert.get("key_type_issued", cert.get("key_type")) == cert["key_type"]
+        if reuse:
+            key_pem = open_private_key(self.db, cert["key_id"], project_id=cert["project_id"])
+        else:
+            key_pem = generate_private_key(cert["key_type"])
+        identifiers = list(cert["identifiers"])
+        csr_pem = _csr_for(key_pem, identifiers)
+        replaces = None
+        if cert.get("ari_cert_id") and cert.get("certificate_pem"):
+            try:
+                if client.has_renewal_info():
+                    replaces = cert["ari_cert_id"]
+            except AcmeError:
+                replaces = None
+        previous = orders.latest_for_job(self.db, self.fence.job_id) if self.fence.job_id \
+            else None
+        order = orders.new_order_doc(
+            certificate=cert, account=account, job_id=self.fence.job_id, reason=self.reason,
+            identifiers=identifiers, key_type=cert["key_type"],
+            key_id=cert["key_id"] if reuse else "", csr_pem=csr_pem,
+            challenge=cert["challenge"], profile=cert.get("profile"), replaces=replaces,
+            attempt=int(previous.get("attempt", 0)) + 1 if previous else 1)
+
+        def insert(session: ClientSession) -> None:
+            if not reuse:
+                order["key_id"] = seal_private_key(self.db, key_pem,
+                                                   project_id=cert["project_id"],
+                                                   purpose="certificate", session=session)
+            orders.insert(self.db, order, session=session)
+            audit.record(self.db, session, actor=self.actor, action="order.create",
+                         target=f"order:{order['_id']}", project_id=cert["project_id"],
+                         details={"certificate_id": cert["_id"], "names": order["names"],
+                                  "key_type": order["key_type"], "key_id": order["key_id"],
+                                  "reused_key": reuse, "reason": self.reason,
+                                  "job_id": self.fence.job_id})
+
+        self.fence.transaction(insert)
+        return order
+
+    def _new_order(self, order: Doc, client: AcmeClient) -> OrderState:
+        """newOrder at the CA; its URL is saved before anything else happens."""
+        self.fence.check_lease()
+        try:
+            state = client.new_order(order["identifiers"], profile=order.get("profile"),
+                                     replaces=order.get("replaces"))
+        except AcmeProblem as problem:
+            if problem.problem_code == "alreadyReplaced" and order.get("replaces"):
+                # An earlier attempt's order (lost before its URL was saved) already
+                # claimed the replacement: order without it.
+                order["replaces"] = None
+                state = client.new_order(order["identifiers"], profile=order.get("profile"))
+            else:
+                raise
+        orders.transition(self.db, order, orders.PENDING, expect=[orders.CREATED], fields={
+            "order_url": state.url,
+            "finalize_url": state.body.get("finalize"),
+            "authorizations": [{"url": url} for url in state.body.get("authorizations", [])],
+            "expires": _parse_expires(state.body.get("expires")),
+            "ca_status": state.status,
+            "replaces": order.get("replaces"),
+        })
+        testhooks.crash_point(self.db, "order_stored")
+        return state
+
+    # ------------------------------------------------------------ the state machine
+    def _fetch(self, client: AcmeClient, url: str) -> OrderState | None:
+        """The order at the CA, or None when the CA has forgotten it (404)."""
+        try:
+            return client.get_order(url)
+        except AcmeProblem as problem:
+            if problem.http_status == 404:
+                return None
+            raise
+
+    def _drive(self, order: Doc, cert: Doc, account: Doc, client: AcmeClient,
+               state: OrderState | None) -> Doc:
+        while True:
+            if state is None:
+                if order["state"] == orders.CREATED:
+                    state = self._new_order(order, client)
+                    continue
+                if order["state"] == orders.DOWNLOADED:
+                    return self._complete(order, cert, client, None)
+                fetched = self._fetch(client, order["order_url"])
+                if fetched is None:
+                    orders.transition(self.db, order, orders.EXPIRED,
+                                      fields={"error": {"detail": "the CA no longer knows "
+                                                                  "this order"}})
+                    order = self._create_order(cert, account, client)
+                    continue
+                state = fetched
+            status = state.status
+            if status == "pending":
+                state = self._authorize(order, state, client)
+            elif status == "ready":
+                state = self._finalize(order, state, client)
+            elif status == "processing":
+                if order["state"] in (orders.PENDING, orders.READY, orders.FINALIZING):
+                    orders.transition(self.db, order, orders.PROCESSING,
+                                      fields={"ca_status": status})
+                state = self._poll_order(client, str(order["order_url"]), "processing",
+                                         "certificate issuance")
+            elif status == "valid":
+                return self._complete(order, cert, client, state)
+            elif status == "invalid":
+                if self._is_expired(state):
+                    orders.transition(self.db, order, orders.EXPIRED,
+                                      fields={"ca_status": status})
+                    order = self._create_order(cert, account, client)
+                    state = None
+                    continue
+                raise self._invalid_problem(state, client)
+            else:
+                raise AcmeProtocolError(f"order {order['order_url']} has unknown status "
+                                        f"{status!r}")
+
+    def _poll_order(self, client: AcmeClient, url: str, while_status: str,
+                    what: str) -> OrderState:
+        """Poll the order until it leaves ``while_status`` (fast start, backoff,
+        Retry-After honoured)."""
+        def fetch() -> tuple[OrderState, float | None]:
+            state = client.get_order(url)
+            return state, state.retry_after
+
+        return poll(fetch, lambda s: s.status != while_status, what=what,
+                    schedule=self.schedule, url=url)
+
+    @staticmethod
+    def _is_expired(state: OrderState) -> bool:
+        expires = _parse_expires(state.body.get("expires"))
+        return state.body.get("error") is None and expires is not None and \
+            expires <= datetime.now(UTC)
+
+    def _invalid_problem(self, state: OrderState, client: AcmeClient) -> AcmeProblem:
+        """The CA's reason an order is invalid: a failed challenge's error, else the
+        order's own error."""
+        for url in state.body.get("authorizations", []):
+            try:
+                body, _ = client.get_authorization(url)
+            except AcmeError:
+                continue
+            if body.get("status") == "invalid":
+                for chall in body.get("challenges", []):
+                    error = chall.get("error")
+                    if isinstance(error, dict):
+                        problem = ChallengeFailed.from_json(
+                            error, url=chall.get("url"), http_status=error.get("status")
+                            if isinstance(error.get("status"), int) else None)
+                        if not problem.identifier:
+                            ident = body.get("identifier") or {}
+                            problem.identifier = str(ident.get("value", "")) or None
+                        return problem
+        error = state.body.get("error")
+        if isinstance(error, dict):
+            return OrderFailed.from_json(error, url=state.url)
+        return OrderFailed("urn:ietf:params:acme:error:serverInternal",
+                           "the order became invalid without a reason", url=state.url)
+
+    def _authorize(self, order: Doc, state: OrderState, client: AcmeClient) -> OrderState:
+        challenge_type = order["challenge"]["type"]
+        solver = solvers.solver_for(order["challenge"])
+        saved = {a.get("url"): a for a in order.get("authorizations") or []}
+        for url in list(state.body.get("authorizations", [])):
+            body, _ = client.get_authorization(url)
+            status = body.get("status")
+            identifier = str((body.get("identifier") or {}).get("value", ""))
+            if status == "valid":
+                continue
+            if status == "invalid":
+                return state  # the order turns invalid; _drive reports the problem
+            if status != "pending":
+                continue  # deactivated/expired/revoked: the order will become invalid
+            chall = next((c for c in body.get("challenges", [])
+                          if c.get("type") == challenge_type), None)
+            if chall is None:
+                raise ChallengeFailed(
+                    "urn:ietf:params:acme:error:rejectedIdentifier",
+                    f"the CA offers no {challenge_type} challenge for {identifier}",
+                    identifier=identifier)
+            token = str(chall.get("token", ""))
+            key_authorization = client.key_authorization(token)
+            solver.provision(self.db, solvers.Challenge(
+                type=challenge_type, token=token, identifier=identifier,
+                key_authorization=key_authorization,
+                dns_value=client.dns01_value(token) if challenge_type == "dns-01" else None,
+                order_id=order["_id"], certificate_id=order["certificate_id"],
+                project_id=order["project_id"]))
+            entry = saved.get(url) or {}
+            if chall.get("status") == "pending":
+                # The CA's state is the truth: an answer it did not register is sent again.
+                self.fence.check_lease()
+                client.answer_challenge(str(chall["url"]), challenge_type)
+            answered = {"url": url, "identifier": identifier, "status": "answered",
+                        "challenge": {"type": challenge_type, "url": chall.get("url"),
+                                      "token": token},
+                        "answered_at": entry.get("answered_at") or _now()}
+            self._save_authorization(order, url, answered)
+            testhooks.crash_point(self.db, "challenge_answered")
+        state = self._poll_order(client, str(order["order_url"]), "pending", "validation")
+        if state.status == "ready":
+            orders.transition(self.db, order, orders.READY, fields={"ca_status": "ready"})
+        return state
+
+    def _save_authorization(self, order: Doc, url: str, entry: Doc) -> None:
+        saved = list(order.get("authorizations") or [])
+        index = next((i for i, a in enumerate(saved) if a.get("url") == url), None)
+        if index is None:
+            saved.append(entry)
+            orders.save_fields(self.db, order, {"authorizations": saved})
+        else:
+            orders.save_fields(self.db, order, {f"authorizations.{index}": entry})
+            saved[index] = entry
+        order["authorizations"] = saved
+
+    def _finalize(self, order: Doc, state: OrderState, client: AcmeClient) -> OrderState:
+        """Finalize, fenced: the 'finalizing' state is written with this job's lease token
+        in a transaction that commits only while the lease holds."""
+        self.fence.check_lease()
+        token = self.fence.lease_token
+
+        def fence_step(session: ClientSession) -> None:
+            orders.transition(self.db, order, orders.FINALIZING, session=session, fields={
+                "fence": {"lease_token": token, "job_id": self.fence.job_id, "at": _now()},
+                "ca_status": "ready"})
+
+        self.fence.transaction(fence_step)
+        self.fence.check_lease()
+        try:
+            state = client.finalize(order["finalize_url"], order["csr_pem"].encode(),
+                                    order["order_url"])
+        except AcmeProblem as problem:
+            if problem.problem_code != "orderNotReady":
+                raise
+            state = client.get_order(order["order_url"])  # a peer got there first
+            if state.status == "ready":
+                raise
+        return state
+
+    # ------------------------------------------------------------ completion
+    def _complete(self, order: Doc, cert: Doc, client: AcmeClient,
+                  state: OrderState | None) -> Doc:
+        if order["state"] != orders.DOWNLOADED:
+            assert state is not None
+            certificate_url = state.body.get("certificate")
+            if not isinstance(certificate_url, str):
+                raise AcmeProtocolError("a valid order without a certificate URL")
+            if order["state"] != orders.VALID:
+                orders.transition(self.db, order, orders.VALID,
+                                  fields={"certificate_url": certificate_url,
+                                          "ca_status": "valid"})
+            fullchain = client.download(certificate_url)
+            orders.transition(self.db, order, orders.DOWNLOADED,
+                              fields={"fullchain_pem": fullchain})
+        fullchain = str(order["fullchain_pem"])
+        issued = certificates.describe_issued(fullchain)
+        now = _now()
+        current = certificates.get_certificate(self.db, cert["_id"], include_deleted=True)
+        schedule = self._renewal_schedule(current, issued, client, now)
+        is_renewal = bool(current.get("certificate_pem"))
+        spec_moved = current.get("names") != order["names"] or \
+            current.get("key_type") != order["key_type"]
+        if spec_moved:
+            schedule["next_renewal_at"] = now
+            schedule["renewal_source"] = "spec_changed"
+        updates = {**issued, **schedule, "status": certificates.STATUS_ISSUED,
+                   "key_id": order["key_id"], "key_type_issued": order["key_type"],
+                   "order_id": order["_id"], "issued_at": now, "failure": None,
+                   "updated_at": now}
+        if current.get("status") == certificates.STATUS_REVOKED:
+            updates["revoked_at"] = None
+
+        def save(session: ClientSession) -> bool:
+            result = self.db[dbm.CERTIFICATES].update_one(
+                {"_id": cert["_id"], "deleted_at": None},
+                {"$set": updates, "$inc": {"version": 1, "issue_count": 1}},
+                session=session)
+            orders.transition(self.db, order, orders.COMPLETED, session=session,
+                              fields={"serial": issued["serial"],
+                                      "not_after": issued["not_after"]})
+            if result.matched_count:
+                audit.record(self.db, session, actor=self.actor,
+                             action="certificate.renew" if is_renewal else "certificate.issue",
+                             target=f"certificate:{cert['_id']}",
+                             project_id=cert["project_id"],
+                             details={"order_id": order["_id"], "serial": issued["serial"],
+                                      "not_after": issued["not_after"],
+                                      "names": order["names"], "key_id": order["key_id"],
+                                      "fingerprint_sha256": issued["fingerprint_sha256"]})
+            return bool(result.matched_count)
+
+        stored = self.fence.transaction(save)
+        self._cleanup(order)
+        result = self._result(order, current)
+        if not stored:
+            result["outcome"] = "skipped"
+            result["why"] = "certificate deleted while issuing"
+        return result
+
+    def _renewal_schedule(self, cert: Doc, issued: Doc, client: AcmeClient,
+                          now: datetime) -> Doc:
+        renewal = cert.get("renewal") or {}
+        ari_cert_id = None
+        try:
+            ari_cert_id = ari.cert_id_from_pem(issued["certificate_pem"])
+        except AcmeError:
+            ari_cert_id = None
+        schedule: Doc = {"ari_cert_id": ari_cert_id, "ari": None}
+        if renewal.get("renew_before_days"):
+            schedule["next_renewal_at"] = certificates.override_renewal_time(
+                issued["not_after"], float(renewal["renew_before_days"]))
+            schedule["renewal_source"] = "override"
+            return schedule
+        if renewal.get("use_ari", True) and ari_cert_id:
+            try:
+                if client.has_renewal_info():
+                    body, retry_after = client.renewal_info(ari_cert_id)
+                    decision = ari.decide(body, retry_after, now)
+                    schedule["ari"] = decision.as_doc(now)
+                    schedule["next_renewal_at"] = min(decision.renew_at,
+                                                      decision.next_check_at)
+                    schedule["renewal_source"] = "ari"
+                    return schedule
+            except AcmeError as exc:
+                log.warning("renewalInfo unavailable after issuance; using the lifetime",
+                            extra={"certificate_id": cert["_id"], "error": str(exc)[:200]})
+        schedule["next_renewal_at"] = certificates.default_renewal_time(
+            issued["not_before"], issued["not_after"])
+        schedule["renewal_source"] = "lifetime"
+        return schedule
+
+    def _cleanup(self, order: Doc) -> None:
+        try:
+            if order["challenge"]["type"] == "http-01":
+                solvers.cleanup_order(self.db, order["_id"])
+            else:
+                solver = solvers.solver_for(order["challenge"])
+                solver.cleanup(self.db, [
+                    solvers.Challenge(type=a["challenge"]["type"], token=a["challenge"]["token"],
+                                      identifier=a["identifier"], key_authorization="",
+                                      dns_value=None, order_id=order["_id"],
+                                      certificate_id=order["certificate_id"],
+                                      project_id=order["project_id"])
+                    for a in order.get("authorizations") or [] if a.get("challenge")])
+        except Exception as exc:  # noqa: BLE001 - records expire by TTL anyway
+            log.warning("challenge cleanup failed (records expire on their own)",
+                        extra={"order_id": order["_id"], "error": str(exc)[:200]})
+
+    def _result(self, order: Doc, cert: Doc) -> Doc:
+        started = order.get("started_at") or order.get("created_at")
+        completed = order.get("completed_at")
+        latency = (completed - started).total_seconds() if isinstance(
+            started, datetime) and isinstance(completed, datetime) else None
+        return {"outcome": "issued", "certificate_id": cert["_id"], "order_id": order["_id"],
+                "serial": order.get("serial"), "resumed": self.resumed,
+                "not_after": order["not_after"].isoformat() if isinstance(
+                    order.get("not_after"), datetime) else None,
+                "order_seconds": latency}
+
+    # ------------------------------------------------------------ failures
+    def _record_failure(self, cert: Doc, order: Doc | None,
+                        problem: AcmeProblem) -> IssuanceFailed:
+        current = certificates.get_certificate(self.db, cert["_id"], include_deleted=True)
+        failures = int((current.get("failure") or {}).get("count", 0)) + 1
+        now = _now()
+        next_at = now + certificates.backoff_delay(failures, self.settings)
+        failure = {"count": failures, "last_error": problem.as_doc(), "last_failed_at": now,
+                   "next_attempt_at": next_at,
+                   "order_id": order["_id"] if order else None}
+        status = current.get("status")
+        if status in (certificates.STATUS_PENDING, certificates.STATUS_FAILED):
+            status = certificates.STATUS_FAILED
+
+        def save(session: ClientSession) -> None:
+            if order is not None and order["state"] not in orders.TERMINAL:
+                orders.transition(self.db, order, orders.INVALID, session=session,
+                                  fields={"error": problem.as_doc()})
+            self.db[dbm.CERTIFICATES].update_one(
+                {"_id": cert["_id"], "deleted_at": None},
+                {"$set": {"failure": failure, "status": status, "next_renewal_at": next_at,
+                          "renewal_source": "backoff", "updated_at": now},
+                 "$inc": {"version": 1}}, session=session)
+            audit.record(self.db, session, actor=self.actor, action="certificate.issue_failed",
+                         target=f"certificate:{cert['_id']}", project_id=cert["project_id"],
+                         details={"problem": problem.as_doc(), "failures": failures,
+                                  "next_attempt_at": next_at,
+                                  "order_id": order["_id"] if order else None})
+
+        self.fence.transaction(save)
+        if order is not None:
+            self._cleanup(order)
+        log.warning("issuance failed; backing off", extra={
+            "certificate_id": cert["_id"], "problem_type": problem.problem_type,
+            "failures": failures, "next_attempt_at": next_at.isoformat()})
+        return IssuanceFailed(problem, next_at)
+
+
+def run_issuance(db: Database[Doc], fence: Fence, certificate_id: str, *, reason: str,
+                 settings: Settings, actor: audit.Actor | None = None) -> Doc:
+    """Issue or renew ``certificate_id`` (see the module docstring)."""
+    started = time.monotonic()
+    run = IssuanceRun(db, fence, settings, certificate_id, reason,
+                      actor or audit.system_actor("worker"))
+    result = run.run()
+    result["run_seconds"] = round(time.monotonic() - started, 4)
+    return result
