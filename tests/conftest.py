@@ -34,6 +34,9 @@ from tests.helpers.processes import ProcessManager
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# After the whole run: no private key in any database or log (tests/helpers/key_leak.py).
+pytest_plugins = ["tests.helpers.key_leak"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bson import Binary
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
 
@@ -56,6 +57,32 @@ def _text(name: str, value: object, limit: int = 200) -> str:
     return value
 
 
+def build_record(private_key_pem: bytes, *, key_id: str, project_id: str, purpose: str,
+                 key_type: str, fingerprint: str, kek: AESGCM, kek_version: int) -> Doc:
+    """The ``keys`` document of a sealed key (encrypts; does not write). For bulk loads
+    (benchmarks, tests); everything else goes through ``seal_private_key``."""
+    sealed = envelope.seal(private_key_pem, key_id=key_id, project_id=project_id, kek=kek,
+                           kek_version=kek_version)
+    return {
+        "_id": key_id,
+        "project_id": project_id,
+        "purpose": purpose,
+        "key_type": key_type,
+        "public_key_sha256": fingerprint,
+        "format": envelope.FORMAT,
+        "alg": envelope.ALGORITHM,
+        "nonce": Binary(sealed.nonce),
+        "ciphertext": Binary(sealed.ciphertext),
+        "kek_version": sealed.kek_version,
+        "dek_nonce": Binary(sealed.dek_nonce),
+        "wrapped_dek": Binary(sealed.wrapped_dek),
+        "created_at": datetime.now(UTC),
+        "rewrap_count": 0,
+        "rewrapped_at": None,
+        "rotation_id": None,
+    }
+
+
 def seal_private_key(db: Database[Doc], private_key_pem: bytes, *, project_id: str,
                      purpose: str, session: ClientSession | None = None,
                      actor: audit.Actor | None = None, keyring: Keyring | None = None) -> str:
@@ -81,27 +108,9 @@ def seal_private_key(db: Database[Doc], private_key_pem: bytes, *, project_id: s
     canary.ensure(db, keyring, version, actor=actor)
 
     key_id = uuid.uuid4().hex
-    sealed = envelope.seal(private_key_pem, key_id=key_id, project_id=project_id, kek=kek,
-                           kek_version=version)
-    now = datetime.now(UTC)
-    record: Doc = {
-        "_id": key_id,
-        "project_id": project_id,
-        "purpose": purpose,
-        "key_type": key_type,
-        "public_key_sha256": fingerprint,
-        "format": envelope.FORMAT,
-        "alg": envelope.ALGORITHM,
-        "nonce": Binary(sealed.nonce),
-        "ciphertext": Binary(sealed.ciphertext),
-        "kek_version": sealed.kek_version,
-        "dek_nonce": Binary(sealed.dek_nonce),
-        "wrapped_dek": Binary(sealed.wrapped_dek),
-        "created_at": now,
-        "rewrap_count": 0,
-        "rewrapped_at": None,
-        "rotation_id": None,
-    }
+    record = build_record(private_key_pem, key_id=key_id, project_id=project_id,
+                          purpose=purpose, key_type=key_type, fingerprint=fingerprint,
+                          kek=kek, kek_version=version)
     if session is not None:
         db[dbm.KEYS].insert_one(record, session=session)
         return key_id

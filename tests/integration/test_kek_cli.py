@@ -35,8 +35,8 @@ def test_rotate_status_retire(migrated_db, cap_env, kek_dir) -> None:
     again = runner.invoke(cli, ["kek", "rotate", "--to", "2"])
     assert again.exit_code == 1 and "already in progress" in again.output
 
-    from app.keys import load_keyring
     from app.config import load_settings
+    from app.keys import load_keyring
 
     ring = load_keyring(load_settings())
     run_step(migrated_db, ring, owner="t", batch_size=3, budget_seconds=0)

@@ -119,7 +119,8 @@ def _flip(value: bytes) -> Binary:
 def test_tampered_record_is_an_integrity_error(migrated_db, pems, field) -> None:
     key_id = seal_private_key(migrated_db, pems["rsa2048"], project_id="p", purpose="cert")
     keys = migrated_db[dbm.KEYS]
-    keys.update_one({"_id": key_id}, {"$set": {field: _flip(keys.find_one({"_id": key_id})[field])}})
+    original = keys.find_one({"_id": key_id})[field]
+    keys.update_one({"_id": key_id}, {"$set": {field: _flip(original)}})
     with pytest.raises(KeyIntegrityError) as info:
         open_private_key(migrated_db, key_id, project_id="p")
     assert key_id in info.value.message and info.value.status == 500
