@@ -36,6 +36,9 @@ RESOURCES: list[str] = [
     "app.api.metrics",
     "app.api.projects",
     "app.api.tokens",
+    "app.api.certificates",
+    "app.api.accounts",
+    "app.api.orders",
     "app.api.audit",
     "app.api.status",
 ]

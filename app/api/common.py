@@ -58,6 +58,28 @@ class PageArgsSchema(Schema):
                            metadata={"description": "next_cursor of the previous page"})
 
 
+def plain_json(value: Any) -> Any:
+    """A stored value as JSON: datetimes as ISO-8601 UTC, ObjectIds as strings."""
+    if isinstance(value, dict):
+        return {str(k): plain_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_json(v) for v in value]
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, ObjectId):
+        return str(value)
+    return value
+
+
+class JsonValue(fields.Raw):
+    """A free-form stored value (error details, history...), rendered as plain JSON."""
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return plain_json(value)
+
+
 def page_schema(item: type[Schema], name: str) -> type[Schema]:
     """A ``{items: [...], next_cursor}`` schema for a list of ``item``."""
     return Schema.from_dict({

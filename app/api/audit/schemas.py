@@ -2,7 +2,7 @@ from datetime import UTC
 
 from marshmallow import Schema, fields, validate
 
-from app.api.common import PageArgsSchema, page_schema
+from app.api.common import JsonValue, PageArgsSchema, page_schema
 from app.api.projects.schemas import ActorSchema
 
 
@@ -13,7 +13,7 @@ class AuditEntrySchema(Schema):
     project_id = fields.String(allow_none=True)
     action = fields.String(required=True, metadata={"example": "certificate.create"})
     target = fields.String(required=True, metadata={"example": "certificate:crt_0123"})
-    details = fields.Dict(required=True)
+    details = JsonValue(required=True)
     request_id = fields.String(allow_none=True)
     prev_hash = fields.String(required=True)
     hash = fields.String(required=True)

@@ -1,7 +1,7 @@
 from marshmallow import Schema, fields
 
 
-class LeaseSchema(Schema):
+class SchedulerLeaseSchema(Schema):
     state = fields.String(required=True, metadata={
         "description": "held, expired, released or never taken"})
     holder = fields.String(allow_none=True)
@@ -40,7 +40,7 @@ class FireSchema(Schema):
 
 
 class SchedulerStatusSchema(Schema):
-    lease = fields.Nested(LeaseSchema, required=True)
+    lease = fields.Nested(SchedulerLeaseSchema, required=True)
     entries = fields.List(fields.Nested(ScheduleEntrySchema), required=True)
     recent_fires = fields.List(fields.Nested(FireSchema))
 

@@ -1,0 +1,1 @@
+"""ACME accounts of a project."""

@@ -1,0 +1,1 @@
+"""Managed certificates: CRUD, issue/renew now, revoke, PEM downloads, key export."""

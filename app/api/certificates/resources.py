@@ -1,0 +1,262 @@
+"""Certificates: the views are thin; the work is in ``app.domain.certificates``.
+
+Reads carry an ``ETag`` (a hash of the representation): ``If-None-Match`` answers 304,
+``If-Match`` on a change answers 412 when the certificate changed since it was read.
+The private key is exported only with the ``keys:export`` scope, is audited, and its
+answer is never cached.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Response
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from pymongo.client_session import ClientSession
+
+from app import current_db
+from app import db as dbm
+from app.api.auth import KEYS_EXPORT, READ, WRITE, scope
+from app.api.certificates.schemas import (
+    CertificateCreateSchema,
+    CertificateListArgsSchema,
+    CertificatePageSchema,
+    CertificateSchema,
+    CertificateUpdateSchema,
+    IssueAcceptedSchema,
+    RevokeSchema,
+)
+from app.api.common import (
+    API_PREFIX,
+    ETAG_HEADER,
+    IF_MATCH_PARAM,
+    IF_NONE_MATCH_PARAM,
+    check_if_match,
+    etag_of,
+    not_modified,
+    paginate,
+    principal,
+    project_scope,
+    required_project,
+)
+from app.audit import record
+from app.domain import certificates
+from app.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
+
+blp = Blueprint("certificates", __name__, url_prefix=f"{API_PREFIX}/certificates",
+                description="Managed certificates: spec, issuance, renewal, revocation, "
+                            "downloads.")
+
+PEM_CHAIN = "application/pem-certificate-chain"
+_SCHEMA = CertificateSchema()
+
+
+def _load(certificate_id: str) -> dict[str, Any]:
+    """The certificate if the caller's project owns it (admins: any), else 404."""
+    caller = principal()
+    if len(certificate_id) > 100:
+        raise NotFound("certificate not found")
+    return certificates.get_certificate(
+        current_db(), certificate_id,
+        project_id=None if caller.is_admin else caller.project_id)
+
+
+def _etag(doc: dict[str, Any]) -> str:
+    return etag_of(_SCHEMA.dump(doc))
+
+
+@blp.route("")
+class Certificates(MethodView):
+    @scope(READ)
+    @blp.arguments(CertificateListArgsSchema, location="query")
+    @blp.response(200, CertificatePageSchema)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List certificates, filtered by status, name or expiry."""
+        project_id = project_scope(args.get("project_id"))
+        query: dict[str, Any] = {"deleted_at": None}
+        if project_id is not None:
+            query["project_id"] = project_id
+        if args.get("status"):
+            query["status"] = args["status"]
+        if args.get("name"):
+            query["$or"] = [{"names": args["name"].lower()}, {"name": args["name"]}]
+        if args.get("expiring_before"):
+            query["not_after"] = {"$lt": args["expiring_before"]}
+        return paginate(current_db()[dbm.CERTIFICATES], query, limit=args["limit"],
+                        cursor=args["cursor"])
+
+    @scope(WRITE)
+    @blp.arguments(CertificateCreateSchema)
+    @blp.response(201, CertificateSchema, headers=ETAG_HEADER)
+    def post(self, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Create a managed certificate and enqueue its first issuance."""
+        project_id = required_project(data.pop("project_id", None))
+        issue = data.pop("issue", True)
+        caller = principal()
+        db = current_db()
+        doc = certificates.create_certificate(db, project_id, data, caller.actor)
+        if issue:
+            try:
+                certificates.request_issuance(db, doc["_id"], caller.actor, "initial",
+                                              project_id=project_id)
+            except Exception:  # noqa: BLE001 - the renewal scan enqueues it within a minute
+                log.exception("could not enqueue the first issuance; the scan will",
+                              extra={"certificate_id": doc["_id"]})
+        return doc, {"ETag": _etag(doc)}
+
+
+@blp.route("/<string:certificate_id>")
+class CertificateById(MethodView):
+    @scope(READ)
+    @blp.doc(parameters=[IF_NONE_MATCH_PARAM])
+    @blp.response(200, CertificateSchema, headers=ETAG_HEADER)
+    @blp.alt_response(304, description="Not modified (If-None-Match matched the ETag)")
+    def get(self, certificate_id: str) -> Any:
+        """Read a certificate (with its ETag)."""
+        doc = _load(certificate_id)
+        etag = _etag(doc)
+        return not_modified(etag) or (doc, {"ETag": etag})
+
+    @scope(WRITE)
+    @blp.doc(parameters=[IF_MATCH_PARAM])
+    @blp.arguments(CertificateUpdateSchema)
+    @blp.response(200, CertificateSchema, headers=ETAG_HEADER)
+    def patch(self, data: dict[str, Any],
+              certificate_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """Change a certificate's spec (a change of names, key, challenge, account or
+        profile re-issues it)."""
+        current = _load(certificate_id)
+        check_if_match(_etag(current))
+        doc = certificates.update_certificate(
+            current_db(), certificate_id, data, principal().actor,
+            project_id=current["project_id"], expected_version=current.get("version"))
+        return doc, {"ETag": _etag(doc)}
+
+    @scope(WRITE)
+    @blp.doc(parameters=[IF_MATCH_PARAM])
+    @blp.response(204)
+    def delete(self, certificate_id: str) -> None:
+        """Stop managing a certificate (its orders and audit trail stay)."""
+        current = _load(certificate_id)
+        check_if_match(_etag(current))
+        certificates.delete_certificate(current_db(), certificate_id, principal().actor,
+                                        project_id=current["project_id"])
+
+
+def _request(certificate_id: str, reason: str) -> tuple[dict[str, Any], int]:
+    current = _load(certificate_id)
+    check_if_match(_etag(current))
+    if current.get("status") == certificates.STATUS_REVOKED and reason == "renewal":
+        raise Conflict("a revoked certificate is not renewed; use issue to get a new one")
+    job = certificates.request_issuance(current_db(), certificate_id, principal().actor,
+                                        reason, project_id=current["project_id"])
+    return {"certificate_id": certificate_id, "job": job}, 202
+
+
+@blp.route("/<string:certificate_id>/issue")
+class IssueNow(MethodView):
+    @scope(WRITE)
+    @blp.doc(parameters=[IF_MATCH_PARAM])
+    @blp.response(202, IssueAcceptedSchema)
+    def post(self, certificate_id: str) -> tuple[dict[str, Any], int]:
+        """Issue now: enqueue an issuance job (or return the one already active)."""
+        return _request(certificate_id, "manual")
+
+
+@blp.route("/<string:certificate_id>/renew")
+class RenewNow(MethodView):
+    @scope(WRITE)
+    @blp.doc(parameters=[IF_MATCH_PARAM])
+    @blp.response(202, IssueAcceptedSchema)
+    def post(self, certificate_id: str) -> tuple[dict[str, Any], int]:
+        """Renew now: enqueue a renewal job (or return the one already active)."""
+        return _request(certificate_id, "renewal")
+
+
+@blp.route("/<string:certificate_id>/revoke")
+class Revoke(MethodView):
+    @scope(WRITE)
+    @blp.doc(parameters=[IF_MATCH_PARAM])
+    @blp.arguments(RevokeSchema)
+    @blp.response(200, CertificateSchema, headers=ETAG_HEADER)
+    @blp.alt_response(502, response="BadGateway")
+    def post(self, data: dict[str, Any],
+             certificate_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """Revoke the issued certificate at its CA (renewals stop)."""
+        current = _load(certificate_id)
+        check_if_match(_etag(current))
+        doc = certificates.revoke_certificate(current_db(), certificate_id, principal().actor,
+                                              data["reason_code"],
+                                              project_id=current["project_id"])
+        return doc, {"ETag": _etag(doc)}
+
+
+def _pem_view(part: str, field: str, summary: str) -> type[MethodView]:
+    class PemDownload(MethodView):
+        @scope(READ)
+        @blp.doc(parameters=[IF_NONE_MATCH_PARAM], summary=summary)
+        @blp.response(200, content_type=PEM_CHAIN, headers=ETAG_HEADER,
+                      description="PEM (RFC 8555 application/pem-certificate-chain)")
+        @blp.alt_response(304, description="Not modified")
+        def get(self, certificate_id: str) -> Response:
+            doc = _load(certificate_id)
+            pem = doc.get(field)
+            if not pem:
+                raise Conflict(f"certificate {certificate_id} has no {part} yet (not issued)")
+            etag = etag_of(pem)
+            cached = not_modified(etag)
+            if cached is not None:
+                return cached
+            response = Response(pem, mimetype=PEM_CHAIN)
+            response.headers["ETag"] = etag
+            response.headers["Content-Disposition"] = (
+                f'attachment; filename="{certificate_id}-{part}.pem"')
+            return response
+
+    PemDownload.__name__ = f"Pem{part.title()}"
+    return PemDownload
+
+
+for _part, _field, _summary in (
+        ("leaf", "certificate_pem", "Download the leaf certificate (PEM)."),
+        ("chain", "chain_pem", "Download the issuer chain without the leaf (PEM)."),
+        ("fullchain", "fullchain_pem", "Download the leaf followed by its chain (PEM).")):
+    blp.route(f"/<string:certificate_id>/{_part}.pem", endpoint=f"pem_{_part}")(
+        _pem_view(_part, _field, _summary))
+
+
+@blp.route("/<string:certificate_id>/private-key")
+class PrivateKey(MethodView):
+    @scope(KEYS_EXPORT)
+    @blp.response(200, content_type="application/x-pem-file",
+                  headers={"Cache-Control": {"schema": {"type": "string"},
+                                             "description": "Always no-store"}},
+                  description="The private key, PKCS#8 PEM. Audited; never cached.")
+    def get(self, certificate_id: str) -> Response:
+        """Export the certificate's private key (scope keys:export; audited)."""
+        from app.keys import open_private_key
+
+        doc = _load(certificate_id)
+        key_id = doc.get("key_id")
+        if not key_id:
+            raise Conflict(f"certificate {certificate_id} has no private key yet")
+        db = current_db()
+        pem = open_private_key(db, key_id, project_id=doc["project_id"])
+        caller = principal()
+
+        def audit(session: ClientSession) -> None:
+            record(db, session, actor=caller.actor, action="certificate.private_key_export",
+                   target=f"certificate:{certificate_id}", project_id=doc["project_id"],
+                   details={"key_id": key_id, "serial": doc.get("serial")})
+
+        dbm.transaction(db, audit, what="audit private key export")
+        response = Response(pem, mimetype="application/x-pem-file")
+        response.headers["Cache-Control"] = "no-store, max-age=0"
+        response.headers["Pragma"] = "no-cache"
+        response.headers["Content-Disposition"] = (
+            f'attachment; filename="{certificate_id}-key.pem"')
+        return response

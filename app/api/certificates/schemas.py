@@ -1,0 +1,119 @@
+from datetime import UTC
+
+from marshmallow import Schema, fields, validate
+
+from app.api.common import JsonValue, PageArgsSchema, page_schema
+from app.api.jobs.schemas import JobSchema
+from app.domain.certificates import CHALLENGE_TYPES, KEY_TYPES, REVOCATION_REASONS
+
+STATUSES = ("pending", "issued", "failed", "revoked")
+
+
+class ChallengeSchema(Schema):
+    type = fields.String(required=True, validate=validate.OneOf(CHALLENGE_TYPES))
+    provider = fields.String(validate=validate.OneOf(["rfc2136"]),
+                             metadata={"description": "dns-01 only"})
+    server = fields.String(validate=validate.Length(min=1, max=255))
+    port = fields.Integer(validate=validate.Range(min=1, max=65535))
+    zone = fields.String(validate=validate.Length(min=1, max=255))
+    tsig_key_name = fields.String(validate=validate.Length(min=1, max=255))
+    tsig_algorithm = fields.String(validate=validate.Length(min=1, max=64))
+    tsig_secret_env = fields.String(validate=validate.Length(min=1, max=128), metadata={
+        "description": "Name of the CAP_* variable holding the TSIG secret (never the "
+                       "secret itself)"})
+
+
+class RenewalPolicySchema(Schema):
+    renew_before_days = fields.Float(allow_none=True,
+                                     validate=validate.Range(min=0, max=365, min_inclusive=False))
+    use_ari = fields.Boolean()
+    reuse_key = fields.Boolean()
+
+
+class CertificateSchema(Schema):
+    id = fields.String(attribute="_id", required=True,
+                       metadata={"example": "crt_0123456789abcdef"})
+    project_id = fields.String(required=True)
+    name = fields.String(required=True)
+    names = fields.List(fields.String(), required=True)
+    key_type = fields.String(required=True)
+    challenge = JsonValue(required=True)
+    account_id = fields.String(allow_none=True)
+    directory_url = fields.String(allow_none=True)
+    profile = fields.String(allow_none=True)
+    renewal = JsonValue(allow_none=True)
+    status = fields.String(required=True)
+    version = fields.Integer(required=True)
+    created_at = fields.DateTime(allow_none=True)
+    updated_at = fields.DateTime(allow_none=True)
+    next_renewal_at = fields.DateTime(allow_none=True)
+    renewal_source = fields.String(allow_none=True)
+    serial = fields.String(allow_none=True)
+    not_before = fields.DateTime(allow_none=True)
+    not_after = fields.DateTime(allow_none=True)
+    fingerprint_sha256 = fields.String(allow_none=True)
+    issuer = fields.String(allow_none=True)
+    issued_at = fields.DateTime(allow_none=True)
+    order_id = fields.String(allow_none=True)
+    issue_count = fields.Integer(allow_none=True)
+    failure = JsonValue(allow_none=True, metadata={"description": "The last failure, if "
+                                                                   "any"})
+    ari = JsonValue(allow_none=True)
+    revoked_at = fields.DateTime(allow_none=True)
+    revocation_reason = fields.Integer(allow_none=True)
+
+
+class CertificateCreateSchema(Schema):
+    project_id = fields.String(load_default=None, validate=validate.Length(max=64),
+                               metadata={"description": "Required for admin tokens"})
+    name = fields.String(validate=validate.Length(min=1, max=200),
+                         metadata={"description": "A label (default: the first name)"})
+    names = fields.List(fields.String(validate=validate.Length(min=1, max=253)),
+                        required=True, validate=validate.Length(min=1, max=100),
+                        metadata={"example": ["www.example.com", "example.com"]})
+    key_type = fields.String(validate=validate.OneOf(KEY_TYPES), metadata={"example":
+                                                                            "ec256"})
+    challenge = fields.Nested(ChallengeSchema)
+    account_id = fields.String(validate=validate.Length(min=1, max=100),
+                               metadata={"description": "Default: the project's only "
+                                                        "account"})
+    profile = fields.String(allow_none=True, validate=validate.Length(min=1, max=64))
+    renewal = fields.Nested(RenewalPolicySchema)
+    issue = fields.Boolean(load_default=True, metadata={
+        "description": "Enqueue the first issuance now (else the renewal scan does, "
+                       "within a minute)"})
+
+
+class CertificateUpdateSchema(Schema):
+    name = fields.String(validate=validate.Length(min=1, max=200))
+    names = fields.List(fields.String(validate=validate.Length(min=1, max=253)),
+                        validate=validate.Length(min=1, max=100))
+    key_type = fields.String(validate=validate.OneOf(KEY_TYPES))
+    challenge = fields.Nested(ChallengeSchema)
+    account_id = fields.String(validate=validate.Length(min=1, max=100))
+    profile = fields.String(allow_none=True, validate=validate.Length(min=1, max=64))
+    renewal = fields.Nested(RenewalPolicySchema)
+
+
+class CertificateListArgsSchema(PageArgsSchema):
+    project_id = fields.String(validate=validate.Length(max=64),
+                               metadata={"description": "Admin: only this project"})
+    status = fields.String(validate=validate.OneOf(STATUSES))
+    name = fields.String(validate=validate.Length(min=1, max=253), metadata={
+        "description": "A DNS name the certificate covers, or its label"})
+    expiring_before = fields.AwareDateTime(default_timezone=UTC, metadata={
+        "description": "Only certificates whose notAfter is before this time"})
+
+
+class RevokeSchema(Schema):
+    reason_code = fields.Integer(load_default=0,
+                                 validate=validate.OneOf(sorted(REVOCATION_REASONS)),
+                                 metadata={"description": "RFC 5280 reason code"})
+
+
+class IssueAcceptedSchema(Schema):
+    certificate_id = fields.String(required=True)
+    job = fields.Nested(JobSchema, required=True)
+
+
+CertificatePageSchema = page_schema(CertificateSchema, "CertificatePage")

@@ -1,0 +1,1 @@
+"""ACME orders (read only)."""

@@ -1,0 +1,51 @@
+"""ACME orders, read only (the worker writes them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from app import current_db
+from app import db as dbm
+from app.api.auth import READ, scope
+from app.api.common import API_PREFIX, ensure_visible, paginate, project_scope
+from app.api.orders.schemas import OrderListArgsSchema, OrderPageSchema, OrderSchema
+from app.domain import orders
+from app.errors import NotFound
+
+blp = Blueprint("orders", __name__, url_prefix=f"{API_PREFIX}/orders",
+                description="ACME orders: one per issuance attempt (read only).")
+
+# Never shown: the CSR and the issued PEM live on the certificate.
+_HIDDEN = {"csr_pem": 0, "fullchain_pem": 0}
+
+
+@blp.route("")
+class Orders(MethodView):
+    @scope(READ)
+    @blp.arguments(OrderListArgsSchema, location="query")
+    @blp.response(200, OrderPageSchema)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """List orders (newest first), e.g. of one certificate."""
+        project_id = project_scope(args.get("project_id"))
+        query: dict[str, Any] = {} if project_id is None else {"project_id": project_id}
+        for key in ("certificate_id", "state"):
+            if args.get(key):
+                query[key] = args[key]
+        return paginate(current_db()[dbm.ORDERS], query, limit=args["limit"],
+                        cursor=args["cursor"], projection=_HIDDEN, descending=True)
+
+
+@blp.route("/<string:order_id>")
+class OrderById(MethodView):
+    @scope(READ)
+    @blp.response(200, OrderSchema)
+    def get(self, order_id: str) -> dict[str, Any]:
+        """Read an order."""
+        try:
+            doc = orders.get(current_db(), order_id) if len(order_id) <= 100 else None
+        except NotFound:
+            doc = None
+        return ensure_visible(doc, "order", order_id)
