@@ -48,6 +48,8 @@ STEP_KIND = "kek.rotation_step"
 STEP_LEASE_SECONDS = 30.0
 STEP_BUDGET_SECONDS = 8.0
 BATCH_SIZE = 200
+BACKOFF_BASE_SECONDS = 10.0
+BACKOFF_MAX_SECONDS = 120.0
 
 _RECORD_FIELDS = {"_id": 1, "project_id": 1, "kek_version": 1, "dek_nonce": 1,
                   "wrapped_dek": 1, "nonce": 1, "ciphertext": 1}
@@ -136,7 +138,8 @@ def start_rotation(db: Database[Doc], to_version: int, *, keyring: Keyring,
             "state": "running", "target_version": to_version, "previous_version": current,
             "from_versions": from_versions, "total": total, "rewrapped": 0, "failed": 0,
             "batches": 0, "started_at": now, "started_by": actor.as_doc(), "finished_at": None,
-            "last_step_at": None, "last_error": None, "step_lease": None,
+            "last_step_at": None, "last_error": None, "error_count": 0, "not_before": None,
+            "step_lease": None,
         }
         db[KEK_ROTATIONS].insert_one(doc, session=session)
         audit.record(db, session, actor=actor, action="kek.rotate",
@@ -176,11 +179,23 @@ def _release_step_lease(db: Database[Doc], rotation_id: str, owner: str) -> None
         what="release KEK rotation step lease")
 
 
-def _note_error(db: Database[Doc], rotation_id: str, message: str) -> None:
+def note_blocked(db: Database[Doc], rotation_id: str, message: str) -> float:
+    """Record why the rotation cannot proceed and back off: steps before ``not_before``
+    return at once (10 s, doubling per consecutive failure, at most BACKOFF_MAX_SECONDS).
+    Returns the back-off in seconds."""
+    now = dbm.server_now(db)
+    doc = dbm.retry(lambda: db[KEK_ROTATIONS].find_one_and_update(
+        {"_id": rotation_id}, {"$inc": {"error_count": 1},
+                               "$set": {"last_error": message[:500], "last_step_at": now}},
+        return_document=ReturnDocument.AFTER), what="note KEK rotation error")
+    failures = int((doc or {}).get("error_count", 1))
+    delay = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** min(failures - 1, 10))
     dbm.retry(lambda: db[KEK_ROTATIONS].update_one(
-        {"_id": rotation_id}, {"$set": {"last_error": message[:500],
-                                        "last_step_at": dbm.server_now(db)}}),
-        what="note KEK rotation error")
+        {"_id": rotation_id}, {"$set": {"not_before": now + timedelta(seconds=delay)}}),
+        what="note KEK rotation back-off")
+    log.warning("KEK rotation blocked", extra={"rotation_id": rotation_id, "reason": message,
+                                               "retry_in_s": delay})
+    return delay
 
 
 def _complete(db: Database[Doc], rotation: Doc, run_txn: RunTxn,
@@ -237,7 +252,8 @@ def _write_batch(db: Database[Doc], session: ClientSession, *, rotation_id: str,
     progress = db[KEK_ROTATIONS].update_one(
         {"_id": rotation_id, "state": "running", "step_lease.owner": owner},
         {"$inc": {"rewrapped": rewrapped, "failed": failed, "batches": 1},
-         "$set": {"last_step_at": now, "last_error": None,
+         "$set": {"last_step_at": now, "last_error": None, "error_count": 0,
+                  "not_before": None,
                   "step_lease.expires_at": now + timedelta(seconds=lease_seconds)}},
         session=session)
     if progress.matched_count != 1:
@@ -263,6 +279,10 @@ def run_step(db: Database[Doc], keyring: Keyring, *, owner: str,
     if rotation is None:
         return {"state": "idle"}
     rotation_id, target = rotation["_id"], int(rotation["target_version"])
+    not_before = rotation.get("not_before")
+    if not_before is not None and not_before > dbm.server_now(db):
+        return {"state": "backing_off", "rotation_id": rotation_id,
+                "until": not_before.isoformat(), "reason": rotation.get("last_error")}
     if _take_step_lease(db, rotation_id, owner, lease_seconds) is None:
         return {"state": "busy", "rotation_id": rotation_id}
     summary: Doc = {"state": "running", "rotation_id": rotation_id, "target_version": target,
@@ -273,7 +293,7 @@ def run_step(db: Database[Doc], keyring: Keyring, *, owner: str,
             new_kek = keyring.aead(target)
             canary.ensure(db, keyring, target, actor=actor)
         except KeyUnavailable as exc:
-            _note_error(db, rotation_id, exc.message)
+            note_blocked(db, rotation_id, exc.message)
             raise
         while True:
             if check_lease is not None:
@@ -293,7 +313,7 @@ def run_step(db: Database[Doc], keyring: Keyring, *, owner: str,
                     keyring.aead(version)
                     canary.ensure(db, keyring, version, actor=actor)
             except KeyUnavailable as exc:
-                _note_error(db, rotation_id, exc.message)
+                note_blocked(db, rotation_id, exc.message)
                 raise
             updates: list[UpdateOne] = []
             broken: list[tuple[Doc, str]] = []
@@ -421,6 +441,6 @@ def status(db: Database[Doc], keyring: Keyring | None = None) -> Doc:
             "remaining": remaining, "progress": round(progress, 4),
             "started_at": latest.get("started_at"), "started_by": latest.get("started_by"),
             "finished_at": latest.get("finished_at"), "last_step_at": latest.get("last_step_at"),
-            "last_error": latest.get("last_error"),
+            "last_error": latest.get("last_error"), "not_before": latest.get("not_before"),
         }
     return result

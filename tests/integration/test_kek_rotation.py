@@ -251,8 +251,16 @@ def test_step_with_a_wrong_old_kek_changes_nothing(migrated_db, kek_dir, tmp_pat
     assert list(db[dbm.KEYS].find(sort=[("_id", 1)])) == before
     rotation = db[KEK_ROTATIONS].find_one({"_id": doc["_id"]})
     assert "wrong key" in rotation["last_error"] and rotation["step_lease"] is None
-    # With the right keyring the next step finishes the job.
+    assert rotation["error_count"] == 1 and rotation["not_before"] > dbm.server_now(db)
+    # Steps back off (no hammering) and say why.
+    backing = run_step(db, keyring(kek_dir), owner="t")
+    assert backing["state"] == "backing_off" and "wrong key" in backing["reason"]
+    assert status(db)["rotation"]["last_error"] == rotation["last_error"]
+    # Once the back-off is over, with the right keyring the next step finishes the job.
+    db[KEK_ROTATIONS].update_one({"_id": doc["_id"]}, {"$set": {"not_before": None}})
     assert run_step(db, keyring(kek_dir), owner="t", budget_seconds=60)["state"] == "done"
+    done = db[KEK_ROTATIONS].find_one({"_id": doc["_id"]})
+    assert done["last_error"] is None and done["error_count"] == 0
 
 
 def test_tampered_record_is_flagged_skipped_and_blocks_retirement(migrated_db, kek_dir) -> None:
