@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "app.projects_cli",
     "app.tokens_cli",
     "app.audit.cli",
+    "app.jobs.cli",
 ]
 
 

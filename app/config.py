@@ -65,6 +65,10 @@ class Settings:
     job_grace_seconds: float = 30.0
     # CAP_REAPER_REPUBLISH_SECONDS: a queued job older than this with no claim is re-published.
     reaper_republish_seconds: float = 30.0
+    # CAP_EXTRA_HANDLER_MODULES: comma-separated Python modules the worker imports at start
+    # besides app.jobs.registry.HANDLER_MODULES (a test/ops hook for extra job kinds,
+    # e.g. tests.helpers.job_kinds); empty in production.
+    extra_handler_modules: tuple[str, ...] = ()
     # CAP_SCHEDULER_LEASE_SECONDS / _RENEW_SECONDS / _RETRY_SECONDS: leader lease length,
     # the leader's renewal interval, and the standby's acquire interval.
     scheduler_lease_seconds: float = 15.0
@@ -197,6 +201,16 @@ def _scheduler_extra_entries(env: Mapping[str, str]) -> tuple[dict[str, Any], ..
     return tuple(entries)
 
 
+def _module_list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = env.get(name) or ""
+    modules = tuple(part.strip() for part in raw.split(",") if part.strip())
+    for module in modules:
+        if not all(piece.isidentifier() for piece in module.split(".")):
+            raise ConfigError(name, raw, "comma-separated Python module names, "
+                              "e.g. tests.helpers.job_kinds")
+    return modules
+
+
 def _api_bind(env: Mapping[str, str]) -> str:
     raw = env.get("CAP_API_BIND", "127.0.0.1:8000")
     host, sep, port = raw.rpartition(":")
@@ -319,6 +333,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         job_max_attempts=_positive_int(env, "CAP_JOB_MAX_ATTEMPTS", 5, "a positive integer"),
         job_grace_seconds=_positive_float(env, "CAP_JOB_GRACE_SECONDS", 30.0),
         reaper_republish_seconds=_positive_float(env, "CAP_REAPER_REPUBLISH_SECONDS", 30.0),
+        extra_handler_modules=_module_list(env, "CAP_EXTRA_HANDLER_MODULES"),
         scheduler_lease_seconds=scheduler_lease,
         scheduler_renew_seconds=scheduler_renew,
         scheduler_retry_seconds=_positive_float(env, "CAP_SCHEDULER_RETRY_SECONDS", 2.0),

@@ -1,35 +1,33 @@
-from __future__ import annotations
+"""The Celery app (``celery -A tasks worker``) on kombu's MongoDB transport.
 
-from urllib.parse import urlsplit, urlunsplit
+Celery messages only wake workers (DESIGN.md, invariant 1): each carries a job id, the
+job document in MongoDB is the truth, and there is no result backend. The broker
+settings live in ``app.jobs.broker`` so that ``app/`` publishes with the same ones.
+"""
+
+from __future__ import annotations
 
 from celery import Celery
 
 from app.config import Settings, load_or_exit
+from app.jobs import broker
 
 
 def broker_url(settings: Settings) -> str:
     """CAP_MONGO_URI with its database replaced by CAP_BROKER_DB (same cluster)."""
-    parts = urlsplit(settings.require_mongo_uri())
-    return urlunsplit((parts.scheme, parts.netloc, "/" + settings.broker_db, parts.query, ""))
+    return broker.broker_url(settings)
 
 
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_or_exit()
-    celery = Celery("certautopilot", broker=broker_url(settings))
-    celery.conf.update(
-        # Event and control queues of dead consumers expire (celery#1047).
-        broker_transport_options={"ttl": True},
-        broker_connection_retry_on_startup=True,
-        worker_prefetch_multiplier=1,
-        task_acks_late=False,
-        task_ignore_result=True,
-        result_backend=None,
-        worker_hijack_root_logger=False,
-        task_default_queue="certautopilot",
-        timezone="UTC",
-        enable_utc=True,
-    )
+    celery = Celery("certautopilot")
+    celery.conf.update(broker.celery_config(settings))
+    broker.use_app(celery)
     return celery
 
 
 app = make_app()
+
+# The task and the worker's lifecycle hooks (imported for their registrations).
+from tasks import jobs as _jobs  # noqa: E402,F401
+from tasks import worker as _worker  # noqa: E402,F401

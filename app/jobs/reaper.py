@@ -1,0 +1,102 @@
+"""The reaper: what brings jobs back when a worker or a message is lost.
+
+- A running job whose lease lapsed (its worker was killed, paused past its lease, or
+  lost the database) goes back to ``queued`` and its wake-up is published, or goes
+  ``dead`` when it has no attempts left.
+- A queued job whose wake-up should have arrived more than CAP_REAPER_REPUBLISH_SECONDS
+  ago and that nobody claimed (kombu's MongoDB transport deletes a message when a worker
+  fetches it, so a killed worker takes its prefetched messages with it) gets a new
+  wake-up. Jobs delayed beyond the broker's countdown limit are published this way when
+  they become due.
+
+The scheduler leader runs it (job kind ``jobs.reap``), each worker also runs it now and
+then, and ``certautopilot jobs reap`` runs it by hand. Concurrent reapers are safe: every
+transition is a conditional update; at worst a job gets two wake-ups and the second claim
+is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from pymongo.database import Database
+
+from app import db as dbm
+from app.config import Settings, load_settings
+from app.jobs import broker, store
+from app.jobs.clock import server_now
+
+log = logging.getLogger("certautopilot.jobs.reaper")
+
+Doc = dict[str, Any]
+BATCH = 500
+
+
+def reap(db: Database[Doc], *, settings: Settings | None = None,
+         limit: int = BATCH) -> dict[str, int]:
+    """One pass; returns counts: requeued, dead, republished, stale (queued jobs past
+    their wake-up time, including those whose wake-up is still waiting in the broker)."""
+    settings = settings or load_settings()
+    jobs = dbm.primary(db)[dbm.JOBS]
+    now = server_now(db)
+    counts = {"requeued": 0, "dead": 0, "republished": 0, "stale": 0}
+
+    lapsed = list(jobs.find({"state": store.RUNNING, "lease.expires_at": {"$lt": now}},
+                            {"attempts": 1, "max_attempts": 1, "lease": 1, "kind": 1})
+                  .limit(limit))
+    for job in lapsed:
+        lease = job.get("lease") or {}
+        fence = {"_id": job["_id"], "state": store.RUNNING, "lease.token": lease.get("token"),
+                 "lease.expires_at": {"$lt": now}}
+        attempts = int(job.get("attempts") or 0)
+        limit_attempts = int(job.get("max_attempts") or settings.job_max_attempts)
+        if attempts >= limit_attempts:
+            error = (f"attempt {attempts} of {limit_attempts}: the lease held by "
+                     f"{lease.get('owner')} lapsed (the worker stopped or lost the "
+                     "database) and no attempts are left")
+            res = jobs.update_one(fence, {
+                "$set": {"state": store.DEAD, "finished_at": now, "updated_at": now,
+                         "last_error": error},
+                "$push": {"history": store._history(now, "dead", error=error)}})
+            if res.modified_count:
+                counts["dead"] += 1
+                log.error("job dead: its lease lapsed on the last attempt",
+                          extra={"job_id": job["_id"], "kind": job.get("kind"),
+                                 "event": "job.dead"})
+            continue
+        res = jobs.update_one(fence, {
+            "$set": {"state": store.QUEUED, "lease": None, "run_after": now, "wake_at": now,
+                     "updated_at": now,
+                     "last_error": f"the lease held by {lease.get('owner')} lapsed"},
+            "$push": {"history": store._history(now, "requeued", reason="lease lapsed",
+                                                previous_owner=lease.get("owner"))}})
+        if res.modified_count:
+            counts["requeued"] += 1
+            log.warning("requeued a job whose lease lapsed",
+                        extra={"job_id": job["_id"], "kind": job.get("kind"),
+                               "previous_owner": lease.get("owner"), "event": "job.requeued"})
+            broker.publish_wakeup(job["_id"], settings=settings)
+
+    cutoff = now - timedelta(seconds=settings.reaper_republish_seconds)
+    stale = list(jobs.find({"state": store.QUEUED, "wake_at": {"$lte": cutoff}},
+                           {"_id": 1}).sort("wake_at", 1).limit(limit))
+    counts["stale"] = len(stale)
+    if stale:
+        # A deep queue is slow, not lost: the wake-ups still in the broker will each wake
+        # a worker, so only the surplus of stale jobs over them needs new messages. As the
+        # backlog drains, later passes cover the rest.
+        backlog = broker.broker_backlog(settings)
+        wanted = len(stale) if backlog is None else max(0, len(stale) - backlog)
+        ids = [doc["_id"] for doc in stale[:wanted]]
+        if ids:
+            jobs.update_many({"_id": {"$in": ids}, "state": store.QUEUED},
+                             {"$set": {"wake_at": now}})
+            for job_id in ids:
+                if broker.publish_wakeup(job_id, settings=settings):
+                    counts["republished"] += 1
+            log.info("re-published wake-ups of queued jobs nobody claimed",
+                     extra={"count": counts["republished"], "stale": len(stale),
+                            "broker_backlog": backlog, "event": "jobs.republished"})
+    return counts

@@ -1,0 +1,634 @@
+"""The job documents: enqueue, claim, heartbeat, complete, fail, release, operator actions.
+
+A job is one document in ``jobs`` (DESIGN.md, invariant 1)::
+
+    _id           str (an ObjectId's hex)
+    kind          "certificates.issue", ...       payload   dict given to the handler
+    state         queued | running | succeeded | dead | cancelled   (active: queued|running)
+    dedupe_key    unique among active jobs (partial unique index ``dedupe_key_active``)
+    project_id    owner, if any
+    attempts      claims so far (RetryLater and a shutdown release give theirs back)
+    max_attempts  per kind (None: CAP_JOB_MAX_ATTEMPTS)
+    run_after     not before this time (server clock)
+    wake_at       when a wake-up was last expected to arrive; the reaper re-publishes a
+                  queued job whose ``wake_at`` is older than CAP_REAPER_REPUBLISH_SECONDS
+    lease         {owner, token, expires_at, claimed_at} of the current/last holder
+    result, last_error, history (last 50 transitions), created_at, updated_at,
+    started_at, finished_at
+
+Every transition out of ``running`` is fenced: its filter names the holder's lease token
+and requires the lease to be unexpired on the server's clock, so a worker whose lease
+lapsed (killed, paused, partitioned) can never complete, fail or release a job a peer
+has re-claimed. Times are the server's (``app.jobs.clock``), compared with plain query
+operators.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import secrets
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import bson
+from bson import ObjectId
+from pymongo import DESCENDING, ReturnDocument
+from pymongo.client_session import ClientSession
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from app import db as dbm
+from app.config import Settings, load_settings
+from app.jobs import broker
+from app.jobs.clock import server_now
+from app.jobs.errors import InvalidJob, JobNotFound, JobStateConflict, LeaseLost
+from app.jobs.registry import get_handler, valid_kind
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+T = TypeVar("T")
+
+QUEUED, RUNNING, SUCCEEDED, DEAD, CANCELLED = (
+    "queued", "running", "succeeded", "dead", "cancelled")
+STATES = (QUEUED, RUNNING, SUCCEEDED, DEAD, CANCELLED)
+ACTIVE_STATES = (QUEUED, RUNNING)
+HISTORY_LIMIT = 50
+MAX_PAYLOAD_BYTES = 256 * 1024
+JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
+
+
+def _jobs(db: Database[Doc]) -> Collection[Doc]:
+    return dbm.primary(db)[dbm.JOBS]
+
+
+def _settings(settings: Settings | None) -> Settings:
+    return settings or load_settings()
+
+
+def _history(now: datetime, event: str, **fields: Any) -> dict[str, Any]:
+    return {"$each": [{"at": now, "event": event, **fields}], "$slice": -HISTORY_LIMIT}
+
+
+def valid_job_id(job_id: object) -> bool:
+    return isinstance(job_id, str) and bool(JOB_ID_RE.match(job_id))
+
+
+def _check_id(job_id: object) -> str:
+    if not valid_job_id(job_id):
+        raise JobNotFound(str(job_id)[:100])
+    return str(job_id)
+
+
+# ---------------------------------------------------------------------------- enqueue
+
+
+def _validate(kind: object, payload: object, dedupe_key: object, run_after: object,
+              project_id: object) -> None:
+    if not valid_kind(kind):
+        raise InvalidJob(f"job kind {kind!r} is invalid: expected dotted lowercase words, "
+                         "e.g. 'certificates.issue'")
+    if not isinstance(payload, dict):
+        raise InvalidJob(f"job payload must be a dict, not {type(payload).__name__}")
+    try:
+        size = len(bson.encode(payload))
+    except (bson.errors.InvalidDocument, TypeError, OverflowError) as exc:
+        raise InvalidJob(f"job payload cannot be stored: {exc}") from None
+    if size > MAX_PAYLOAD_BYTES:
+        raise InvalidJob(f"job payload is {size} bytes; the limit is {MAX_PAYLOAD_BYTES}")
+    if dedupe_key is not None and (not isinstance(dedupe_key, str) or not dedupe_key
+                                   or len(dedupe_key) > 512):
+        raise InvalidJob("dedupe_key must be a non-empty string of at most 512 characters")
+    if run_after is not None and (not isinstance(run_after, datetime)
+                                  or run_after.tzinfo is None):
+        raise InvalidJob("run_after must be a timezone-aware datetime")
+    if project_id is not None and not isinstance(project_id, str):
+        raise InvalidJob("project_id must be a string")
+
+
+def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
+            dedupe_key: str | None = None, run_after: datetime | None = None,
+            project_id: str | None = None, session: ClientSession | None = None,
+            publish: bool = True, settings: Settings | None = None) -> Doc:
+    """Insert a queued job (``w=majority``) and publish its wake-up; return the job.
+
+    With a ``dedupe_key`` already held by an active (queued or running) job, return that
+    job instead and publish nothing. With ``session`` the insert joins the caller's
+    transaction and nothing is published: call ``publish_wakeup(job["_id"])`` after the
+    commit (or leave it to the reaper). A failed publish leaves the job queued for the
+    reaper. A ``run_after`` in the future delays the job.
+    """
+    _validate(kind, payload, dedupe_key, run_after, project_id)
+    settings = _settings(settings)
+    now = server_now(db)
+    due = max(run_after, now) if run_after is not None else now
+    countdown = (due - now).total_seconds()
+    spec = get_handler(kind)
+    doc: Doc = {
+        "_id": str(ObjectId()),
+        "kind": kind,
+        "payload": payload,
+        "state": QUEUED,
+        "dedupe_key": dedupe_key,
+        "project_id": project_id,
+        "attempts": 0,
+        "max_attempts": spec.max_attempts if spec else None,
+        "run_after": due,
+        "wake_at": _wake_at(due, countdown, settings),
+        "created_at": now,
+        "updated_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "lease": None,
+        "result": None,
+        "last_error": None,
+        "history": [{"at": now, "event": "enqueued"}],
+    }
+    jobs = db[dbm.JOBS]
+    if session is not None:
+        if dedupe_key is not None:
+            existing = jobs.find_one({"dedupe_key": dedupe_key,
+                                      "state": {"$in": list(ACTIVE_STATES)}}, session=session)
+            if existing is not None:
+                return existing
+        jobs.insert_one(doc, session=session)
+        return doc
+
+    jobs = _jobs(db)
+    insert = doc
+    for _ in range(5):
+        try:
+            dbm.retry(lambda: jobs.insert_one(insert), what="enqueue job")
+        except DuplicateKeyError:
+            # Our own insert retried after a lost reply, or an active job with this key.
+            mine = jobs.find_one({"_id": doc["_id"]})
+            if mine is None:
+                existing = jobs.find_one({"dedupe_key": dedupe_key,
+                                          "state": {"$in": list(ACTIVE_STATES)}})
+                if existing is not None:
+                    return existing
+                continue  # the holder finished between our insert and our read: insert again
+            doc = mine
+        if publish:
+            _publish_or_leave(db, doc["_id"], due, countdown, settings)
+        return doc
+    raise JobStateConflict(str(dedupe_key), "contended", "could not enqueue: the dedupe "
+                           "key keeps changing hands; try again")
+
+
+def _wake_at(due: datetime, countdown: float, settings: Settings) -> datetime:
+    """When the reaper should consider the wake-up lost: ``threshold`` after ``due`` for
+    a published wake-up; for one we leave to the reaper, as soon as the job is due."""
+    if countdown > broker.MAX_COUNTDOWN_SECONDS:
+        return due - timedelta(seconds=settings.reaper_republish_seconds)
+    return due
+
+
+def _publish_or_leave(db: Database[Doc], job_id: str, due: datetime, countdown: float,
+                      settings: Settings) -> bool:
+    if countdown > broker.MAX_COUNTDOWN_SECONDS:
+        return False  # wake_at already tells the reaper to publish it when due
+    if broker.publish_wakeup(job_id, countdown if countdown > 0 else None,
+                             settings=settings):
+        return True
+    # Tell the reaper at once instead of after the usual threshold (best effort).
+    try:
+        _jobs(db).update_one({"_id": job_id, "state": QUEUED}, {"$set": {
+            "wake_at": due - timedelta(seconds=settings.reaper_republish_seconds)}})
+    except Exception as exc:  # noqa: BLE001 - the job is queued; the reaper finds it anyway
+        log.debug("could not mark the job for the reaper", extra={"error": str(exc)[:200]})
+    return False
+
+
+def publish_wakeup(job_id: str) -> bool:
+    """Publish the wake-up of a job (e.g. after the transaction that enqueued it with
+    ``session=`` committed). Never raises; False means the reaper will do it."""
+    return broker.publish_wakeup(str(job_id))
+
+
+# ------------------------------------------------------------------------------ claim
+
+
+def new_token() -> str:
+    return secrets.token_hex(16)
+
+
+def claim(db: Database[Doc], job_id: str, worker: str, *, lease_seconds: float | None = None,
+          settings: Settings | None = None) -> Doc | None:
+    """Claim a job for ``worker``: in one transaction, a queued job that is due (or a
+    running job whose lease lapsed) becomes running under a fresh lease token, with
+    ``lease.expires_at = now + lease``, one more attempt and a ``claimed`` history entry.
+
+    Returns the claimed job, or None when there is nothing to do: the job is running under
+    a live lease, finished, cancelled, unknown, or not due yet (its wake-up is then
+    re-published for when it is due). A lapsed job with no attempts left goes ``dead``.
+    """
+    if not valid_job_id(job_id):
+        return None
+    settings = _settings(settings)
+    lease = lease_seconds or settings.job_lease_seconds
+    jobs = _jobs(db)
+    outcome: dict[str, Any] = {}
+
+    def run(session: ClientSession) -> Doc | None:
+        outcome.clear()
+        now = server_now(db)
+        token = new_token()
+        new_lease = {"owner": worker, "token": token,
+                     "expires_at": now + timedelta(seconds=lease), "claimed_at": now}
+        before = jobs.find_one_and_update(
+            {"_id": job_id, "$or": [
+                {"state": QUEUED, "run_after": {"$lte": now}},
+                {"state": RUNNING, "lease.expires_at": {"$lt": now}}]},
+            {"$set": {"state": RUNNING, "lease": new_lease, "started_at": now,
+                      "updated_at": now},
+             "$inc": {"attempts": 1},
+             "$push": {"history": _history(now, "claimed", worker=worker)}},
+            session=session, return_document=ReturnDocument.BEFORE)
+        if before is None:
+            return None
+        attempts = int(before.get("attempts") or 0) + 1
+        if before.get("state") == RUNNING:
+            limit = int(before.get("max_attempts") or settings.job_max_attempts)
+            if attempts > limit:
+                _mark_lapsed_dead(jobs, before, now, session)
+                outcome["dead"] = True
+                return None
+        job = dict(before)
+        job.update(state=RUNNING, lease=new_lease, started_at=now, updated_at=now,
+                   attempts=attempts)
+        return job
+
+    job = dbm.transaction(db, run, what="claim job")
+    if job is None and not outcome.get("dead"):
+        _after_missed_claim(db, job_id, settings)
+    return job
+
+
+def _mark_lapsed_dead(jobs: Collection[Doc], before: Doc, now: datetime,
+                      session: ClientSession | None) -> None:
+    lease = before.get("lease") or {}
+    error = (f"attempt {before.get('attempts')} of {before.get('max_attempts') or 'max'}: "
+             f"the lease held by {lease.get('owner')} lapsed (the worker stopped or lost "
+             "the database) and no attempts are left")
+    jobs.update_one({"_id": before["_id"]}, {
+        "$set": {"state": DEAD, "finished_at": now, "updated_at": now, "last_error": error,
+                 "attempts": before.get("attempts")},
+        "$push": {"history": _history(now, "dead", error=error)}}, session=session)
+
+
+def _after_missed_claim(db: Database[Doc], job_id: str, settings: Settings) -> None:
+    """A wake-up that found nothing to claim: if the job is queued but not yet due (an
+    early countdown, a changed run_after), publish a wake-up for when it is due."""
+    job = _jobs(db).find_one({"_id": job_id}, {"state": 1, "run_after": 1})
+    if job is None or job.get("state") != QUEUED:
+        return
+    run_after = job.get("run_after")
+    if isinstance(run_after, datetime):
+        delay = (run_after - server_now(db)).total_seconds()
+        if delay > 0:
+            broker.publish_wakeup(job_id, delay, settings=settings)
+
+
+# ----------------------------------------------------------------- fenced transitions
+
+
+def _fence(job_id: str, token: str, now: datetime) -> Doc:
+    return {"_id": job_id, "state": RUNNING, "lease.token": token,
+            "lease.expires_at": {"$gt": now}}
+
+
+def heartbeat(db: Database[Doc], job_id: str, token: str, *,
+              lease_seconds: float | None = None,
+              settings: Settings | None = None) -> datetime | None:
+    """Renew the lease: ``expires_at = now + lease`` while ``token`` still holds it.
+    Returns the new expiry, or None when the lease is gone (lapsed or re-claimed)."""
+    lease = lease_seconds or _settings(settings).job_lease_seconds
+    now = server_now(db)
+    expires = now + timedelta(seconds=lease)
+    result = dbm.retry(lambda: _jobs(db).update_one(
+        _fence(job_id, token, now),
+        {"$set": {"lease.expires_at": expires, "lease.renewed_at": now}}),
+        what="renew job lease", attempts=2)
+    return expires if result.matched_count == 1 else None
+
+
+def _finished_by(db: Database[Doc], job_id: str, token: str, state: str) -> bool:
+    """After a refused transition: had this very token already made it (a retried write
+    whose first reply was lost)?"""
+    job = _jobs(db).find_one({"_id": job_id}, {"state": 1, "lease.token": 1})
+    return bool(job and job.get("state") == state
+                and (job.get("lease") or {}).get("token") == token)
+
+
+def _note_refused(db: Database[Doc], job_id: str, worker: str | None, event: str,
+                  now: datetime) -> None:
+    """Record, outside the fence, that a former holder's transition was refused."""
+    try:
+        _jobs(db).update_one({"_id": job_id}, {"$push": {"history": _history(
+            now, event, worker=worker)}})
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+
+
+def complete(db: Database[Doc], job_id: str, token: str,
+             result: dict[str, Any] | None = None, *, worker: str | None = None) -> bool:
+    """Mark the job succeeded with ``result``, only while ``token`` holds a live lease.
+    False: the lease is gone (a peer may be running the job); nothing was changed."""
+    now = server_now(db)
+    update = {"$set": {"state": SUCCEEDED, "result": result, "finished_at": now,
+                       "updated_at": now},
+              "$push": {"history": _history(now, "succeeded", worker=worker)}}
+    res = dbm.retry(lambda: _jobs(db).update_one(_fence(job_id, token, now), update),
+                    what="complete job")
+    if res.matched_count == 1 or _finished_by(db, job_id, token, SUCCEEDED):
+        return True
+    log.warning("job completion refused: this worker's lease is gone",
+                extra={"job_id": job_id, "event": "job.complete_refused", "worker": worker})
+    _note_refused(db, job_id, worker, "complete_refused", now)
+    return False
+
+
+def backoff_seconds(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: base·2^(attempt-1), capped, scaled by [0.5, 1)."""
+    raw = min(cap, base * (2 ** max(0, attempt - 1)))
+    return raw * random.uniform(0.5, 1.0)
+
+
+def fail(db: Database[Doc], job_id: str, token: str, error: str, *, attempts: int,
+         max_attempts: int | None = None, permanent: bool = False,
+         backoff_base_seconds: float = 5.0, backoff_max_seconds: float = 600.0,
+         worker: str | None = None, settings: Settings | None = None) -> str | None:
+    """Record a failed attempt while ``token`` holds the lease: back to ``queued`` after
+    an exponential, jittered backoff, or ``dead`` when ``permanent`` or when the attempts
+    are spent. Returns the new state, or None when the lease is gone (nothing changed)."""
+    settings = _settings(settings)
+    limit = max_attempts or settings.job_max_attempts
+    now = server_now(db)
+    error = error[:2000]
+    if permanent or attempts >= limit:
+        state, delay = DEAD, 0.0
+        fields: Doc = {"state": DEAD, "finished_at": now}
+    else:
+        state = QUEUED
+        delay = backoff_seconds(attempts, backoff_base_seconds, backoff_max_seconds)
+        due = now + timedelta(seconds=delay)
+        fields = {"state": QUEUED, "run_after": due, "wake_at": _wake_at(due, delay, settings),
+                  "lease": None}
+    fields.update(updated_at=now, last_error=error, max_attempts=limit)
+    update = {"$set": fields, "$push": {"history": _history(
+        now, "dead" if state == DEAD else "failed", worker=worker, error=error[:500],
+        **({"retry_in": round(delay, 3)} if state == QUEUED else {}))}}
+    res = dbm.retry(lambda: _jobs(db).update_one(_fence(job_id, token, now), update),
+                    what="record job failure")
+    if res.matched_count != 1:
+        if state == DEAD and _finished_by(db, job_id, token, DEAD):
+            return DEAD
+        log.warning("job failure not recorded: this worker's lease is gone",
+                    extra={"job_id": job_id, "event": "job.fail_refused", "worker": worker})
+        _note_refused(db, job_id, worker, "fail_refused", now)
+        return None
+    if state == QUEUED:
+        _publish_or_leave(db, job_id, now + timedelta(seconds=delay), delay, settings)
+    return state
+
+
+def retry_later(db: Database[Doc], job_id: str, token: str, delay_seconds: float,
+                reason: str, *, worker: str | None = None,
+                settings: Settings | None = None) -> bool:
+    """Requeue after ``delay_seconds`` without spending an attempt (RetryLater)."""
+    settings = _settings(settings)
+    now = server_now(db)
+    due = now + timedelta(seconds=delay_seconds)
+    update = {"$set": {"state": QUEUED, "run_after": due,
+                       "wake_at": _wake_at(due, delay_seconds, settings), "lease": None,
+                       "updated_at": now, "last_error": f"retry later: {reason}"[:2000]},
+              "$inc": {"attempts": -1},
+              "$push": {"history": _history(now, "retry_later", worker=worker,
+                                            reason=reason[:500],
+                                            retry_in=round(delay_seconds, 3))}}
+    res = dbm.retry(lambda: _jobs(db).update_one(_fence(job_id, token, now), update),
+                    what="reschedule job")
+    if res.matched_count != 1:
+        _note_refused(db, job_id, worker, "retry_later_refused", now)
+        return False
+    _publish_or_leave(db, job_id, due, delay_seconds, settings)
+    return True
+
+
+def release(db: Database[Doc], job_id: str, token: str, reason: str, *,
+            worker: str | None = None, settings: Settings | None = None) -> bool:
+    """Give a running job back (e.g. a worker shutting down): queued at once, the attempt
+    given back, a wake-up published so a peer claims it without waiting for the lease."""
+    settings = _settings(settings)
+    now = server_now(db)
+    update = {"$set": {"state": QUEUED, "run_after": now, "wake_at": now, "lease": None,
+                       "updated_at": now},
+              "$inc": {"attempts": -1},
+              "$push": {"history": _history(now, "released", worker=worker,
+                                            reason=reason[:500])}}
+    # No expiry in the filter: releasing a lapsed lease that nobody re-claimed is fine.
+    res = dbm.retry(lambda: _jobs(db).update_one(
+        {"_id": job_id, "state": RUNNING, "lease.token": token}, update),
+        what="release job", attempts=3)
+    if res.matched_count != 1:
+        return False
+    broker.publish_wakeup(job_id, settings=settings)
+    return True
+
+
+class AlreadyCommitted(Exception):  # noqa: N818 - internal control flow
+    def __init__(self, result: Any) -> None:
+        super().__init__("already committed")
+        self.result = result
+
+
+def fenced_transaction(db: Database[Doc], job_id: str, token: str,
+                       fn: Callable[[ClientSession], T], *, complete: bool = False,
+                       worker: str | None = None) -> T:
+    """Run ``fn(session)`` in a transaction that commits only while ``token`` holds a
+    live lease on the job; with ``complete=True`` the same transaction marks the job
+    succeeded with ``fn``'s return value (a dict or None) as its result, so the effect
+    and the completion commit together or not at all.
+
+    The fence is a write to the job document inside the transaction, so a concurrent
+    re-claim conflicts with it: one of the two aborts. Raises LeaseLost when the lease
+    is gone (nothing of ``fn`` commits). If a retry follows a commit whose reply was lost,
+    ``fn`` does not run twice: each call stamps the job with its own id.
+    """
+    call_id = uuid.uuid4().hex
+    jobs = _jobs(db)
+
+    def run(session: ClientSession) -> T:
+        now = server_now(db)
+        fence = {**_fence(job_id, token, now), "lease.txn": {"$ne": call_id}}
+        if not complete:
+            res = jobs.update_one(fence, {"$set": {"lease.txn": call_id}}, session=session)
+            if res.matched_count != 1:
+                _diagnose(session)
+            return fn(session)
+        value = fn(session)
+        if value is not None and not isinstance(value, dict):
+            raise TypeError("a completing transaction's function must return a dict or None "
+                            f"(the job's result), not {type(value).__name__}")
+        res = jobs.update_one(fence, {
+            "$set": {"lease.txn": call_id, "state": SUCCEEDED, "result": value,
+                     "finished_at": now, "updated_at": now},
+            "$push": {"history": _history(now, "succeeded", worker=worker)}},
+            session=session)
+        if res.matched_count != 1:
+            _diagnose(session)
+        return value
+
+    def _diagnose(session: ClientSession) -> None:
+        job = jobs.find_one({"_id": job_id}, {"state": 1, "lease": 1, "result": 1},
+                            session=session) or {}
+        lease = job.get("lease") or {}
+        if lease.get("token") == token and lease.get("txn") == call_id:
+            raise AlreadyCommitted(job.get("result") if complete else None)
+        raise LeaseLost(job_id, "the lease is gone: a peer re-claimed the job or it lapsed; "
+                                "the transaction was not committed")
+
+    try:
+        return dbm.transaction(db, run, what="fenced job transaction")
+    except AlreadyCommitted as done:
+        return done.result
+
+
+# ------------------------------------------------------------------ operator actions
+
+
+def get_job(db: Database[Doc], job_id: str) -> Doc:
+    job = _jobs(db).find_one({"_id": _check_id(job_id)})
+    if job is None:
+        raise JobNotFound(job_id)
+    return job
+
+
+def list_jobs(db: Database[Doc], *, state: str | None = None, kind: str | None = None,
+              project_id: str | None = None, limit: int = 50) -> list[Doc]:
+    """Newest first."""
+    query: Doc = {}
+    if state is not None:
+        if state not in STATES:
+            raise InvalidJob(f"state must be one of {', '.join(STATES)}")
+        query["state"] = state
+    if kind is not None:
+        query["kind"] = kind
+    if project_id is not None:
+        query["project_id"] = project_id
+    limit = max(1, min(int(limit), 1000))
+    return list(_jobs(db).find(query, {"history": 0}).sort("_id", DESCENDING).limit(limit))
+
+
+def retry_dead(db: Database[Doc], job_id: str, *, actor: Any,
+               settings: Settings | None = None) -> Doc:
+    """Operator action: put a dead job back in the queue with a fresh attempt budget
+    (audited). Refused for any other state, or when another active job holds its
+    dedupe key."""
+    from app import audit
+
+    job_id = _check_id(job_id)
+    settings = _settings(settings)
+    now = server_now(db)
+    jobs = db[dbm.JOBS]
+
+    def run(session: ClientSession) -> Doc:
+        job = jobs.find_one({"_id": job_id}, session=session)
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.get("state") != DEAD:
+            raise JobStateConflict(job_id, str(job.get("state")),
+                                   "only a dead job can be retried")
+        try:
+            updated = jobs.find_one_and_update(
+                {"_id": job_id, "state": DEAD},
+                {"$set": {"state": QUEUED, "attempts": 0, "run_after": now, "wake_at": now,
+                          "lease": None, "finished_at": None, "updated_at": now},
+                 "$push": {"history": _history(now, "retried", actor=actor.id)}},
+                session=session, return_document=ReturnDocument.AFTER)
+        except DuplicateKeyError:
+            raise JobStateConflict(job_id, DEAD, "another active job holds its dedupe key "
+                                   f"{job.get('dedupe_key')!r}") from None
+        audit.record(db, session, actor=actor, action="job.retry", target=f"job:{job_id}",
+                     project_id=job.get("project_id"),
+                     details={"kind": job.get("kind"), "attempts": job.get("attempts"),
+                              "last_error": str(job.get("last_error") or "")[:300]})
+        assert updated is not None
+        return updated
+
+    updated = dbm.transaction(db, run, what="retry dead job")
+    broker.publish_wakeup(job_id, settings=settings)
+    return updated
+
+
+def cancel(db: Database[Doc], job_id: str, *, actor: Any, reason: str = "") -> Doc:
+    """Operator action: cancel a queued job (audited). A running job cannot be cancelled
+    here: its handler holds the lease."""
+    from app import audit
+
+    job_id = _check_id(job_id)
+    now = server_now(db)
+    jobs = db[dbm.JOBS]
+
+    def run(session: ClientSession) -> Doc:
+        job = jobs.find_one_and_update(
+            {"_id": job_id, "state": QUEUED},
+            {"$set": {"state": CANCELLED, "finished_at": now, "updated_at": now},
+             "$push": {"history": _history(now, "cancelled", actor=actor.id,
+                                           reason=reason[:500])}},
+            session=session, return_document=ReturnDocument.AFTER)
+        if job is None:
+            current = jobs.find_one({"_id": job_id}, {"state": 1}, session=session)
+            if current is None:
+                raise JobNotFound(job_id)
+            raise JobStateConflict(job_id, str(current.get("state")),
+                                   "only a queued job can be cancelled")
+        audit.record(db, session, actor=actor, action="job.cancel", target=f"job:{job_id}",
+                     project_id=job.get("project_id"),
+                     details={"kind": job.get("kind"), "reason": reason[:300]})
+        return job
+
+    return dbm.transaction(db, run, what="cancel job")
+
+
+# ------------------------------------------------------------------------ queue depth
+
+
+def queue_depth(db: Database[Doc]) -> dict[str, Any]:
+    """Queued jobs by kind (delayed ones included), how many of them are due, and the
+    age of the oldest due one (seconds since it became due; 0 when none waits)."""
+    jobs = _jobs(db)
+    now = server_now(db)
+    by_kind: dict[str, int] = {}
+    due_by_kind: dict[str, int] = {}
+    oldest_by_kind: dict[str, float] = {}
+    is_due = {"$lte": ["$run_after", now]}
+    pipeline: list[Doc] = [
+        {"$match": {"state": QUEUED}},
+        {"$group": {"_id": "$kind", "n": {"$sum": 1},
+                    "due": {"$sum": {"$cond": [is_due, 1, 0]}},
+                    "oldest": {"$min": {"$cond": [is_due, "$run_after", None]}}}},
+    ]
+    for row in jobs.aggregate(pipeline):
+        kind = str(row["_id"])
+        by_kind[kind] = int(row["n"])
+        due_by_kind[kind] = int(row["due"])
+        oldest = row.get("oldest")
+        if isinstance(oldest, datetime):
+            oldest_by_kind[kind] = max(0.0, (now - oldest).total_seconds())
+    oldest_doc = jobs.find_one({"state": QUEUED, "run_after": {"$lte": now}},
+                               {"run_after": 1}, sort=[("run_after", 1)])
+    oldest_age = 0.0
+    if oldest_doc is not None and isinstance(oldest_doc.get("run_after"), datetime):
+        oldest_age = max(0.0, (now - oldest_doc["run_after"]).total_seconds())
+    running = jobs.count_documents({"state": RUNNING})
+    return {"queued": sum(by_kind.values()), "due": sum(due_by_kind.values()),
+            "by_kind": by_kind, "due_by_kind": due_by_kind,
+            "oldest_queued_age_seconds": oldest_age,
+            "oldest_queued_age_seconds_by_kind": oldest_by_kind, "running": running}

@@ -1,0 +1,127 @@
+"""Worker lifecycle: handler modules, heartbeats, and graceful shutdown.
+
+- At start (``worker_init``): logging, then every handler module is imported
+  (``HANDLER_MODULES`` + ``CAP_EXTRA_HANDLER_MODULES``); a module that fails to import
+  stops the worker with its name.
+- Ready (``worker_ready``): a heartbeat thread keeps this worker's document in
+  ``workers`` (host, pid, version, running jobs, last seen) and runs the reaper now and
+  then.
+- SIGTERM: Celery stops consuming (warm shutdown); every process that runs jobs (the
+  pool's children, or the main process for the solo/threads pools) starts draining:
+  running jobs get CAP_JOB_GRACE_SECONDS to finish, then their leases are released so a
+  peer re-claims them at once. Wake-ups this worker had prefetched but not started are
+  re-published, since kombu's MongoDB transport already deleted them from the broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+from celery import signals
+
+from app.config import configure_logging, load_or_exit
+from app.jobs import broker, runner
+from app.jobs.registry import load_handlers
+from app.jobs.workers import WorkerHeartbeat
+
+log = logging.getLogger("certautopilot.worker")
+
+_heartbeat: WorkerHeartbeat | None = None
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: Any) -> None:
+    configure_logging(load_or_exit())
+
+
+@signals.worker_init.connect
+def _worker_init(**_: Any) -> None:
+    settings = load_or_exit()
+    kinds = load_handlers(settings.extra_handler_modules)
+    log.info("job handlers loaded", extra={"kinds": kinds})
+
+
+def _drain_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    runner.begin_drain(load_or_exit().job_grace_seconds)
+
+
+@signals.worker_process_init.connect
+def _pool_process_init(**_: Any) -> None:
+    # Prefork children reset SIGTERM to its default (die at once); a child that runs a
+    # job must drain instead. The parent forwards SIGTERM to its children on shutdown.
+    signal.signal(signal.SIGTERM, _drain_on_sigterm)
+    load_handlers(load_or_exit().extra_handler_modules)
+
+
+def _running_job_ids() -> list[str]:
+    from celery.worker import state
+
+    ids = list(runner.running_jobs())
+    for _ in range(3):
+        try:
+            ids.extend(str(req.args[0]) for req in list(state.active_requests)
+                       if req.name == broker.RUN_JOB_TASK and req.args)
+            break
+        except RuntimeError:  # the set changed while we copied it
+            continue
+    return sorted(set(ids))
+
+
+@signals.worker_ready.connect
+def _worker_ready(sender: Any = None, **_: Any) -> None:
+    global _heartbeat
+    from app import db as dbm
+
+    settings = load_or_exit()
+    controller = getattr(sender, "controller", None)
+    pool = getattr(getattr(controller, "pool", None), "__class__", type(None)).__module__
+    _heartbeat = WorkerHeartbeat(
+        lambda: dbm.get_db(settings), settings,
+        node=str(getattr(sender, "hostname", None) or runner.worker_identity()),
+        pool=pool.rsplit(".", 1)[-1], concurrency=int(getattr(controller, "concurrency", 0)
+                                                      or 0),
+        running=_running_job_ids).start()
+
+
+def _republish_reserved() -> None:
+    from celery.worker import state
+
+    active = {req.id for req in list(state.active_requests)}
+    for req in list(state.reserved_requests):
+        if req.id in active or req.name != broker.RUN_JOB_TASK or not req.args:
+            continue
+        broker.publish_wakeup(str(req.args[0]))
+
+
+@signals.worker_shutting_down.connect
+def _worker_shutting_down(**_: Any) -> None:
+    settings = load_or_exit()
+    if _heartbeat is not None:
+        threading.Thread(target=_heartbeat.draining, daemon=True).start()
+    # Jobs run in this process (solo/threads pools) drain here ...
+    runner.begin_drain(settings.job_grace_seconds)
+    # ... and the prefork pool's children drain on the SIGTERM forwarded to them.
+    try:
+        from billiard.process import active_children
+
+        for child in active_children():
+            if child.pid and child.pid != os.getpid():
+                try:
+                    os.kill(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+    except Exception as exc:  # noqa: BLE001 - children then finish without a deadline
+        log.warning("could not forward SIGTERM to pool processes",
+                    extra={"error": str(exc)[:200]})
+    threading.Thread(target=_republish_reserved, name="republish-reserved").start()
+
+
+@signals.worker_shutdown.connect
+def _worker_shutdown(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
