@@ -21,6 +21,8 @@ class TimedWork:
 
 
 TIMED_WORK: list[TimedWork] = [
+    # Enqueue an issuance for every certificate whose next_renewal_at has come.
+    TimedWork("certificates.renewal_scan", 60, "certificates.renewal_scan"),
     # Re-claim jobs whose lease lapsed, re-publish queued jobs whose message was lost.
     TimedWork("jobs.reap", 15, "jobs.reap"),
 ]

@@ -292,10 +292,14 @@ class AcmeClient:
                 raise
             except acme_errors.ClientError as exc:
                 response = self.net.last_response
-                status = response.status_code if response is not None else None
+                if response is not None and not response.ok:
+                    # An HTTP error without a problem document (e.g. a plain 404).
+                    raise AcmeProblem("about:blank", response.reason or "HTTP error",
+                                      http_status=response.status_code, url=response.url,
+                                      retry_after=self._retry_after()) from None
                 raise AcmeProtocolError(
-                    f"unexpected answer from the CA (HTTP {status}): "
-                    f"{exc.__class__.__name__}", retry_after=self._retry_after()) from None
+                    f"unexpected answer from the CA: {exc.__class__.__name__}",
+                    retry_after=self._retry_after()) from None
             except requests.RequestException as exc:
                 raise AcmeNetworkError(
                     f"no answer from {self.net.ca_label}: {exc.__class__.__name__}",

@@ -68,7 +68,8 @@ class Fence(Protocol):
 
     def check_lease(self) -> None: ...
 
-    def transaction(self, fn: Callable[[ClientSession], T]) -> T: ...
+    def transaction(self, fn: Callable[[ClientSession], T], *,
+                    complete: bool = False) -> T: ...
 
 
 class LocalFence:
@@ -89,7 +90,8 @@ class LocalFence:
     def check_lease(self) -> None:
         return None
 
-    def transaction(self, fn: Callable[[ClientSession], T]) -> T:
+    def transaction(self, fn: Callable[[ClientSession], T], *,
+                    complete: bool = False) -> T:
         return dbm.transaction(self.db, fn, what="issuance step")
 
 
@@ -171,6 +173,9 @@ class IssuanceRun:
                     return not_due
             order = self._create_order(cert, account, client)
             return self._drive(order, cert, account, client, self._new_order(order, client))
+        except accounts.AccountNotRegistrable as exc:
+            raise self._record_failure(cert, order, AcmeProblem(
+                "urn:certautopilot:error:accountNotRegistered", exc.message)) from None
         except AcmeProblem as problem:
             decision = classify(problem)
             if decision is Decision.ACCOUNT_MISSING:
@@ -208,7 +213,10 @@ class IssuanceRun:
             return None
         next_at = min(decision.renew_at, decision.next_check_at)
 
-        def save(session: ClientSession) -> None:
+        result = {"outcome": "not_due", "certificate_id": cert["_id"],
+                  "next_renewal_at": next_at.isoformat()}
+
+        def save(session: ClientSession) -> Doc:
             self.db[dbm.CERTIFICATES].update_one(
                 {"_id": cert["_id"]},
                 {"$set": {"ari": decision.as_doc(now), "next_renewal_at": next_at,
@@ -219,10 +227,9 @@ class IssuanceRun:
                          details={"source": "ari", "next_renewal_at": next_at,
                                   "window_start": decision.window.start,
                                   "window_end": decision.window.end})
+            return result
 
-        self.fence.transaction(save)
-        return {"outcome": "not_due", "certificate_id": cert["_id"],
-                "next_renewal_at": next_at.isoformat()}
+        return self.fence.transaction(save, complete=True)
 
     # ------------------------------------------------------------ order creation
     def _create_order(self, cert: Doc, account: Doc, client: AcmeClient) -> Doc:
@@ -504,7 +511,7 @@ class IssuanceRun:
         if current.get("status") == certificates.STATUS_REVOKED:
             updates["revoked_at"] = None
 
-        def save(session: ClientSession) -> bool:
+        def save(session: ClientSession) -> Doc:
             result = self.db[dbm.CERTIFICATES].update_one(
                 {"_id": cert["_id"], "deleted_at": None},
                 {"$set": updates, "$inc": {"version": 1, "issue_count": 1}},
@@ -521,15 +528,16 @@ class IssuanceRun:
                                       "not_after": issued["not_after"],
                                       "names": order["names"], "key_id": order["key_id"],
                                       "fingerprint_sha256": issued["fingerprint_sha256"]})
-            return bool(result.matched_count)
+            outcome = self._result(order, current)
+            if not result.matched_count:
+                outcome["outcome"] = "skipped"
+                outcome["why"] = "certificate deleted while issuing"
+            return outcome
 
-        stored = self.fence.transaction(save)
+        # The certificate, the order's completion and the job's completion commit together.
+        outcome = self.fence.transaction(save, complete=True)
         self._cleanup(order)
-        result = self._result(order, current)
-        if not stored:
-            result["outcome"] = "skipped"
-            result["why"] = "certificate deleted while issuing"
-        return result
+        return outcome
 
     def _renewal_schedule(self, cert: Doc, issued: Doc, client: AcmeClient,
                           now: datetime) -> Doc:

@@ -466,7 +466,7 @@ def renewal_scan(db: Database[Doc], actor: audit.Actor, *, batch_size: int = SCA
     (dedupe key per certificate), in batches; each batch moves its certificates'
     ``next_renewal_at`` forward by ``SCAN_GUARD`` in the same transaction. Touches only
     due documents (the query is on the ``next_renewal_at`` index)."""
-    from app.jobs import enqueue, publish_wakeup
+    from app.jobs import ACTIVE_STATES, enqueue, publish_wakeup
 
     enqueued = 0
     batches = 0
@@ -483,12 +483,16 @@ def renewal_scan(db: Database[Doc], actor: audit.Actor, *, batch_size: int = SCA
                           ) -> list[str]:
             job_ids = []
             ids = []
+            keys = [dedupe_key(cert["_id"]) for cert in due]
+            active = {job["dedupe_key"] for job in db[dbm.JOBS].find(
+                {"dedupe_key": {"$in": keys}, "state": {"$in": list(ACTIVE_STATES)}},
+                {"dedupe_key": 1}, session=session)}
             for cert in due:
                 moved = db[dbm.CERTIFICATES].update_one(
                     {"_id": cert["_id"], "next_renewal_at": {"$lte": now}},
                     {"$set": {"next_renewal_at": guard_until}}, session=session)
-                if not moved.modified_count:
-                    continue
+                if not moved.modified_count or dedupe_key(cert["_id"]) in active:
+                    continue  # an issuance of it is already queued or running
                 reason = "initial" if cert.get("status") in (STATUS_PENDING, STATUS_FAILED) \
                     else "renewal"
                 job = enqueue(db, ISSUE_JOB_KIND,

@@ -179,7 +179,8 @@ def transition(db: Database[Doc], order: Doc, target: str, *,
         changes.setdefault("completed_at", now)
     query: Doc = {"_id": order["_id"], "state": {"$in": allowed}, **(extra_query or {})}
     update: Doc = {"$set": changes}
-    if order.get("state") != target:
+    if not (order.get("state") == target and target in TRANSITIONS[target]):
+        # (a self-loop, e.g. finalizing re-fenced, adds no history entry)
         update["$push"] = {"history": {"$each": [{"state": target, "at": now}],
                                        "$slice": -50}}
 

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 HANDLER_MODULES: list[str] = [
     "app.jobs.handlers",
+    "app.acme.handlers",  # certificates.issue, certificates.renewal_scan
 ]
 
 Handler = Callable[["JobContext"], "dict[str, Any] | None"]

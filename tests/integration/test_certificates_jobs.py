@@ -1,0 +1,146 @@
+"""Certificates through durable jobs: request_issuance, the renewal scan, and the
+certificates.issue handler run by the job runner (in-process here; e2e tests use real
+worker processes)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from app import db as dbm
+from app.audit import system_actor
+from app.domain import certificates
+from app.jobs.runner import run_job
+from tests.integration.test_acme_helpers import (
+    ACTOR,
+    acme_settings,
+    make_account,
+    make_project,
+    responder,
+)
+
+
+@pytest.fixture
+def env(migrated_db, settings, pebble, monkeypatch):
+    s = acme_settings(settings, pebble)
+    monkeypatch.setenv("CAP_ACME_DIRECTORY_URL", pebble.directory_url)
+    monkeypatch.setenv("CAP_ACME_CA_BUNDLE", str(pebble.ca_cert))
+    project_id = make_project(migrated_db)
+    make_account(migrated_db, project_id, s)
+    import app.acme.handlers  # noqa: F401 - registers the job kinds
+
+    with responder(s, pebble.http_port):
+        yield migrated_db, s, project_id
+
+
+def _run(db, s, job_id):
+    return run_job(job_id, db=db, settings=s, worker="test-worker")
+
+
+def test_request_issuance_enqueues_one_job_and_the_handler_issues(env):
+    db, s, project_id = env
+    cert = certificates.create_certificate(db, project_id, {"names": ["job.jobs.test"]},
+                                           ACTOR, settings=s)
+    job = certificates.request_issuance(db, cert["_id"], ACTOR, "initial")
+    again = certificates.request_issuance(db, cert["_id"], ACTOR, "manual")
+    assert again["_id"] == job["_id"]  # dedupe key per certificate
+    assert job["dedupe_key"] == f"certificate:{cert['_id']}:issue"
+
+    assert _run(db, s, job["_id"]) == "succeeded"
+    done = db[dbm.JOBS].find_one({"_id": job["_id"]})
+    stored = certificates.get_certificate(db, cert["_id"])
+    assert stored["status"] == "issued"
+    assert done["result"]["outcome"] == "issued"
+    assert done["result"]["order_id"] == stored["order_id"]
+    # a new request after completion is a new job
+    assert certificates.request_issuance(db, cert["_id"], ACTOR)["_id"] != job["_id"]
+
+
+def test_renewal_scan_enqueues_only_due_certificates_in_batches(env):
+    db, s, project_id = env
+    certs = [certificates.create_certificate(db, project_id, {"names": [f"c{i}.scan.test"]},
+                                             ACTOR, settings=s) for i in range(5)]
+    now = dbm.server_now(db)
+    due, later = certs[:3], certs[3:]
+    for i, cert in enumerate(due):
+        db[dbm.CERTIFICATES].update_one({"_id": cert["_id"]}, {"$set": {
+            "next_renewal_at": now - timedelta(minutes=i + 1)}})
+    for cert in later:
+        db[dbm.CERTIFICATES].update_one({"_id": cert["_id"]}, {"$set": {
+            "next_renewal_at": now + timedelta(days=30)}})
+    before = {c["_id"]: c for c in db[dbm.CERTIFICATES].find()}
+
+    result = certificates.renewal_scan(db, system_actor("scheduler"), batch_size=2)
+    assert result == {"enqueued": 3, "batches": 2}
+    jobs = list(db[dbm.JOBS].find({"kind": "certificates.issue"}))
+    assert sorted(j["payload"]["certificate_id"] for j in jobs) == sorted(c["_id"] for c in due)
+    assert all(j["payload"]["reason"] == "initial" for j in jobs)
+    after = {c["_id"]: c for c in db[dbm.CERTIFICATES].find()}
+    for cert in due:
+        moved = after[cert["_id"]]["next_renewal_at"] - now
+        assert timedelta(minutes=59) < moved <= timedelta(hours=1, seconds=5)
+    for cert in later:  # not due: not touched at all
+        assert after[cert["_id"]] == before[cert["_id"]]
+
+    # due again while their jobs are still queued: no second job
+    db[dbm.CERTIFICATES].update_many({"_id": {"$in": [c["_id"] for c in due]}},
+                                     {"$set": {"next_renewal_at": now}})
+    assert certificates.renewal_scan(db, system_actor("scheduler"))["enqueued"] == 0
+    assert db[dbm.JOBS].count_documents({"kind": "certificates.issue"}) == 3
+    audit = db[dbm.AUDIT].find_one({"action": "certificate.renewal_enqueue"})
+    assert audit and audit["details"]["certificate_ids"]
+
+
+def test_scan_job_then_renewal_job_renews(env):
+    from app.jobs import enqueue
+
+    db, s, project_id = env
+    cert = certificates.create_certificate(db, project_id, {"names": ["renew.scan.test"]},
+                                           ACTOR, settings=s)
+    first_job = certificates.request_issuance(db, cert["_id"], ACTOR, "initial")
+    assert _run(db, s, first_job["_id"]) == "succeeded"
+    issued = certificates.get_certificate(db, cert["_id"])
+    assert issued["next_renewal_at"] > dbm.server_now(db) + timedelta(days=365)
+
+    db[dbm.CERTIFICATES].update_one({"_id": cert["_id"]}, {"$set": {
+        "next_renewal_at": dbm.server_now(db) - timedelta(seconds=1)}})
+    scan = enqueue(db, "certificates.renewal_scan", {}, publish=False)
+    assert _run(db, s, scan["_id"]) == "succeeded"
+    assert db[dbm.JOBS].find_one({"_id": scan["_id"]})["result"]["enqueued"] == 1
+    renewal = db[dbm.JOBS].find_one({"kind": "certificates.issue", "state": "queued"})
+    assert renewal["payload"] == {"certificate_id": cert["_id"], "reason": "renewal"}
+    assert _run(db, s, renewal["_id"]) == "succeeded"
+    renewed = certificates.get_certificate(db, cert["_id"])
+    assert renewed["serial"] != issued["serial"] and renewed["issue_count"] == 2
+    assert renewed["next_renewal_at"] > dbm.server_now(db) + timedelta(days=365)
+
+
+def test_validation_failure_fails_the_job_and_backs_off_the_certificate(env, pebble):
+    from tests.integration.test_acme_helpers import challtest
+
+    db, s, project_id = env
+    bad = "nope.jobs.test"
+    challtest(pebble, "set-servfail", {"host": bad})
+    try:
+        cert = certificates.create_certificate(db, project_id, {"names": [bad]}, ACTOR,
+                                               settings=s)
+        job = certificates.request_issuance(db, cert["_id"], ACTOR, "initial")
+        assert _run(db, s, job["_id"]) == "dead"
+        done = db[dbm.JOBS].find_one({"_id": job["_id"]})
+        stored = certificates.get_certificate(db, cert["_id"])
+        assert stored["failure"]["last_error"]["type"] in done["last_error"]
+        assert stored["next_renewal_at"] > dbm.server_now(db) + timedelta(minutes=59)
+    finally:
+        challtest(pebble, "clear-servfail", {"host": bad})
+
+
+def test_deleted_certificate_job_is_skipped(env):
+    db, s, project_id = env
+    cert = certificates.create_certificate(db, project_id, {"names": ["gone.jobs.test"]},
+                                           ACTOR, settings=s)
+    job = certificates.request_issuance(db, cert["_id"], ACTOR, "initial")
+    certificates.delete_certificate(db, cert["_id"], ACTOR)
+    assert _run(db, s, job["_id"]) == "succeeded"
+    assert db[dbm.JOBS].find_one({"_id": job["_id"]})["result"]["outcome"] == "skipped"
+    assert db[dbm.ORDERS].count_documents({"certificate_id": cert["_id"]}) == 0
