@@ -25,4 +25,6 @@ TIMED_WORK: list[TimedWork] = [
     TimedWork("certificates.renewal_scan", 60, "certificates.renewal_scan"),
     # Re-claim jobs whose lease lapsed, re-publish queued jobs whose message was lost.
     TimedWork("jobs.reap", 15, "jobs.reap"),
+    # Re-wrap the next batches of DEKs of a running KEK rotation (idle otherwise).
+    TimedWork("kek.rotation_step", 10, "kek.rotation_step"),
 ]

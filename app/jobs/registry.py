@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 HANDLER_MODULES: list[str] = [
     "app.jobs.handlers",
     "app.acme.handlers",  # certificates.issue, certificates.renewal_scan
+    "app.keys.handlers",  # kek.rotation_step
 ]
 
 Handler = Callable[["JobContext"], "dict[str, Any] | None"]
