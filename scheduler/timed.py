@@ -27,4 +27,6 @@ TIMED_WORK: list[TimedWork] = [
     TimedWork("jobs.reap", 15, "jobs.reap"),
     # Re-wrap the next batches of DEKs of a running KEK rotation (idle otherwise).
     TimedWork("kek.rotation_step", 10, "kek.rotation_step"),
+    # Forward new audit entries to the CAP_AUDIT_SINKS (SIEM): at least once, in order.
+    TimedWork("audit.forward", 10, "audit.forward"),
 ]

@@ -33,6 +33,7 @@ HANDLER_MODULES: list[str] = [
     "app.jobs.handlers",
     "app.acme.handlers",  # certificates.issue, certificates.renewal_scan
     "app.keys.handlers",  # kek.rotation_step
+    "app.audit.jobs",  # audit.forward
 ]
 
 Handler = Callable[["JobContext"], "dict[str, Any] | None"]
