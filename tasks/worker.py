@@ -46,16 +46,33 @@ def _worker_init(**_: Any) -> None:
     log.info("job handlers loaded", extra={"kinds": kinds})
 
 
+_in_pool_child = False
+
+
 def _drain_on_sigterm(signum: int, frame: FrameType | None) -> None:
     runner.begin_drain(load_or_exit().job_grace_seconds)
 
 
 @signals.worker_process_init.connect
 def _pool_process_init(**_: Any) -> None:
-    # Prefork children reset SIGTERM to its default (die at once); a child that runs a
-    # job must drain instead. The parent forwards SIGTERM to its children on shutdown.
-    signal.signal(signal.SIGTERM, _drain_on_sigterm)
+    global _in_pool_child
+    _in_pool_child = True
     load_handlers(load_or_exit().extra_handler_modules)
+
+
+def install_drain_handler() -> None:
+    """In a prefork child, make SIGTERM drain instead of exit.
+
+    billiard installs its own SIGTERM handler in each child *after* the
+    ``worker_process_init`` hooks ran (it raises SystemExit wherever the child is, which
+    would abandon a running job without releasing its lease), so the task installs ours
+    when it starts. The parent forwards SIGTERM to its children at shutdown; a child
+    that never ran a job keeps billiard's handler and simply exits. The solo and threads
+    pools run jobs in the main process, where Celery's own handler starts the warm
+    shutdown and ``worker_shutting_down`` drains."""
+    if _in_pool_child and signal.getsignal(signal.SIGTERM) is not _drain_on_sigterm \
+            and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _drain_on_sigterm)
 
 
 def _running_job_ids() -> list[str]:

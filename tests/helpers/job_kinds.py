@@ -1,0 +1,93 @@
+"""Job kinds for tests only. A worker loads them when started with
+``CAP_EXTRA_HANDLER_MODULES=tests.helpers.job_kinds``.
+
+- ``test.noop``: returns ``{"ok": True}``.
+- ``test.ledger``: writes one ``ledger`` row in the same fenced transaction that
+  completes the job (no unique index: a duplicate run would show as a second row).
+- ``test.sleep``: records that it started (``job_markers``), sleeps ``seconds`` in small
+  steps checking its lease, then writes its ledger row like ``test.ledger``.
+- ``test.raise``: always raises; fast backoff, 3 attempts.
+- ``test.retry_later``: asks to be retried ``times`` times, then succeeds.
+- ``test.permanent``: raises PermanentFailure.
+- ``test.validated``: needs ``payload["name"]`` to be a string.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+from pymongo.client_session import ClientSession
+
+from app.jobs import JobContext, PermanentFailure, RetryLater, register_handler
+
+LEDGER = "ledger"
+MARKERS = "job_markers"
+
+
+def _ledger_row(ctx: JobContext) -> dict[str, Any]:
+    return {"job_id": ctx.job_id, "n": ctx.payload.get("n"), "attempt": ctx.attempt,
+            "worker": ctx.worker}
+
+
+@register_handler("test.noop")
+def noop(ctx: JobContext) -> dict[str, Any]:
+    return {"ok": True}
+
+
+@register_handler("test.ledger")
+def ledger(ctx: JobContext) -> dict[str, Any] | None:
+    def write(session: ClientSession) -> dict[str, Any]:
+        ctx.db[LEDGER].insert_one(_ledger_row(ctx), session=session)
+        return {"written": True}
+
+    return ctx.transaction(write, complete=True)
+
+
+@register_handler("test.sleep")
+def sleep(ctx: JobContext) -> dict[str, Any] | None:
+    ctx.db[MARKERS].insert_one({"job_id": ctx.job_id, "pid": os.getpid(),
+                                "host": socket.gethostname(), "attempt": ctx.attempt,
+                                "token": ctx.lease_token, "worker": ctx.worker})
+    deadline = time.monotonic() + float(ctx.payload.get("seconds", 1.0))
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        ctx.check_lease()
+
+    def write(session: ClientSession) -> dict[str, Any]:
+        ctx.db[LEDGER].insert_one(_ledger_row(ctx), session=session)
+        return {"slept": ctx.payload.get("seconds")}
+
+    return ctx.transaction(write, complete=True)
+
+
+@register_handler("test.raise", max_attempts=3, backoff_base_seconds=0.2,
+                  backoff_max_seconds=1.0)
+def always_raise(ctx: JobContext) -> None:
+    raise RuntimeError(f"boom on attempt {ctx.attempt}")
+
+
+@register_handler("test.retry_later", max_attempts=1)
+def retry_later(ctx: JobContext) -> dict[str, Any]:
+    done = ctx.db[MARKERS].count_documents({"job_id": ctx.job_id})
+    ctx.db[MARKERS].insert_one({"job_id": ctx.job_id, "attempt": ctx.attempt})
+    if done < int(ctx.payload.get("times", 1)):
+        raise RetryLater(0.2, f"not ready yet ({done})")
+    return {"runs": done + 1}
+
+
+@register_handler("test.permanent")
+def permanent(ctx: JobContext) -> None:
+    raise PermanentFailure("the certificate was deleted")
+
+
+def _needs_name(payload: dict[str, Any]) -> None:
+    if not isinstance(payload.get("name"), str):
+        raise ValueError("payload.name must be a string")
+
+
+@register_handler("test.validated", validate=_needs_name)
+def validated(ctx: JobContext) -> dict[str, Any]:
+    return {"hello": ctx.payload["name"]}
