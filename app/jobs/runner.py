@@ -123,9 +123,10 @@ def _execute(db: Database[Doc], job: Doc, settings: Settings, worker: str) -> st
         outcome = {None: "lease_lost", store.DEAD: "dead", store.QUEUED: "retry"}[state]
         (log.error if outcome == "dead" else log.warning)(
             "job %s (%s) failed on attempt %s of %s (%s): %s", job_id, kind, attempts,
-            max_attempts, outcome, error[:300], extra={"job_id": job_id, "kind": kind, "attempt": attempts,
-                                 "max_attempts": max_attempts, "outcome": outcome,
-                                 "error": error[:500], "event": "job.failed"})
+            max_attempts, outcome, error[:300],
+            extra={"job_id": job_id, "kind": kind, "attempt": attempts,
+                   "max_attempts": max_attempts, "outcome": outcome, "error": error[:500],
+                   "event": "job.failed"})
         _observe(kind, outcome, started)
         return outcome
 
@@ -170,8 +171,8 @@ def _call(db: Database[Doc], ctx: JobContext, spec: HandlerSpec, started: float,
     except LeaseLost as exc:
         if ctx.completed:
             return _succeeded(ctx, started)
-        log.warning("job %s abandoned: %s", job_id, exc.reason, extra={"job_id": job_id, "kind": kind,
-                                                         "reason": exc.reason})
+        log.warning("job %s abandoned: %s", job_id, exc.reason,
+                    extra={"job_id": job_id, "kind": kind, "reason": exc.reason})
         _observe(kind, "lease_lost", started)
         return "lease_lost"
     except RetryLater as exc:
@@ -230,9 +231,10 @@ def _call(db: Database[Doc], ctx: JobContext, spec: HandlerSpec, started: float,
 
 
 def _succeeded(ctx: JobContext, started: float) -> str:
-    log.info("job %s (%s) succeeded", ctx.job_id, ctx.kind, extra={"job_id": ctx.job_id, "kind": ctx.kind,
-                                     "attempt": ctx.attempt, "event": "job.succeeded",
-                                     "duration_s": round(time.monotonic() - started, 3)})
+    log.info("job %s (%s) succeeded", ctx.job_id, ctx.kind,
+             extra={"job_id": ctx.job_id, "kind": ctx.kind, "attempt": ctx.attempt,
+                    "event": "job.succeeded",
+                    "duration_s": round(time.monotonic() - started, 3)})
     _observe(ctx.kind, "succeeded", started)
     return "succeeded"
 
