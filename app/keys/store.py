@@ -100,12 +100,24 @@ def seal_private_key(db: Database[Doc], private_key_pem: bytes, *, project_id: s
     del parsed
 
     explicit = keyring is not None
-    keyring = keyring or get_keyring()
-    version = active_version(db, keyring, session)
-    if not explicit and version not in keyring:
-        keyring = get_keyring(need_version=version)
-    kek = keyring.aead(version)
-    canary.ensure(db, keyring, version, actor=actor)
+    ring: Keyring = keyring if keyring is not None else get_keyring()
+
+    def ready_kek(version: int) -> AESGCM:
+        nonlocal ring
+        if not explicit and version not in ring:
+            ring = get_keyring(need_version=version)
+        kek = ring.aead(version)
+        canary.ensure(db, ring, version, actor=actor)
+        return kek
+
+    # The canary is checked (and, the first time, stored in its own transaction) before
+    # the caller's transaction reads anything, so storing it cannot conflict with it.
+    version = active_version(db, ring)
+    kek = ready_kek(version)
+    if session is not None:
+        in_session = active_version(db, ring, session)
+        if in_session != version:  # a rotation was recorded in between
+            version, kek = in_session, ready_kek(in_session)
 
     key_id = uuid.uuid4().hex
     record = build_record(private_key_pem, key_id=key_id, project_id=project_id,

@@ -70,13 +70,26 @@ def test_seal_is_audited_and_stores_the_canary(migrated_db, pems) -> None:
 
 
 def test_seal_in_callers_transaction_commits_or_aborts_with_it(migrated_db, pems) -> None:
-    def commit(session):
-        return seal_private_key(migrated_db, pems["ec256"], project_id="p", purpose="cert",
-                                session=session)
+    from app.audit import record, system_actor
 
+    calls = []
+
+    def commit(session):
+        calls.append(1)
+        key_id = seal_private_key(migrated_db, pems["ec256"], project_id="p", purpose="cert",
+                                  session=session)
+        record(migrated_db, session, actor=system_actor("test"), action="thing.create",
+               target="thing:1", details={"key_id": key_id})
+        return key_id
+
+    # The first seal of a KEK version stores its canary; that must not conflict with the
+    # caller's transaction (which also writes an audit entry).
     key_id = dbm.transaction(migrated_db, commit)
+    assert calls == [1]
     assert open_private_key(migrated_db, key_id, project_id="p") == pems["ec256"]
     assert migrated_db[dbm.AUDIT].count_documents({"action": "key.seal"}) == 0  # caller audits
+    assert [e["action"] for e in migrated_db[dbm.AUDIT].find({}, sort=[("seq", 1)])] == \
+        ["kek.canary_create", "thing.create"]
 
     class Boom(Exception):
         pass
