@@ -64,6 +64,10 @@ worker_class = "gthread"
 graceful_timeout = 30
 timeout = 60
 keepalive = 5
+# The longest request line / header gunicorn accepts (its maximum). Longer ones get
+# gunicorn's own 414/431 before the app; every documented parameter fits well within.
+limit_request_line = 8190
+limit_request_field_size = 8190
 accesslog = "-"
 errorlog = "-"
 # Behind a load balancer / ingress: trust X-Forwarded-* from it only.

@@ -39,6 +39,7 @@ RESOURCES: list[str] = [
     "app.api.certificates",
     "app.api.accounts",
     "app.api.orders",
+    "app.api.jobs",
     "app.api.audit",
     "app.api.status",
 ]
@@ -83,7 +84,10 @@ def register_error_handlers(app: Flask) -> None:
         if isinstance(data, dict) and "messages" in data:
             errors = data["messages"]
         message = exc.description or exc.name
-        response = error_response(status, _http_code(exc), str(message), errors)
+        code = _http_code(exc)
+        if status == 422:  # webargs' validation errors: the same code as the domain's
+            code, message = "validation_failed", "invalid input: see errors"
+        response = error_response(status, code, str(message), errors)
         for key, value in exc.get_headers():  # e.g. Allow on 405
             if key.lower() != "content-type":
                 response.headers[key] = value

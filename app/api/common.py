@@ -17,10 +17,12 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+import flask_smorest
 from bson import ObjectId
 from flask import Response, g, request
-from marshmallow import Schema, fields, validate
+from marshmallow import RAISE, Schema, fields, validate
 from pymongo.collection import Collection
+from webargs.flaskparser import FlaskParser
 
 from app import db as dbm
 from app.domain.tokens import Principal
@@ -50,7 +52,22 @@ class ErrorSchema(Schema):
         "description": "Details by field or location (e.g. {'json': {'names': [...]}})"})
 
 
-class PageArgsSchema(Schema):
+class Blueprint(flask_smorest.Blueprint):
+    """flask-smorest's Blueprint whose argument parser lets each schema decide about
+    unknown fields (ours: refuse them, in the body and in the query)."""
+
+    ARGUMENTS_PARSER = FlaskParser(unknown=None)
+
+
+class StrictQuery(Schema):
+    """Query arguments: an unknown one is a 422 (a typo like ?stauts= must not be
+    silently ignored and return everything)."""
+
+    class Meta:
+        unknown = RAISE
+
+
+class PageArgsSchema(StrictQuery):
     limit = fields.Integer(load_default=DEFAULT_LIMIT,
                            validate=validate.Range(min=1, max=MAX_LIMIT),
                            metadata={"description": f"Page size (1-{MAX_LIMIT})"})
@@ -262,10 +279,10 @@ def check_if_match(etag: str) -> None:
 
 
 IF_NONE_MATCH_PARAM = {"in": "header", "name": "If-None-Match", "required": False,
-                       "schema": {"type": "string"},
+                       "schema": {"type": "string", "maxLength": 1000},
                        "description": "ETag of a copy you hold: 304 if unchanged"}
 IF_MATCH_PARAM = {"in": "header", "name": "If-Match", "required": False,
-                  "schema": {"type": "string"},
+                  "schema": {"type": "string", "maxLength": 1000},
                   "description": "ETag the change is based on: 412 if the object changed"}
 ETAG_HEADER = {"ETag": {"description": "Version of the representation",
                         "schema": {"type": "string"}}}

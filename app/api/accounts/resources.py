@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from app import current_db
 from app import db as dbm
@@ -17,7 +16,14 @@ from app.api.accounts.schemas import (
     AccountUpdateSchema,
 )
 from app.api.auth import READ, WRITE, scope
-from app.api.common import API_PREFIX, paginate, principal, project_scope, required_project
+from app.api.common import (
+    API_PREFIX,
+    Blueprint,
+    paginate,
+    principal,
+    project_scope,
+    required_project,
+)
 from app.domain import accounts
 from app.errors import NotFound
 

@@ -7,13 +7,12 @@ import re
 from typing import Any
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from app import current_db
 from app import db as dbm
 from app.api.audit.schemas import AuditPageSchema, AuditQueryArgsSchema
 from app.api.auth import READ, scope
-from app.api.common import API_PREFIX, paginate, project_scope
+from app.api.common import API_PREFIX, Blueprint, paginate, project_scope
 
 blp = Blueprint("audit", __name__, url_prefix=f"{API_PREFIX}/audit",
                 description="The tamper-evident audit log (read only).")

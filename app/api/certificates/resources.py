@@ -13,7 +13,6 @@ from typing import Any
 
 from flask import Response
 from flask.views import MethodView
-from flask_smorest import Blueprint
 from pymongo.client_session import ClientSession
 
 from app import current_db
@@ -33,6 +32,7 @@ from app.api.common import (
     ETAG_HEADER,
     IF_MATCH_PARAM,
     IF_NONE_MATCH_PARAM,
+    Blueprint,
     check_if_match,
     etag_of,
     not_modified,

@@ -3,9 +3,9 @@
 from typing import Any
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from app import current_db
+from app.api.common import Blueprint
 from app.api.health.schemas import HealthSchema, ReadinessSchema
 from app.health import readiness
 

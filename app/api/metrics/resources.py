@@ -7,8 +7,8 @@ read from the database at scrape time (see ``app/metrics.py``).
 
 from flask import Response, current_app
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
+from app.api.common import Blueprint
 from app.metrics import build_registry, render
 
 blp = Blueprint("metrics", __name__, description="Prometheus metrics")
@@ -26,6 +26,7 @@ class Metrics(MethodView):
                   description="Prometheus text exposition format 0.0.4")
     def get(self) -> Response:
         """Prometheus metrics: certificates, ACME requests, jobs, scheduler, HTTP."""
+        import app.jobs  # noqa: F401 - registers the queue-depth gauges on import
         body, content_type = render(build_registry(_db))
         response = Response(body, mimetype=None)
         response.headers["Content-Type"] = content_type

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from app import current_db
 from app import db as dbm
 from app.api.auth import READ, scope
-from app.api.common import API_PREFIX, ensure_visible, paginate, project_scope
+from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, project_scope
 from app.api.orders.schemas import OrderListArgsSchema, OrderPageSchema, OrderSchema
 from app.domain import orders
 from app.errors import NotFound

@@ -6,13 +6,12 @@ from datetime import timedelta
 from typing import Any
 
 from flask.views import MethodView
-from flask_smorest import Blueprint
-from marshmallow import Schema, fields, validate
+from marshmallow import fields, validate
 
 from app import current_db
 from app import db as dbm
 from app.api.auth import READ, scope
-from app.api.common import API_PREFIX, principal
+from app.api.common import API_PREFIX, Blueprint, StrictQuery, principal
 from app.api.status.schemas import SchedulerStatusSchema, WorkersStatusSchema
 
 blp = Blueprint("status", __name__, url_prefix=f"{API_PREFIX}/status",
@@ -22,7 +21,7 @@ blp = Blueprint("status", __name__, url_prefix=f"{API_PREFIX}/status",
 WORKER_LIVENESS = timedelta(seconds=60)
 
 
-class SchedulerArgsSchema(Schema):
+class SchedulerArgsSchema(StrictQuery):
     fires = fields.Integer(load_default=10, validate=validate.Range(min=0, max=100),
                            metadata={"description": "How many recent fired slots"})
 
@@ -45,10 +44,11 @@ class WorkersStatus(MethodView):
     @blp.response(200, WorkersStatusSchema)
     def get(self) -> dict[str, Any]:
         """Workers: heartbeats, liveness and running jobs; job counts by state."""
+        from app.jobs.workers import list_workers
+
         db = current_db()
         now = dbm.server_now(db)
-        docs = dbm.retry(lambda: list(db[dbm.WORKERS].find().sort("last_seen", -1)
-                                      .limit(500)), what="read workers")
+        docs = dbm.retry(lambda: list_workers(db)[:500], what="read workers")
         admin = principal().is_admin
         workers = []
         for doc in docs:
@@ -59,6 +59,7 @@ class WorkersStatus(MethodView):
             row: dict[str, Any] = {
                 "id": str(doc["_id"]), "host": doc.get("host"), "pid": doc.get("pid"),
                 "version": doc.get("version"), "started_at": doc.get("started_at"),
+                "state": doc.get("state"), "concurrency": doc.get("concurrency"),
                 "last_seen": last_seen,
                 "alive": last_seen is not None and last_seen > now - WORKER_LIVENESS,
                 "running": len(running),

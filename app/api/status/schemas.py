@@ -51,6 +51,8 @@ class WorkerSchema(Schema):
     pid = fields.Integer(allow_none=True)
     version = fields.String(allow_none=True)
     started_at = fields.DateTime(allow_none=True)
+    state = fields.String(allow_none=True, metadata={"description": "running, stopping..."})
+    concurrency = fields.Integer(allow_none=True)
     last_seen = fields.DateTime(allow_none=True)
     alive = fields.Boolean(required=True, metadata={
         "description": "Heartbeat seen within the liveness window"})

@@ -5,12 +5,11 @@ from typing import Any
 
 from flask import g
 from flask.views import MethodView
-from flask_smorest import Blueprint
 
 from app import current_db
 from app import db as dbm
 from app.api.auth import READ, WRITE, scope
-from app.api.common import API_PREFIX, ensure_visible, paginate, principal, project_scope
+from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, principal, project_scope
 from app.api.tokens.schemas import (
     CreatedTokenSchema,
     TokenCreateSchema,

@@ -1,0 +1,107 @@
+"""Issue/renew now with Idempotency-Key (one enqueue), and the jobs resource: list, read,
+retry a dead job, cancel a queued one."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import create_app
+from app import db as dbm
+from app.domain import tokens
+from tests.helpers.api import API, make_admin, make_project, make_token
+
+
+@pytest.fixture
+def ctx(migrated_db, settings):
+    tokens.clear_cache()
+    client = create_app(settings).test_client()
+    pid = make_project(migrated_db, "alpha")
+    rw = make_token(migrated_db, pid, ["read", "write"])
+    account = client.post(f"{API}/acme-accounts", headers=rw.headers, json={
+        "directory_url": "https://127.0.0.1:1/dir", "terms_agreed": True, "register": False})
+    assert account.status_code == 201, account.json
+    cert = client.post(f"{API}/certificates", headers=rw.headers,
+                       json={"names": ["jobs.example.com"], "issue": False})
+    assert cert.status_code == 201, cert.json
+    return {"client": client, "rw": rw, "project": pid, "cert": cert.json["id"]}
+
+
+def issue_jobs(db, cert_id: str) -> list[dict]:
+    return list(db[dbm.JOBS].find({"payload.certificate_id": cert_id}))
+
+
+def test_renew_with_the_same_idempotency_key_enqueues_once(ctx, migrated_db) -> None:
+    client, rw, cert = ctx["client"], ctx["rw"], ctx["cert"]
+    headers = {**rw.headers, "Idempotency-Key": "renew-2026-11-27"}
+    first = client.post(f"{API}/certificates/{cert}/renew", headers=headers)
+    assert first.status_code == 202, first.json
+    audit_after_first = migrated_db[dbm.AUDIT].count_documents({})
+    second = client.post(f"{API}/certificates/{cert}/renew", headers=headers)
+    assert second.status_code == 202
+    assert second.json == first.json
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert len(issue_jobs(migrated_db, cert)) == 1
+    assert migrated_db[dbm.AUDIT].count_documents({}) == audit_after_first
+    job = first.json["job"]
+    assert job["state"] == "queued" and job["kind"] == "certificates.issue"
+    assert job["payload"]["reason"] == "renewal"
+    # The same key on another certificate's renew is another request: 422.
+    other = client.post(f"{API}/certificates", headers=rw.headers,
+                        json={"names": ["other.example.com"], "issue": False}).json["id"]
+    reused = client.post(f"{API}/certificates/{other}/renew", headers=headers)
+    assert reused.status_code == 422
+    assert issue_jobs(migrated_db, other) == []
+
+
+def test_issue_now_while_one_is_active_returns_the_active_job(ctx, migrated_db) -> None:
+    client, rw, cert = ctx["client"], ctx["rw"], ctx["cert"]
+    one = client.post(f"{API}/certificates/{cert}/issue", headers=rw.headers)
+    two = client.post(f"{API}/certificates/{cert}/issue", headers=rw.headers)
+    assert one.status_code == two.status_code == 202
+    assert one.json["job"]["id"] == two.json["job"]["id"]
+    assert len(issue_jobs(migrated_db, cert)) == 1
+
+
+def test_list_read_cancel_and_retry(ctx, migrated_db) -> None:
+    client, rw, cert = ctx["client"], ctx["rw"], ctx["cert"]
+    job_id = client.post(f"{API}/certificates/{cert}/issue",
+                         headers=rw.headers).json["job"]["id"]
+    listed = client.get(f"{API}/jobs?state=queued", headers=rw.headers)
+    assert listed.status_code == 200
+    assert [j["id"] for j in listed.json["items"]] == [job_id]
+    got = client.get(f"{API}/jobs/{job_id}", headers=rw.headers)
+    assert got.status_code == 200 and got.json["project_id"] == ctx["project"]
+    assert "token" not in (got.json.get("lease") or {})
+
+    # Retrying a job that is not dead is a conflict and changes nothing.
+    assert client.post(f"{API}/jobs/{job_id}/retry", headers=rw.headers).status_code == 409
+    cancelled = client.post(f"{API}/jobs/{job_id}/cancel", json={"reason": "not now"},
+                            headers=rw.headers)
+    assert cancelled.status_code == 200 and cancelled.json["state"] == "cancelled"
+    again = client.post(f"{API}/jobs/{job_id}/cancel", json={}, headers=rw.headers)
+    assert again.status_code == 409 and again.json["code"] == "job_state_conflict"
+
+    # A dead job (its attempts ran out) can be retried.
+    dead = client.post(f"{API}/certificates/{cert}/issue", headers=rw.headers).json["job"]
+    migrated_db[dbm.JOBS].update_one({"_id": dead["id"]},
+                                     {"$set": {"state": "dead", "attempts": 5}})
+    retried = client.post(f"{API}/jobs/{dead['id']}/retry", headers=rw.headers)
+    assert retried.status_code == 200, retried.json
+    assert retried.json["state"] == "queued" and retried.json["attempts"] == 0
+    actions = [e["action"] for e in migrated_db[dbm.AUDIT].find().sort("seq", 1)]
+    assert actions.count("job.cancel") == 1 and actions.count("job.retry") == 1
+
+
+def test_jobs_of_no_project_are_for_admins_only(ctx, migrated_db) -> None:
+    from app.jobs import enqueue
+
+    internal = enqueue(migrated_db, "jobs.reap", {}, publish=False)
+    client = ctx["client"]
+    assert client.get(f"{API}/jobs/{internal['_id']}",
+                      headers=ctx["rw"].headers).status_code == 404
+    admin = make_admin(migrated_db)
+    assert client.get(f"{API}/jobs/{internal['_id']}", headers=admin.headers).status_code \
+        == 200
+    ids = {j["id"] for j in client.get(f"{API}/jobs", headers=ctx["rw"].headers)
+           .json["items"]}
+    assert str(internal["_id"]) not in ids
