@@ -257,3 +257,24 @@ def test_cli_verify_exit_codes_and_json(migrated_db: Any, cap_env: dict[str, str
     assert body["problem"]["seq"] == 2 and body["problem"]["kind"] == "reordered"
     later = runner.invoke(cli, ["audit", "verify", "--from", "6"])
     assert later.exit_code == 0, later.output
+
+
+@pytest.mark.parametrize("max_pending", [50_000, 1])
+def test_entries_stored_out_of_order_still_verify(migrated_db: Any, max_pending: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify reads in storage order for speed: an entry rewritten verbatim (it moves to
+    the end of the collection) is put back in its place, or the walk falls back to the
+    index order when too many stragglers pile up."""
+    from app.audit import verify
+
+    db = migrated_db
+    mutate(db, 10)
+    for seq in (3, 1):
+        doc = db[dbm.AUDIT].find_one({"seq": seq})
+        db[dbm.AUDIT].delete_one({"_id": doc["_id"]})
+        db[dbm.AUDIT].insert_one(doc)
+    monkeypatch.setattr(verify._Walk, "MAX_PENDING", max_pending)
+    result = verify_chain(db)
+    assert result.intact and result.checked == 10
+    swap(db, 4, 9)
+    assert problem(db) == ("reordered", 4)
