@@ -241,7 +241,7 @@ class KeyLeakWatch:
                 continue
             for raw in database[collection].find({}):
                 self.documents_scanned += 1
-                data = raw.raw
+                data = bytes(raw.raw)
                 if PEM_BLOCK.search(data) or self.needles.found_anywhere(data):
                     doc_id = raw.get("_id", "?")
                     self.scan_bytes(data, f"{label}: {name}.{collection} _id={doc_id!s:.80}")
