@@ -1,0 +1,259 @@
+"""Invariant 4, walked: every mutating API route and every CLI command is listed below,
+either with how to run it and the audit actions it must write (exactly one entry per
+mutation, in the same transaction), or with why it changes no user-visible state.
+
+A route or command missing from these tables fails ``test_*_are_all_classified``: add
+a row (a runnable case, or a reason) when you add one.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from app import create_app
+from app.audit import system_actor
+from app.audit.walk import AuditProbe, cli_commands, mutating_routes, stale, unclassified
+from app.cli import cli
+from tests.helpers.api import make_admin, make_project, make_token
+from tests.integration.test_acme_helpers import acme_settings, make_account, responder
+
+
+@dataclass
+class World:
+    db: Any
+    kek_dir: Path
+    settings: Any = None  # with Pebble as the CA, for cases that need a CA
+
+    def project(self) -> str:
+        return make_project(self.db, f"p{secrets.token_hex(4)}")
+
+    def project_with_account(self) -> str:
+        project_id = self.project()
+        self.account(project_id)
+        return project_id
+
+    def certificate(self) -> str:
+        from app.domain import certificates
+
+        doc = certificates.create_certificate(
+            self.db, self.project_with_account(),
+            {"names": [f"{secrets.token_hex(4)}.example.com"]}, system_actor("cli"))
+        return str(doc["_id"])
+
+    def account(self, project_id: str | None = None) -> str:
+        from app.domain import accounts
+
+        doc = accounts.create_account(self.db, project_id or self.project(),
+                                      {"directory_url": "https://127.0.0.1:1/dir",
+                                       "terms_agreed": True}, system_actor("cli"),
+                                      register=False)
+        return str(doc["_id"])
+
+    def issued_certificate(self) -> str:
+        """A certificate really issued by Pebble (revocation talks to the CA)."""
+        from app.acme.issuance import LocalFence, run_issuance
+        from app.domain import certificates
+
+        project_id = self.project()
+        make_account(self.db, project_id, self.settings)
+        doc = certificates.create_certificate(
+            self.db, project_id, {"names": [f"{secrets.token_hex(4)}.walk.test"]},
+            system_actor("cli"), settings=self.settings)
+        outcome = run_issuance(self.db, LocalFence(self.db, "walk-issue"), doc["_id"],
+                               reason="initial", settings=self.settings)
+        assert outcome["outcome"] == "issued", outcome
+        return str(doc["_id"])
+
+    def queued_job(self) -> str:
+        from app.jobs import enqueue
+
+        return str(enqueue(self.db, "jobs.reap", {}, publish=False)["_id"])
+
+    def dead_job(self) -> str:
+        from app import db as dbm
+
+        job_id = self.queued_job()
+        self.db[dbm.JOBS].update_one({"_id": job_id}, {"$set": {"state": "dead"}})
+        return job_id
+
+    def kek_version(self, version: int) -> None:
+        path = self.kek_dir / f"v{version}.key"
+        path.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+        path.chmod(0o600)
+
+
+@dataclass(frozen=True)
+class Mutating:
+    """Run it (``setup`` returns the argv, or the (path, json body) of the request) and
+    expect exactly these audit actions, in this order."""
+
+    actions: tuple[str, ...]
+    setup: Callable[[World], Any]
+    needs_ca: bool = False
+
+
+@dataclass(frozen=True)
+class NotAudited:
+    reason: str
+
+
+READS = NotAudited("reads only")
+
+# ---------------------------------------------------------------- CLI commands
+CLI: dict[str, Mutating | NotAudited] = {
+    "migrate": NotAudited("schema and indexes, recorded in the migrations collection; run "
+                          "by the Helm hook before any user data changes"),
+    "health": READS,
+    "dev": NotAudited("starts the local stack; its processes audit their own mutations"),
+    "scheduler status": READS,
+    # Two mutations: the first use of v2 stores its canary, then the rotation is recorded.
+    "kek rotate": Mutating(("kek.canary_create", "kek.rotate"),
+                           lambda w: (w.kek_version(2), ["kek", "rotate", "--to", "2"])[1]),
+    "kek status": READS,
+    "kek retire": Mutating(("kek.retire",),
+                           lambda w: (w.kek_version(2), ["kek", "retire", "2"])[1]),
+    "projects create": Mutating(("project.create",),
+                                lambda w: ["projects", "create", "walked"]),
+    "projects list": READS,
+    "tokens create": Mutating(("token.create",), lambda w: ["tokens", "create", "--admin"]),
+    "tokens list": READS,
+    "tokens revoke": Mutating(("token.revoke",), lambda w: [
+        "tokens", "revoke", make_token(w.db, w.project(), ["read"]).id]),
+    "audit verify": READS,
+    "audit sinks": READS,
+    "jobs reap": NotAudited("internal bookkeeping: re-claims lapsed leases and re-publishes "
+                            "lost messages (the same work as the jobs.reap job)"),
+    "jobs list": READS,
+    "jobs show": READS,
+    "jobs retry": Mutating(("job.retry",), lambda w: ["jobs", "retry", w.dead_job()]),
+    "jobs cancel": Mutating(("job.cancel",), lambda w: ["jobs", "cancel", w.queued_job()]),
+    "jobs depth": READS,
+    "jobs workers": READS,
+}
+
+# ---------------------------------------------------------------- API routes
+P = "/api/v1"
+API: dict[str, Mutating | NotAudited] = {
+    f"POST {P}/projects": Mutating(("project.create",), lambda w: (
+        f"{P}/projects", {"name": "walkedproject"})),
+    f"PATCH {P}/projects/<string:project_id>": Mutating(("project.update",), lambda w: (
+        f"{P}/projects/{w.project()}", {"description": "walked"})),
+    f"DELETE {P}/projects/<string:project_id>": Mutating(("project.delete",), lambda w: (
+        f"{P}/projects/{w.project()}", None)),
+    f"POST {P}/tokens": Mutating(("token.create",), lambda w: (
+        f"{P}/tokens", {"project_id": w.project(), "scopes": ["read"]})),
+    f"DELETE {P}/tokens/<string:token_id>": Mutating(("token.revoke",), lambda w: (
+        f"{P}/tokens/{make_token(w.db, w.project(), ['read']).id}", None)),
+    f"POST {P}/certificates": Mutating(("certificate.create",), lambda w: (
+        f"{P}/certificates", {"project_id": w.project_with_account(),
+                              "names": ["walk.example.com"],
+                              "issue": False})),
+    f"PATCH {P}/certificates/<string:certificate_id>": Mutating(
+        ("certificate.update",), lambda w: (f"{P}/certificates/{w.certificate()}",
+                                            {"name": "renamed"})),
+    f"DELETE {P}/certificates/<string:certificate_id>": Mutating(
+        ("certificate.delete",), lambda w: (f"{P}/certificates/{w.certificate()}", None)),
+    f"POST {P}/certificates/<string:certificate_id>/issue": Mutating(
+        ("certificate.issue_requested",),
+        lambda w: (f"{P}/certificates/{w.certificate()}/issue", None)),
+    f"POST {P}/certificates/<string:certificate_id>/renew": Mutating(
+        ("certificate.issue_requested",),
+        lambda w: (f"{P}/certificates/{w.certificate()}/renew", None)),
+    f"POST {P}/certificates/<string:certificate_id>/revoke": Mutating(
+        ("certificate.revoke",),
+        lambda w: (f"{P}/certificates/{w.issued_certificate()}/revoke", {"reason_code": 0}),
+        needs_ca=True),
+    f"POST {P}/acme-accounts": Mutating(("acme_account.create",), lambda w: (
+        f"{P}/acme-accounts", {"project_id": w.project(),
+                               "directory_url": "https://127.0.0.1:1/dir",
+                               "register": False})),
+    f"PATCH {P}/acme-accounts/<string:account_id>": Mutating(
+        ("acme_account.update",),
+        lambda w: (f"{P}/acme-accounts/{w.account()}", {"terms_agreed": True})),
+    f"DELETE {P}/acme-accounts/<string:account_id>": Mutating(
+        ("acme_account.delete",), lambda w: (f"{P}/acme-accounts/{w.account()}", None)),
+    f"POST {P}/jobs/<string:job_id>/retry": Mutating(
+        ("job.retry",), lambda w: (f"{P}/jobs/{w.dead_job()}/retry", None)),
+    f"POST {P}/jobs/<string:job_id>/cancel": Mutating(
+        ("job.cancel",), lambda w: (f"{P}/jobs/{w.queued_job()}/cancel", {"reason": "walk"})),
+}
+
+
+@pytest.fixture
+def world(migrated_db: Any, kek_dir: Path, settings: Any) -> World:
+    from app.keys import canary
+    from app.keys.keyring import get_keyring
+
+    canary.ensure(migrated_db, get_keyring(settings), 1)  # once per database, audited
+    return World(migrated_db, kek_dir)
+
+
+def test_cli_commands_are_all_classified() -> None:
+    commands = cli_commands(cli)
+    missing = unclassified(commands, CLI)
+    assert not missing, (f"CLI commands with no row in CLI of {__file__}: {missing}; add "
+                         "each as Mutating(actions, setup) or NotAudited(reason)")
+    assert not stale(commands, CLI), f"rows for commands that no longer exist: " \
+                                     f"{stale(commands, CLI)}"
+
+
+def test_api_routes_are_all_classified(settings: Any) -> None:
+    routes = mutating_routes(create_app(settings))
+    missing = unclassified(routes, API)
+    assert not missing, (f"mutating API routes with no row in API of {__file__}: {missing}; "
+                         "add each as Mutating(actions, setup) or NotAudited(reason)")
+    assert not stale(routes, API), f"rows for routes that no longer exist: " \
+                                   f"{stale(routes, API)}"
+
+
+@pytest.mark.parametrize("command", sorted(c for c, v in CLI.items() if isinstance(v, Mutating)))
+def test_each_mutating_command_writes_exactly_its_entries(world: World, command: str) -> None:
+    case = CLI[command]
+    assert isinstance(case, Mutating)
+    argv = case.setup(world)
+    with AuditProbe(world.db) as probe:
+        outcome = CliRunner().invoke(cli, argv)
+    assert outcome.exit_code == 0, outcome.output
+    assert probe.actions == list(case.actions), (command, probe.actions)
+    for entry in probe.entries:
+        assert entry["actor"]["kind"] == "system" and entry["actor"]["id"].startswith("cli@")
+
+
+@pytest.mark.parametrize("route", sorted(r for r, v in API.items() if isinstance(v, Mutating)))
+def test_each_mutating_route_writes_exactly_its_entries(world: World, settings: Any,
+                                                        route: str,
+                                                        request: pytest.FixtureRequest) -> None:
+    from app.domain import tokens
+
+    tokens.clear_cache()
+    case = API[route]
+    assert isinstance(case, Mutating)
+    method = route.split(" ", 1)[0]
+    admin = make_admin(world.db)
+    with ExitStack() as stack:
+        if case.needs_ca:
+            pebble = request.getfixturevalue("pebble")
+            settings = world.settings = acme_settings(settings, pebble)
+            # Some domain calls read the settings from the environment, as in production.
+            monkeypatch = request.getfixturevalue("monkeypatch")
+            monkeypatch.setenv("CAP_ACME_DIRECTORY_URL", pebble.directory_url)
+            monkeypatch.setenv("CAP_ACME_CA_BUNDLE", str(pebble.ca_cert))
+            stack.enter_context(responder(settings, pebble.http_port))
+        path, body = case.setup(world)
+    client = create_app(settings).test_client()
+    with AuditProbe(world.db) as probe:
+        response = client.open(path, method=method, json=body, headers=admin.headers)
+    assert response.status_code < 300, (route, response.status_code, response.get_json())
+    assert probe.actions == list(case.actions), (route, probe.actions)
+    for entry in probe.entries:
+        assert entry["actor"] == {"kind": "token", "id": admin.id}
+        assert entry["request_id"] == response.headers.get("X-Request-ID")
