@@ -12,9 +12,12 @@ IDEMPOTENCY = "api_idempotency"
 RATE_LIMITS = "api_rate_limits"
 
 VERSION = 7
-DESCRIPTION = "api: idempotency keys and rate-limit windows (TTL)"
+DESCRIPTION = "api: idempotency keys and rate-limit windows (TTL); certificate list order"
 
 INDEXES: dict[str, list[IndexModel]] = {
+    # The API lists a project's certificates in creation order (cursor pagination).
+    "certificates": [IndexModel([("project_id", ASCENDING), ("created_at", ASCENDING),
+                                 ("_id", ASCENDING)], name="project_created")],
     IDEMPOTENCY: [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0,
                              name="ttl_expires_at")],
     RATE_LIMITS: [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0,
