@@ -278,3 +278,12 @@ def test_entries_stored_out_of_order_still_verify(migrated_db: Any, max_pending:
     assert result.intact and result.checked == 10
     swap(db, 4, 9)
     assert problem(db) == ("reordered", 4)
+
+
+def test_the_audit_collection_never_expires_entries(migrated_db: Any) -> None:
+    """Retention: after every migration, no TTL index and no capped collection."""
+    db = migrated_db
+    for name, info in db[dbm.AUDIT].index_information().items():
+        assert "expireAfterSeconds" not in info, name
+    assert not db[dbm.AUDIT].options().get("capped")
+    assert info is not None and "seq_unique" in db[dbm.AUDIT].index_information()

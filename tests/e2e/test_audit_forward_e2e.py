@@ -1,0 +1,43 @@
+"""The whole path with real processes: the scheduler leader enqueues ``audit.forward``
+every 10 s, a Celery worker runs it, and a TCP syslog receiver gets every audit entry in
+order, including entries written while the stack runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import db as dbm
+from app.audit.forward import SINKS
+from app.embedded import free_port
+from tests.helpers import wait_for
+from tests.integration.test_audit_chain import mutate
+from tests.integration.test_audit_forward import SyslogReceiver
+
+
+def test_scheduler_and_worker_forward_the_audit_log(migrated_db: Any, cap_env: dict[str, str],
+                                                    procs: Any) -> None:
+    db = migrated_db
+    receiver = SyslogReceiver(free_port())
+    receiver.start()
+    try:
+        env = dict(cap_env, CAP_AUDIT_SINKS=f"syslog+tcp://127.0.0.1:{receiver.port}"
+                                            "?batch=25&name=siem")
+        mutate(db, 40)
+        scheduler = procs.scheduler(env)
+        worker = procs.worker(env)
+        wait_for(lambda: receiver.seqs()[-1:] == [40], timeout=120, interval=0.5,
+                 message="the first 40 entries at the receiver\n" + scheduler.log()[-3000:]
+                 + worker.log()[-3000:])
+        mutate(db, 15, start=40)
+        wait_for(lambda: receiver.seqs()[-1:] == [55], timeout=60, interval=0.5,
+                 message="entries written while the stack runs")
+        assert receiver.seqs() == list(range(1, 56))  # nothing failed: once, in order
+        state = db[SINKS].find_one({"_id": "siem"})
+        assert state["cursor"] == 55 and state["consecutive_failures"] == 0
+        forwarded = db[dbm.JOBS].count_documents({"kind": "audit.forward",
+                                                  "state": "succeeded"})
+        assert forwarded >= 2
+        assert scheduler.alive() and worker.alive()
+    finally:
+        procs.stop_all()
+        receiver.stop()
