@@ -118,6 +118,7 @@ def certificate_metrics(db: Any) -> Iterator[Metric]:
     projection = {"_id": 1, "name": 1, "names": 1, "project_id": 1, "status": 1,
                   "not_after": 1, "next_renewal_at": 1, "account_id": 1, "directory_url": 1,
                   "deleted_at": 1}
+    now = datetime.now(UTC).timestamp()
     for doc in db[dbm.CERTIFICATES].find({"deleted_at": None}, projection):
         name = doc.get("name") or ",".join(doc.get("names") or [])
         issuer = str(doc.get("directory_url") or doc.get("account_id") or "")
@@ -128,7 +129,6 @@ def certificate_metrics(db: Any) -> Iterator[Metric]:
         next_renewal = _ts(doc.get("next_renewal_at"))
         if next_renewal is not None:
             renewal.add_metric(values, next_renewal)
-        now = datetime.now(UTC).timestamp()
         is_ready = doc.get("status") in ("issued", "valid", "ready") and (
             not_after is None or not_after > now)
         for condition in ("True", "False"):
@@ -161,26 +161,25 @@ def job_metrics(db: Any) -> Iterator[Metric]:
 
 
 def scheduler_metrics(db: Any) -> Iterator[Metric]:
-    """The scheduler lease: who leads, and its term."""
-    from app import db as dbm
+    """The scheduler's leader lease: who leads (1 while the lease is held), its term."""
+    from app.scheduling_status import lease_status
 
+    status = lease_status(db)
     leader = GaugeMetricFamily(
         "certautopilot_scheduler_leader",
-        "1 for the holder of a live scheduler lease (label holder).",
-        labels=["lease", "holder"])
+        "1 while a scheduler holds the leader lease (label: the holder), else 0.",
+        labels=["holder"])
+    held = status.get("state") == "held"
+    leader.add_metric([str(status.get("holder") or "") if held else ""], 1.0 if held else 0.0)
     term = GaugeMetricFamily("certautopilot_scheduler_term",
-                             "Term of the scheduler lease (rises at every change of holder).",
-                             labels=["lease"])
-    now = dbm.server_now(db)
-    for doc in db[dbm.LEASES].find({"_id": {"$ne": "migrations"}}):
-        lease = str(doc["_id"])
-        expires = doc.get("expires_at")
-        live = bool(doc.get("holder")) and isinstance(expires, datetime) and expires > now
-        leader.add_metric([lease, str(doc.get("holder") or "")], 1.0 if live else 0.0)
-        if doc.get("term") is not None:
-            term.add_metric([lease], float(doc["term"]))
+                             "Term of the scheduler lease (rises at every change of holder).")
+    term.add_metric([], float(status.get("term") or 0))
+    expires = GaugeMetricFamily("certautopilot_scheduler_lease_expires_in_seconds",
+                                "Seconds until the held lease lapses unless renewed.")
+    expires.add_metric([], float(status.get("expires_in_s") or 0.0))
     yield leader
     yield term
+    yield expires
 
 
 class DatabaseCollector(Collector):
