@@ -94,5 +94,4 @@ def issue_certificate(ctx: JobContext) -> dict[str, Any] | None:
                   backoff_max_seconds=30)
 def renewal_scan(ctx: JobContext) -> dict[str, Any] | None:
     """Enqueue due renewals (dedupe key per certificate), in batches."""
-    return certificates.renewal_scan(ctx.db, audit.system_actor("scheduler"),
-                                     fence=_JobFence(ctx))
+    return certificates.renewal_scan(ctx.db, fence=_JobFence(ctx))

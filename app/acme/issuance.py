@@ -107,6 +107,10 @@ class IssuanceFailed(AcmeError):
         super().__init__(f"{problem} (next attempt after {next_attempt_at.isoformat()})")
 
 
+class _CertificateMoved(Exception):  # noqa: N818 - internal control flow
+    """The certificate's version changed since it was read: abort and read it again."""
+
+
 class AccountReset(AcmeError):
     """The CA no longer knows the account: its URL was cleared; retry at once."""
 
@@ -150,6 +154,8 @@ class IssuanceRun:
     def run(self) -> Doc:
         cert = certificates.get_certificate(self.db, self.certificate_id, include_deleted=True)
         if cert.get("deleted_at"):
+            self._abandon(orders.latest_for_job(self.db, self.fence.job_id)
+                          if self.fence.job_id else None, "certificate deleted")
             return {"outcome": "skipped", "why": "certificate deleted",
                     "certificate_id": self.certificate_id}
         if cert.get("status") == certificates.STATUS_REVOKED and self.reason not in (
@@ -171,7 +177,7 @@ class IssuanceRun:
                 not_due = self._ari_gate(cert, client)
                 if not_due is not None:
                     return not_due
-            order = self._create_order(cert, account, client)
+            order = self._create_order(cert, account, client, previous=order)
             return self._drive(order, cert, account, client, self._new_order(order, client))
         except accounts.AccountNotRegistrable as exc:
             raise self._record_failure(cert, order, AcmeProblem(
@@ -232,7 +238,8 @@ class IssuanceRun:
         return self.fence.transaction(save, complete=True)
 
     # ------------------------------------------------------------ order creation
-    def _create_order(self, cert: Doc, account: Doc, client: AcmeClient) -> Doc:
+    def _create_order(self, cert: Doc, account: Doc, client: AcmeClient,
+                      previous: Doc | None = None) -> Doc:
         from app.keys import generate_private_key, open_private_key, seal_private_key
 
         if self.orders_created >= MAX_ORDERS_PER_RUN:
@@ -254,8 +261,6 @@ class IssuanceRun:
                     replaces = cert["ari_cert_id"]
             except AcmeError:
                 replaces = None
-        previous = orders.latest_for_job(self.db, self.fence.job_id) if self.fence.job_id \
-            else None
         order = orders.new_order_doc(
             certificate=cert, account=account, job_id=self.fence.job_id, reason=self.reason,
             identifiers=identifiers, key_type=cert["key_type"],
@@ -328,7 +333,7 @@ class IssuanceRun:
                     orders.transition(self.db, order, orders.EXPIRED,
                                       fields={"error": {"detail": "the CA no longer knows "
                                                                   "this order"}})
-                    order = self._create_order(cert, account, client)
+                    order = self._create_order(cert, account, client, previous=order)
                     continue
                 state = fetched
             status = state.status
@@ -337,9 +342,7 @@ class IssuanceRun:
             elif status == "ready":
                 state = self._finalize(order, state, client)
             elif status == "processing":
-                if order["state"] in (orders.PENDING, orders.READY, orders.FINALIZING):
-                    orders.transition(self.db, order, orders.PROCESSING,
-                                      fields={"ca_status": status})
+                # finalize was accepted ('finalizing' is saved); nothing new to save yet
                 state = self._poll_order(client, str(order["order_url"]), "processing",
                                          "certificate issuance")
             elif status == "valid":
@@ -348,7 +351,7 @@ class IssuanceRun:
                 if self._is_expired(state):
                     orders.transition(self.db, order, orders.EXPIRED,
                                       fields={"ca_status": status})
-                    order = self._create_order(cert, account, client)
+                    order = self._create_order(cert, account, client, previous=order)
                     state = None
                     continue
                 raise self._invalid_problem(state, client)
@@ -438,10 +441,8 @@ class IssuanceRun:
                         "answered_at": entry.get("answered_at") or _now()}
             self._save_authorization(order, url, answered)
             testhooks.crash_point(self.db, "challenge_answered")
-        state = self._poll_order(client, str(order["order_url"]), "pending", "validation")
-        if state.status == "ready":
-            orders.transition(self.db, order, orders.READY, fields={"ca_status": "ready"})
-        return state
+        # 'ready' is not saved: finalizing (fenced, next) is the step that matters
+        return self._poll_order(client, str(order["order_url"]), "pending", "validation")
 
     def _save_authorization(self, order: Doc, url: str, entry: Doc) -> None:
         saved = list(order.get("authorizations") or [])
@@ -486,23 +487,43 @@ class IssuanceRun:
             certificate_url = state.body.get("certificate")
             if not isinstance(certificate_url, str):
                 raise AcmeProtocolError("a valid order without a certificate URL")
-            if order["state"] != orders.VALID:
-                orders.transition(self.db, order, orders.VALID,
-                                  fields={"certificate_url": certificate_url,
-                                          "ca_status": "valid"})
-            fullchain = client.download(certificate_url)
-            orders.transition(self.db, order, orders.DOWNLOADED,
-                              fields={"fullchain_pem": fullchain})
+            try:
+                fullchain = client.download(certificate_url)
+            except AcmeError:
+                if order["state"] != orders.VALID:
+                    orders.transition(self.db, order, orders.VALID,
+                                      fields={"certificate_url": certificate_url,
+                                              "ca_status": "valid"})
+                raise
+            orders.transition(self.db, order, orders.DOWNLOADED, fields={
+                "certificate_url": certificate_url, "ca_status": "valid",
+                "fullchain_pem": fullchain})
         fullchain = str(order["fullchain_pem"])
         issued = certificates.describe_issued(fullchain)
+        current = cert
+        for _ in range(5):
+            try:
+                outcome = self._store(order, current, issued, client)
+                break
+            except _CertificateMoved:
+                # changed since this run read it (a spec update, a deletion): read again
+                current = certificates.get_certificate(self.db, cert["_id"],
+                                                       include_deleted=True)
+        else:
+            raise AcmeProtocolError(f"certificate {cert['_id']} keeps changing; retry")
+        self._cleanup(order)
+        return outcome
+
+    def _store(self, order: Doc, current: Doc, issued: Doc, client: AcmeClient) -> Doc:
+        """Store the result on the certificate, complete the order and the job, in one
+        fenced transaction; conditional on the certificate's version this run read."""
         now = _now()
-        current = certificates.get_certificate(self.db, cert["_id"], include_deleted=True)
-        schedule = self._renewal_schedule(current, issued, client, now)
+        deleted = bool(current.get("deleted_at"))
+        schedule = self._renewal_schedule(current, issued, client, now) if not deleted else {}
         is_renewal = bool(current.get("certificate_pem"))
-        spec_moved = current.get("names") != order["names"] or \
-            current.get("key_type") != order["key_type"]
-        if spec_moved:
-            schedule["next_renewal_at"] = now
+        if current.get("names") != order["names"] or \
+                current.get("key_type") != order["key_type"]:
+            schedule["next_renewal_at"] = now  # the spec moved on: issue again
             schedule["renewal_source"] = "spec_changed"
         updates = {**issued, **schedule, "status": certificates.STATUS_ISSUED,
                    "key_id": order["key_id"], "key_type_issued": order["key_type"],
@@ -512,32 +533,34 @@ class IssuanceRun:
             updates["revoked_at"] = None
 
         def save(session: ClientSession) -> Doc:
-            result = self.db[dbm.CERTIFICATES].update_one(
-                {"_id": cert["_id"], "deleted_at": None},
-                {"$set": updates, "$inc": {"version": 1, "issue_count": 1}},
-                session=session)
+            if not deleted:
+                result = self.db[dbm.CERTIFICATES].update_one(
+                    {"_id": current["_id"], "version": current.get("version"),
+                     "deleted_at": None},
+                    {"$set": updates, "$inc": {"version": 1, "issue_count": 1}},
+                    session=session)
+                if not result.matched_count:
+                    raise _CertificateMoved()
             orders.transition(self.db, order, orders.COMPLETED, session=session,
                               fields={"serial": issued["serial"],
                                       "not_after": issued["not_after"]})
-            if result.matched_count:
-                audit.record(self.db, session, actor=self.actor,
-                             action="certificate.renew" if is_renewal else "certificate.issue",
-                             target=f"certificate:{cert['_id']}",
-                             project_id=cert["project_id"],
-                             details={"order_id": order["_id"], "serial": issued["serial"],
-                                      "not_after": issued["not_after"],
-                                      "names": order["names"], "key_id": order["key_id"],
-                                      "fingerprint_sha256": issued["fingerprint_sha256"]})
             outcome = self._result(order, current)
-            if not result.matched_count:
+            if deleted:
                 outcome["outcome"] = "skipped"
                 outcome["why"] = "certificate deleted while issuing"
+                return outcome
+            audit.record(self.db, session, actor=self.actor,
+                         action="certificate.renew" if is_renewal else "certificate.issue",
+                         target=f"certificate:{current['_id']}",
+                         project_id=current["project_id"],
+                         details={"order_id": order["_id"], "serial": issued["serial"],
+                                  "not_after": issued["not_after"],
+                                  "names": order["names"], "key_id": order["key_id"],
+                                  "fingerprint_sha256": issued["fingerprint_sha256"]})
             return outcome
 
         # The certificate, the order's completion and the job's completion commit together.
-        outcome = self.fence.transaction(save, complete=True)
-        self._cleanup(order)
-        return outcome
+        return self.fence.transaction(save, complete=True)
 
     def _renewal_schedule(self, cert: Doc, issued: Doc, client: AcmeClient,
                           now: datetime) -> Doc:
@@ -570,6 +593,12 @@ class IssuanceRun:
             issued["not_before"], issued["not_after"])
         schedule["renewal_source"] = "lifetime"
         return schedule
+
+    def _abandon(self, order: Doc | None, why: str) -> None:
+        if order is not None and order["state"] not in orders.TERMINAL:
+            orders.transition(self.db, order, orders.ABANDONED,
+                              fields={"error": {"detail": why}})
+            self._cleanup(order)
 
     def _cleanup(self, order: Doc) -> None:
         try:

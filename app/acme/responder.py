@@ -4,9 +4,19 @@ Served by every api replica from the ``challenges`` collection, so whichever rep
 CA's validation request reaches answers it. A plain Flask blueprint, outside the /api
 resources: no authentication (the CA calls it), no JSON envelope. The token must be in
 the base64url alphabet; anything else, or an unknown token, is a plain 404.
+
+A CA validates from several vantage points at once (Pebble and Let's Encrypt: three
+requests for the same token within milliseconds). Concurrent requests for one token in a
+process share one database read, and a found answer is kept for 10 s: a token is
+random and single-use, so its key authorization never changes. "Not found" is never
+kept: the record may be written a moment later.
 """
 
 from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
 
 from flask import Blueprint, Response
 
@@ -15,9 +25,54 @@ from app.acme.solvers import TOKEN_RE
 
 bp = Blueprint("acme_http01", __name__)
 
+CACHE_SECONDS = 10.0
+CACHE_ENTRIES = 4096
+
+_lock = threading.Lock()
+_found: OrderedDict[str, tuple[str, float]] = OrderedDict()
+_inflight: dict[str, threading.Event] = {}
+
 
 def _not_found() -> Response:
     return Response("not found\n", status=404, mimetype="text/plain")
+
+
+def _read(token: str) -> str | None:
+    from app import current_db
+
+    db = dbm.primary(current_db())
+    doc = dbm.retry(lambda: db[dbm.CHALLENGES].find_one({"_id": token},
+                                                        {"key_authorization": 1}),
+                    what="read http-01 challenge", attempts=3)
+    value = doc.get("key_authorization") if doc else None
+    return str(value) if value else None
+
+
+def key_authorization(token: str) -> str | None:
+    """The stored key authorization of ``token`` (single-flight, positive cache)."""
+    while True:
+        with _lock:
+            hit = _found.get(token)
+            if hit is not None and hit[1] > time.monotonic():
+                return hit[0]
+            waiting = _inflight.get(token)
+            if waiting is None:
+                mine = _inflight[token] = threading.Event()
+                break
+        waiting.wait(5.0)  # another request reads it; then look again
+    try:
+        value = _read(token)
+        if value is not None:
+            with _lock:
+                _found[token] = (value, time.monotonic() + CACHE_SECONDS)
+                _found.move_to_end(token)
+                while len(_found) > CACHE_ENTRIES:
+                    _found.popitem(last=False)
+        return value
+    finally:
+        with _lock:
+            _inflight.pop(token, None)
+        mine.set()
 
 
 @bp.get("/.well-known/acme-challenge/<token>")
@@ -25,15 +80,10 @@ def http01(token: str) -> Response:
     """Answer an ACME HTTP-01 validation request with the stored key authorization."""
     if not TOKEN_RE.match(token):
         return _not_found()
-    from app import current_db
-
-    db = dbm.primary(current_db())
-    doc = dbm.retry(lambda: db[dbm.CHALLENGES].find_one({"_id": token},
-                                                        {"key_authorization": 1}),
-                    what="read http-01 challenge", attempts=3)
-    if doc is None or not doc.get("key_authorization"):
+    value = key_authorization(token)
+    if value is None:
         return _not_found()
-    response = Response(str(doc["key_authorization"]), status=200, mimetype="text/plain")
+    response = Response(value, status=200, mimetype="text/plain")
     response.headers["Cache-Control"] = "no-store"
     return response
 

@@ -3,20 +3,26 @@
 One document per attempt to obtain a certificate. Every step is saved before the next
 one starts, so a worker that dies anywhere leaves a document a peer can resume from:
 
-    created ──newOrder──▶ pending ──authorizations valid──▶ ready ──fenced──▶ finalizing
-       │                    │                                                   │
-       │                    └──────────────┬────────────────────────────────────┤
-       ▼                                   ▼                                    ▼
-    invalid / expired / abandoned      processing ──▶ valid ──▶ downloaded ──▶ completed
+    created ──newOrder──▶ pending ──(authorizations valid)──fenced──▶ finalizing
+       │                     │                                             │
+       ▼                     ▼                                             ▼
+    invalid / expired / abandoned              downloaded ──▶ completed
+
+Saved states (each before the next step):
 
 - ``created``: the private key is sealed (``key_id``) and the CSR stored; no CA call yet.
 - ``pending``: the CA returned the order; ``order_url``, the authorization URLs and the
-  finalize URL are stored the moment it answers. Per authorization the chosen challenge,
-  ``provisioned_at`` and ``answered_at`` are saved as they happen.
+  finalize URL are stored the moment it answers. Per authorization the challenge and
+  ``answered_at`` are saved once the answer was sent.
 - ``finalizing``: written in a transaction fenced by the job's lease token just before
   the finalize request, so two workers never finalize one order.
-- ``valid`` / ``downloaded``: the certificate URL, then the PEM chain, are stored.
+- ``downloaded``: the certificate URL and the PEM chain.
 - ``completed``: the certificate document holds the result (same transaction).
+
+The CA's intermediate states need no save of their own: ``ready`` leads straight to the
+fenced ``finalizing``, ``processing`` only means waiting, and ``valid`` is saved (with
+the certificate URL) only when the download fails. ``ready``/``processing``/``valid``
+stay in the machine for orders written that way and for reading the CA's state.
 
 A resumed job fetches the order by URL and continues from the CA's real state; a new
 order is created only when the stored one is invalid or expired at the CA.
@@ -60,11 +66,13 @@ ACTIVE = tuple(s for s in STATES if s not in TERMINAL)
 # (except finalizing → finalizing, which re-fences under a new lease).
 TRANSITIONS: dict[str, frozenset[str]] = {
     CREATED: frozenset({PENDING, READY, INVALID, ABANDONED}),
-    PENDING: frozenset({PENDING, READY, FINALIZING, PROCESSING, VALID, INVALID, EXPIRED,
-                        ABANDONED}),
-    READY: frozenset({FINALIZING, PROCESSING, VALID, INVALID, EXPIRED, ABANDONED}),
-    FINALIZING: frozenset({FINALIZING, PROCESSING, VALID, INVALID, EXPIRED, ABANDONED}),
-    PROCESSING: frozenset({VALID, INVALID, EXPIRED, ABANDONED}),
+    PENDING: frozenset({PENDING, READY, FINALIZING, PROCESSING, VALID, DOWNLOADED, INVALID,
+                        EXPIRED, ABANDONED}),
+    READY: frozenset({FINALIZING, PROCESSING, VALID, DOWNLOADED, INVALID, EXPIRED,
+                      ABANDONED}),
+    FINALIZING: frozenset({FINALIZING, PROCESSING, VALID, DOWNLOADED, INVALID, EXPIRED,
+                           ABANDONED}),
+    PROCESSING: frozenset({VALID, DOWNLOADED, INVALID, EXPIRED, ABANDONED}),
     VALID: frozenset({DOWNLOADED, COMPLETED, ABANDONED}),
     DOWNLOADED: frozenset({COMPLETED, ABANDONED}),
     COMPLETED: frozenset(),

@@ -75,9 +75,10 @@ def test_issue_ec_certificate_stores_chain_key_and_schedule(env, pebble):
     order = orders.get(db, stored["order_id"])
     assert order["state"] == "completed"
     assert [h["state"] for h in order["history"]] == [
-        "created", "pending", "ready", "finalizing", *(
-            ["processing"] if "processing" in [h["state"] for h in order["history"]] else []),
-        "valid", "downloaded", "completed"]
+        "created", "pending", "finalizing", "downloaded", "completed"]
+    assert order["certificate_url"] and order["fullchain_pem"] == stored["fullchain_pem"]
+    answered = [a["answered_at"] for a in order["authorizations"] if a.get("answered_at")]
+    assert answered and max(answered) <= order["history"][2]["at"]  # saved before finalize
     assert order["order_url"].startswith("https://127.0.0.1")
     assert order["fence"] and order["fence"]["job_id"] == "job-ec-1"
     assert db[dbm.CHALLENGES].count_documents({"order_id": order["_id"]}) == 0

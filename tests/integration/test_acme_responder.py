@@ -31,7 +31,48 @@ def test_known_token_is_answered_then_removed_after_use(client, migrated_db):
     record = migrated_db[dbm.CHALLENGES].find_one({"_id": token})
     assert record["expires_at"] > record["created_at"]  # TTL index removes stale ones
     assert solvers.cleanup_order(migrated_db, "ord_1") == 1
+    assert migrated_db[dbm.CHALLENGES].count_documents({}) == 0
+
+
+def test_not_found_is_not_remembered(client, migrated_db):
+    token = "written-a-moment-later"
     assert client.get(f"/.well-known/acme-challenge/{token}").status_code == 404
+    solvers.Http01Solver().provision(migrated_db, _challenge(token))
+    assert client.get(f"/.well-known/acme-challenge/{token}").status_code == 200
+
+
+def test_concurrent_requests_for_one_token_share_a_read(client, migrated_db):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pymongo import monitoring
+
+    token = "three-vantage-points"
+    solvers.Http01Solver().provision(migrated_db, _challenge(token))
+    reads = []
+
+    class Count(monitoring.CommandListener):
+        def started(self, event):
+            if event.command_name == "find" and event.command.get("find") == dbm.CHALLENGES:
+                reads.append(1)
+
+        def succeeded(self, event):
+            pass
+
+        def failed(self, event):
+            pass
+
+    monitoring.register(Count())
+    from app import create_app
+    from app.acme import responder
+
+    dbm.close_clients()  # the next client of this process picks up the listener
+    responder._found.clear()
+    app = create_app()
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(
+            lambda _: app.test_client().get(f"/.well-known/acme-challenge/{token}"), range(3)))
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert len(reads) == 1
 
 
 def test_the_ttl_index_exists(migrated_db):

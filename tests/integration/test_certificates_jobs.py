@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 
 from app import db as dbm
-from app.audit import system_actor
 from app.domain import certificates
 from app.jobs.runner import run_job
 from tests.integration.test_acme_helpers import (
@@ -71,7 +70,7 @@ def test_renewal_scan_enqueues_only_due_certificates_in_batches(env):
             "next_renewal_at": now + timedelta(days=30)}})
     before = {c["_id"]: c for c in db[dbm.CERTIFICATES].find()}
 
-    result = certificates.renewal_scan(db, system_actor("scheduler"), batch_size=2)
+    result = certificates.renewal_scan(db, batch_size=2)
     assert result == {"enqueued": 3, "batches": 2}
     jobs = list(db[dbm.JOBS].find({"kind": "certificates.issue"}))
     assert sorted(j["payload"]["certificate_id"] for j in jobs) == sorted(c["_id"] for c in due)
@@ -86,10 +85,8 @@ def test_renewal_scan_enqueues_only_due_certificates_in_batches(env):
     # due again while their jobs are still queued: no second job
     db[dbm.CERTIFICATES].update_many({"_id": {"$in": [c["_id"] for c in due]}},
                                      {"$set": {"next_renewal_at": now}})
-    assert certificates.renewal_scan(db, system_actor("scheduler"))["enqueued"] == 0
+    assert certificates.renewal_scan(db)["enqueued"] == 0
     assert db[dbm.JOBS].count_documents({"kind": "certificates.issue"}) == 3
-    audit = db[dbm.AUDIT].find_one({"action": "certificate.renewal_enqueue"})
-    assert audit and audit["details"]["certificate_ids"]
 
 
 def test_scan_job_then_renewal_job_renews(env):

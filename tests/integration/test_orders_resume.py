@@ -148,3 +148,40 @@ def test_finalize_is_fenced_by_the_lease_token(env, pebble, crash_at):
     # the completing transaction also completed the job (same transaction, fenced by B)
     done = db[dbm.JOBS].find_one({"_id": job["_id"]})
     assert done["state"] == "succeeded" and done["result"]["order_id"] == order["_id"]
+
+
+def test_spec_changed_while_issuing_stores_the_result_and_is_due_again(env, pebble, crash_at):
+    db, s, project_id = env
+    cert = certificates.create_certificate(db, project_id, {"names": ["moved.resume.test"]},
+                                           ACTOR, settings=s)
+    crash_at("order_stored")
+    with pytest.raises(SimulatedCrash):
+        run_issuance(db, LocalFence(db, "job-moved"), cert["_id"], reason="initial",
+                     settings=s)
+    certificates.update_certificate(db, cert["_id"], {
+        "names": ["moved.resume.test", "also.resume.test"]}, ACTOR)
+    result = run_issuance(db, LocalFence(db, "job-moved"), cert["_id"], reason="initial",
+                          settings=s)
+    assert result["outcome"] == "issued"
+    stored = certificates.get_certificate(db, cert["_id"])
+    assert stored["status"] == "issued" and stored["version"] == 3
+    assert stored["names"] == ["moved.resume.test", "also.resume.test"]
+    assert stored["renewal_source"] == "spec_changed"
+    assert stored["next_renewal_at"] <= dbm.server_now(db)  # issue again with the new names
+
+
+def test_certificate_deleted_while_issuing_completes_the_order_only(env, crash_at):
+    db, s, project_id = env
+    cert = certificates.create_certificate(db, project_id, {"names": ["deleted.resume.test"]},
+                                           ACTOR, settings=s)
+    crash_at("challenge_answered")
+    with pytest.raises(SimulatedCrash):
+        run_issuance(db, LocalFence(db, "job-deleted"), cert["_id"], reason="initial",
+                     settings=s)
+    certificates.delete_certificate(db, cert["_id"], ACTOR)
+    result = run_issuance(db, LocalFence(db, "job-deleted"), cert["_id"], reason="initial",
+                          settings=s)
+    assert result["outcome"] == "skipped"
+    order = db[dbm.ORDERS].find_one({"job_id": "job-deleted"})
+    assert order["state"] == "abandoned"
+    assert db[dbm.CHALLENGES].count_documents({"order_id": order["_id"]}) == 0
