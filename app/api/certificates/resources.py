@@ -88,8 +88,8 @@ class Certificates(MethodView):
             query["project_id"] = project_id
         if args.get("status"):
             query["status"] = args["status"]
-        if args.get("name"):
-            query["$or"] = [{"names": args["name"].lower()}, {"name": args["name"]}]
+        if args.get("name"):  # on the (project_id, names) index
+            query["names"] = args["name"].lower().rstrip(".")
         if args.get("expiring_before"):
             query["not_after"] = {"$lt": args["expiring_before"]}
         return paginate(current_db()[dbm.CERTIFICATES], query, limit=args["limit"],

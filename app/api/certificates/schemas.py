@@ -100,7 +100,8 @@ class CertificateListArgsSchema(PageArgsSchema):
                                metadata={"description": "Admin: only this project"})
     status = fields.String(validate=validate.OneOf(STATUSES))
     name = fields.String(validate=validate.Length(min=1, max=253), metadata={
-        "description": "A DNS name the certificate covers, or its label"})
+        "description": "A DNS name the certificate covers (exact, e.g. www.example.com "
+                       "or *.example.com)"})
     expiring_before = fields.AwareDateTime(default_timezone=UTC, metadata={
         "description": "Only certificates whose notAfter is before this time"})
 
