@@ -188,9 +188,7 @@ class IssuanceRun:
                 accounts.forget_account_url(self.db, account, self.actor, fence=self.fence)
                 current = orders.latest_for_job(self.db, self.fence.job_id) \
                     if self.fence.job_id else None
-                if current is not None and current["state"] not in orders.TERMINAL:
-                    orders.transition(self.db, current, orders.ABANDONED,
-                                      fields={"error": problem.as_doc()})
+                self._abandon(current, "the CA no longer knows the account")
                 raise AccountReset(f"the CA does not know account {account['_id']} any "
                                    "more; it will be recovered or registered again") from None
             if decision is Decision.RECORD_AND_BACK_OFF:
@@ -333,6 +331,7 @@ class IssuanceRun:
                     orders.transition(self.db, order, orders.EXPIRED,
                                       fields={"error": {"detail": "the CA no longer knows "
                                                                   "this order"}})
+                    self._cleanup(order)
                     order = self._create_order(cert, account, client, previous=order)
                     continue
                 state = fetched
@@ -351,6 +350,7 @@ class IssuanceRun:
                 if self._is_expired(state):
                     orders.transition(self.db, order, orders.EXPIRED,
                                       fields={"ca_status": status})
+                    self._cleanup(order)
                     order = self._create_order(cert, account, client, previous=order)
                     state = None
                     continue
@@ -424,20 +424,26 @@ class IssuanceRun:
                     identifier=identifier)
             token = str(chall.get("token", ""))
             key_authorization = client.key_authorization(token)
+            dns_value = client.dns01_value(token) if challenge_type == "dns-01" else None
+            challenge_doc = {"type": challenge_type, "url": chall.get("url"), "token": token,
+                             "dns_value": dns_value}
+            entry = saved.get(url) or {}
+            if dns_value is not None and not entry.get("challenge"):
+                # a DNS record outlives a crash (no TTL index): note it before adding it
+                self._save_authorization(order, url, {
+                    "url": url, "identifier": identifier, "status": "provisioning",
+                    "challenge": challenge_doc})
             solver.provision(self.db, solvers.Challenge(
                 type=challenge_type, token=token, identifier=identifier,
-                key_authorization=key_authorization,
-                dns_value=client.dns01_value(token) if challenge_type == "dns-01" else None,
+                key_authorization=key_authorization, dns_value=dns_value,
                 order_id=order["_id"], certificate_id=order["certificate_id"],
                 project_id=order["project_id"]))
-            entry = saved.get(url) or {}
             if chall.get("status") == "pending":
                 # The CA's state is the truth: an answer it did not register is sent again.
                 self.fence.check_lease()
                 client.answer_challenge(str(chall["url"]), challenge_type)
             answered = {"url": url, "identifier": identifier, "status": "answered",
-                        "challenge": {"type": challenge_type, "url": chall.get("url"),
-                                      "token": token},
+                        "challenge": challenge_doc,
                         "answered_at": entry.get("answered_at") or _now()}
             self._save_authorization(order, url, answered)
             testhooks.crash_point(self.db, "challenge_answered")
@@ -609,7 +615,8 @@ class IssuanceRun:
                 solver.cleanup(self.db, [
                     solvers.Challenge(type=a["challenge"]["type"], token=a["challenge"]["token"],
                                       identifier=a["identifier"], key_authorization="",
-                                      dns_value=None, order_id=order["_id"],
+                                      dns_value=a["challenge"].get("dns_value"),
+                                      order_id=order["_id"],
                                       certificate_id=order["certificate_id"],
                                       project_id=order["project_id"])
                     for a in order.get("authorizations") or [] if a.get("challenge")])
