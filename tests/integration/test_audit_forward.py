@@ -410,3 +410,20 @@ def test_a_sink_that_is_not_reachable_at_all(migrated_db: Any) -> None:
     state = db[SINKS].find_one({"_id": "down"})
     assert state["cursor"] == 0 and state["consecutive_failures"] == 1
     assert forward.backoff_seconds(1) == 5 and forward.backoff_seconds(10) == 60
+
+
+def test_sink_metrics_are_served_at_metrics(migrated_db: Any, settings: Any, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import create_app
+
+    monkeypatch.setenv("CAP_AUDIT_SINKS", f"file://{tmp_path}/audit.jsonl?name=f")
+    mutate(migrated_db, 2)
+    client = create_app(settings).test_client()
+    body = client.get("/metrics").get_data(as_text=True)
+    assert "certautopilot_audit_head_seq 2.0" in body
+    assert 'certautopilot_audit_sink_lag_entries{sink="f"} 2.0' in body
+    forward_all(migrated_db, sinks(f"file://{tmp_path}/audit.jsonl?name=f"))
+    body = client.get("/metrics").get_data(as_text=True)
+    assert 'certautopilot_audit_sink_lag_entries{sink="f"} 0.0' in body
+    assert 'certautopilot_audit_sink_delivered_total{sink="f"} 2.0' in body
+    assert 'certautopilot_audit_sink_up{sink="f"} 1.0' in body
