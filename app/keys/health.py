@@ -14,7 +14,10 @@ from pymongo.errors import PyMongoError
 
 from app.health import CheckResult, register_check
 
+# How old a keyring the probe may use: files are cheap to re-read; a KEK command (Vault,
+# a KMS CLI) is not run on every probe.
 READINESS_CACHE_SECONDS = 5.0
+READINESS_COMMAND_CACHE_SECONDS = 60.0
 
 
 def kek_check(db: Database[dict[str, Any]]) -> CheckResult:
@@ -27,8 +30,11 @@ def kek_check(db: Database[dict[str, Any]]) -> CheckResult:
     from app.keys.rotation import retired_versions
     from app.keys.store import active_version
 
+    settings = current_settings()
+    max_age = READINESS_COMMAND_CACHE_SECONDS if settings.kek_command \
+        else READINESS_CACHE_SECONDS
     try:
-        keyring = get_keyring(current_settings(), max_age=READINESS_CACHE_SECONDS)
+        keyring = get_keyring(settings, max_age=max_age)
     except CertAutoPilotError as exc:
         return False, {"error": exc.message}
     detail: dict[str, Any] = {"source": keyring.source,

@@ -63,3 +63,35 @@ def test_rotate_status_retire(migrated_db, cap_env, kek_dir) -> None:
     assert result.exit_code == 1 and "active version" in result.output
     bad = runner.invoke(cli, ["kek", "rotate", "--to", "0"])
     assert bad.exit_code == 2
+
+
+def test_status_watch_follows_a_running_rotation(migrated_db, cap_env, kek_dir) -> None:
+    import threading
+    import time
+
+    from app.config import load_settings
+    from app.keys import load_keyring
+
+    for _ in range(12):
+        seal_private_key(migrated_db, generate_private_key("ec256"), project_id="p",
+                         purpose="cert")
+    (kek_dir / "v2.key").write_text(base64.b64encode(secrets.token_bytes(32)).decode())
+    runner = CliRunner()
+    assert runner.invoke(cli, ["kek", "rotate", "--to", "2"]).exit_code == 0
+    ring = load_keyring(load_settings())
+
+    def steps() -> None:
+        time.sleep(0.5)
+        while run_step(migrated_db, ring, owner="t", batch_size=2,
+                       budget_seconds=0)["state"] != "done":
+            time.sleep(0.1)
+
+    stepper = threading.Thread(target=steps)
+    stepper.start()
+    try:
+        result = runner.invoke(cli, ["kek", "status", "--watch", "--interval", "0.1"])
+    finally:
+        stepper.join()
+    assert result.exit_code == 0, result.output
+    assert "re-wrapping under v2" in result.output
+    assert "12/12 keys re-wrapped, 0 remaining" in result.output

@@ -114,3 +114,26 @@ def test_health_cli_reports_the_kek(migrated_db, cap_env, tmp_path, monkeypatch)
     assert result.exit_code == 1
     assert '"wrong key' not in result.output  # the reason is a sentence, not a quoted key
     assert "is the wrong key" in result.output
+
+
+def test_kek_command_source(migrated_db, cap_env, kek_dir, tmp_path) -> None:
+    import sys
+
+    seal_private_key(migrated_db, generate_private_key("ec256"), project_id="p",
+                     purpose="cert")
+    key = (kek_dir / "v1.key").read_text().strip()
+    script = tmp_path / "kek-tool.py"
+    script.write_text("import sys\nif sys.argv[1] == 'ok':\n    print('v1 ' + open(sys.argv[2])"
+                      ".read().strip())\nelse:\n    sys.exit(4)\n")
+    no_dir = {k: v for k, v in cap_env.items() if k != "CAP_KEK_DIR"}
+    good = f"{sys.executable} {script} ok {kek_dir / 'v1.key'}"
+    app = create_app(load_settings({**no_dir, "CAP_KEK_COMMAND": good}))
+    response = app.test_client().get("/readyz")
+    assert response.status_code == 200, response.json
+    assert response.json["checks"]["kek"]["source"] == "CAP_KEK_COMMAND"
+    bad = f"{sys.executable} {script} fail"
+    response = create_app(load_settings({**no_dir, "CAP_KEK_COMMAND": bad})).test_client() \
+        .get("/readyz")
+    assert response.status_code == 503
+    error = response.json["checks"]["kek"]["error"]
+    assert "exited with status 4" in error and key not in error
