@@ -22,23 +22,39 @@ def command() -> None:
 @click.option("--allow-unkeyed-prefix", is_flag=True,
               help="With CAP_AUDIT_HMAC_KEY set, accept plain SHA-256 entries written before "
                    "the first HMAC entry (a chain older than the key).")
+@click.option("--file", "copy", type=click.Path(exists=True, dir_okay=False),
+              help="Check a forwarded copy (JSON lines, e.g. the file sink or a SIEM export) "
+                   "instead of the database.")
 @pass_ctx
-def verify(obj: CliContext, from_seq: int, as_json: bool, allow_unkeyed_prefix: bool) -> None:
+def verify(obj: CliContext, from_seq: int, as_json: bool, allow_unkeyed_prefix: bool,
+           copy: str | None) -> None:
     """Walk the hash chain; exit 0 only when it is intact.
 
     Names the first broken seq and what happened: edited, deleted, inserted, reordered.
     """
     from app import db as dbm
     from app.audit.log import CHAIN_ID
-    from app.audit.verify import verify_chain
+    from app.audit.verify import verify_chain, verify_copy
 
-    db = obj.db()
-    head = dbm.primary(db)[dbm.COUNTERS].find_one({"_id": CHAIN_ID}) or {}
-    total = max(0, int(head.get("seq", 0)) - from_seq + 1)
-    with click.progressbar(length=total, label="verifying audit chain", file=sys.stderr,
-                           show_pos=True, show_eta=True) as bar:
-        result = verify_chain(db, from_seq=from_seq, allow_unkeyed_prefix=allow_unkeyed_prefix,
-                              progress=bar.update)
+    if copy is not None:
+        if from_seq != 1:
+            raise click.UsageError("--from applies to the database, not to --file")
+        with open(copy, encoding="utf-8") as handle:
+            total = sum(1 for _ in handle)
+        with open(copy, encoding="utf-8") as handle, click.progressbar(
+                length=total, label="verifying audit copy", file=sys.stderr, show_pos=True,
+                show_eta=True) as bar:
+            result = verify_copy(handle, allow_unkeyed_prefix=allow_unkeyed_prefix,
+                                 progress=bar.update)
+    else:
+        db = obj.db()
+        head = dbm.primary(db)[dbm.COUNTERS].find_one({"_id": CHAIN_ID}) or {}
+        total = max(0, int(head.get("seq", 0)) - from_seq + 1)
+        with click.progressbar(length=total, label="verifying audit chain", file=sys.stderr,
+                               show_pos=True, show_eta=True) as bar:
+            result = verify_chain(db, from_seq=from_seq,
+                                  allow_unkeyed_prefix=allow_unkeyed_prefix,
+                                  progress=bar.update)
     if as_json:
         echo_json(result.as_dict())
     else:

@@ -15,7 +15,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -161,8 +161,8 @@ class _Walk:
     # the index-ordered walk (bounds memory on a collection whose order was shuffled).
     MAX_PENDING = 50_000
 
-    def __init__(self, db: Database[Doc], key: bytes | None, allow_unkeyed_prefix: bool,
-                 result: VerifyResult, prev: str,
+    def __init__(self, db: Database[Doc] | None, key: bytes | None,
+                 allow_unkeyed_prefix: bool, result: VerifyResult, prev: str,
                  progress: Callable[[int], None] | None) -> None:
         self.db, self.key, self.allow_unkeyed_prefix = db, key, allow_unkeyed_prefix
         self.result, self.prev, self.progress = result, prev, progress
@@ -231,6 +231,7 @@ class _Walk:
     def natural(self, batch_size: int) -> None:
         """The fast pass: natural order, stragglers put back in order. Stops quietly at
         the first entry that does not fit; ``ordered()`` then takes over from there."""
+        assert self.db is not None
         pending: dict[int, Doc] = {}
         reader = _Prefetch(self.db, self.expected, batch_size, ordered=False)
         try:
@@ -252,6 +253,7 @@ class _Walk:
 
     def ordered(self, batch_size: int) -> Problem | None:
         """The walk in seq order from where the fast pass stopped, with the diagnosis."""
+        assert self.db is not None
         reader = _Prefetch(self.db, self.expected, batch_size, ordered=True)
         try:
             entries = iter(reader)
@@ -307,6 +309,59 @@ def verify_chain(db: Database[Doc], *, from_seq: int = 1, key: bytes | None = No
     walk.flush_progress()
     if result.problem is None:
         result.problem = _check_head(db, head0, result.last_seq, walk.prev, from_seq)
+    result.intact = result.problem is None
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def verify_copy(lines: Iterable[str], *, key: bytes | None = None,
+                use_configured_key: bool = True, allow_unkeyed_prefix: bool = False,
+                progress: Callable[[int], None] | None = None) -> VerifyResult:
+    """Check a forwarded copy (JSON lines, as the file sink writes them or as exported
+    from a SIEM): the same chain rules, from seq 1. Resent batches (at-least-once
+    delivery) repeat entries: a repeat identical to the entry already checked is skipped.
+    """
+    if key is None and use_configured_key:
+        key = hmac_key()
+    started = time.monotonic()
+    result = VerifyResult(intact=True, from_seq=1)
+    walk = _Walk(None, key, allow_unkeyed_prefix, result, GENESIS_HASH, progress)
+    recent: dict[int, str] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+            seq = doc["seq"]
+        except (ValueError, KeyError, TypeError):
+            result.problem = Problem(walk.expected, MALFORMED,
+                                     f"line {number} is not an audit entry")
+            break
+        if isinstance(seq, int) and seq < walk.expected and recent.get(seq) == doc.get("hash"):
+            continue  # a resend of an entry already checked
+        stored = doc.get("hash")
+        outcome = walk.accept(doc)
+        if outcome is True:
+            recent[seq] = str(stored)
+            if len(recent) > 20_000:
+                recent.pop(next(iter(recent)))
+            continue
+        if isinstance(outcome, Problem):
+            result.problem = outcome
+        elif not isinstance(seq, int) or seq > walk.expected:
+            result.problem = Problem(walk.expected, DELETED,
+                                     f"seq {walk.expected} is missing (line {number} has seq "
+                                     f"{seq})")
+        elif seq != walk.expected:
+            result.problem = Problem(walk.expected, REORDERED,
+                                     f"line {number} has seq {seq} where seq "
+                                     f"{walk.expected} belongs")
+        else:
+            result.problem = Problem(seq, EDITED, f"seq {seq} (line {number}) does not match "
+                                                  "its hash or does not chain to the entry "
+                                                  "before it")
+        break
+    walk.flush_progress()
     result.intact = result.problem is None
     result.seconds = time.monotonic() - started
     return result

@@ -427,3 +427,37 @@ def test_sink_metrics_are_served_at_metrics(migrated_db: Any, settings: Any, tmp
     assert 'certautopilot_audit_sink_lag_entries{sink="f"} 0.0' in body
     assert 'certautopilot_audit_sink_delivered_total{sink="f"} 2.0' in body
     assert 'certautopilot_audit_sink_up{sink="f"} 1.0' in body
+
+
+def test_audit_verify_checks_a_forwarded_copy(migrated_db: Any, tmp_path: Path,
+                                              cap_env: dict[str, str]) -> None:
+    """The SIEM's copy survives the site: `audit verify --file` checks it, resends and
+    all, and names tampering in it."""
+    from click.testing import CliRunner
+
+    from app.cli import cli
+
+    db = migrated_db
+    out = tmp_path / "audit.jsonl"
+    mutate(db, 6)
+    forward_all(db, sinks(f"file://{out}"))
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines + lines[3:]))  # a resent batch: at least once
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["audit", "verify", "--file", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert "intact: 6 entries" in ok.output
+
+    edited = json.loads(lines[2])
+    edited["target"] = "thing:forged"
+    out.write_text("".join([*lines[:2], json.dumps(edited) + "\n", *lines[3:]]))
+    broken = runner.invoke(cli, ["audit", "verify", "--file", str(out), "--json"])
+    assert broken.exit_code == 1
+    assert json.loads(broken.stdout)["problem"]["kind"] == "edited"
+    assert json.loads(broken.stdout)["problem"]["seq"] == 3
+
+    out.write_text("".join([*lines[:2], *lines[3:]]))
+    gone = runner.invoke(cli, ["audit", "verify", "--file", str(out), "--json"])
+    assert gone.exit_code == 1
+    assert json.loads(gone.stdout)["problem"] == {
+        "seq": 3, "kind": "deleted", "message": "seq 3 is missing (line 3 has seq 4)"}
