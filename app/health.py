@@ -55,5 +55,5 @@ def readiness(db: Database[dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
 
 # Checks other modules register, imported here so every process that asks for readiness
 # (/readyz, `certautopilot health`) has them. The cycle is safe: register_check is defined.
-import app.keys.health  # noqa: E402,F401
 import app.audit.status  # noqa: E402,F401
+import app.keys.health  # noqa: E402,F401
