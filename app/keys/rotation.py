@@ -306,6 +306,8 @@ def run_step(db: Database[Doc], keyring: Keyring, *, owner: str,
                 if _complete(db, rotation, txn, actor):
                     summary["state"] = "done"
                     break
+                if time.monotonic() >= deadline:
+                    break
                 continue
             try:
                 for version in sorted({int(r["kek_version"]) for r in batch
