@@ -6,6 +6,14 @@ compared with plain query operators, never ``$$NOW`` in expressions (DESIGN.md,
 Environments). ``term`` rises at every acquisition, so each reign has its own number;
 writes made on behalf of a leader are fenced by it (``fence``).
 
+Fenced transactions write the lease document, so a takeover conflicts with them. A
+holder paused (or killed) in the middle of such a transaction would therefore hold a
+write lock on the lease until the server gives the transaction up (60 s on mongod, never
+on the embedded server). So the holder runs its fenced transactions on one session whose
+id it records in the lease (``holder_lsid``), and whoever takes over an *expired* lease
+first ends that session (``killSessions``): the lapsed holder's transaction is aborted,
+its locks go, and its commit, should it wake up, fails.
+
 The holder also keeps a local proof: the monotonic instant before its last successful
 acquire/renew plus the lease length, less a safety margin. The server set the lease's
 expiry from a clock reading taken *after* that instant, so while the local proof holds
@@ -20,15 +28,18 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
+from uuid import UUID
 
+from bson import Binary
 from pymongo import ReturnDocument
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, ExecutionTimeout, OperationFailure
 
 from app import db as dbm
 from app.config import Settings
@@ -79,6 +90,11 @@ class LeaseConfig:
         return cls(name=name, lease_seconds=settings.scheduler_lease_seconds,
                    renew_seconds=settings.scheduler_renew_seconds,
                    retry_seconds=settings.scheduler_retry_seconds)
+
+    @property
+    def wait_ms(self) -> int:
+        """How long one lease command may wait on a locked lease document (maxTimeMS)."""
+        return int(min(2.0, self.lease_seconds / 3) * 1000)
 
     @property
     def safety_seconds(self) -> float:
@@ -133,33 +149,77 @@ class Lease:
     def _expiry(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.config.lease_seconds)
 
-    def acquire(self) -> bool:
+    def acquire(self, session_id: Mapping[str, Any] | None = None) -> bool:
         """Take the lease if it is free, released, expired on the server's clock, or
-        already ours; a new term every time. False when someone else holds it."""
-        started = self.clock()
-        now = dbm.server_now(self.db)
+        already ours; a new term every time. False when someone else holds it.
 
-        def attempt() -> Doc | None:
+        ``session_id`` is the session the new holder will run its fenced transactions on
+        (recorded as ``holder_lsid``). When the lease document is locked by a lapsed
+        holder's unfinished transaction, that holder's session is ended first."""
+        for _ in range(2):
+            started = self.clock()
+            now = dbm.server_now(self.db)
             try:
-                doc: Doc | None = self.collection.find_one_and_update(
-                    {"_id": self.config.name,
-                     "$or": [{"holder": None}, {"expires_at": {"$lte": now}},
-                             {"holder": self.holder}]},
-                    {"$set": {"holder": self.holder, "expires_at": self._expiry(now),
-                              "renewed_at": now, "acquired_at": now,
-                              "lease_seconds": self.config.lease_seconds},
-                     "$inc": {"term": 1}},
-                    upsert=True, return_document=ReturnDocument.AFTER,
-                )
-            except DuplicateKeyError:
-                return None  # the document exists and its holder is alive: contended
-            return doc
+                doc = dbm.retry(partial(self._acquire_once, now, session_id),
+                                what="acquire scheduler lease")
+            except ExecutionTimeout:
+                # Locked by an unfinished transaction: the holder's, in the middle of a
+                # fenced write (normal), or a paused/dead holder's (fence it off).
+                if self.fence_off_lapsed_holder():
+                    continue
+                self.forget()
+                return False
+            if doc is None or doc.get("holder") != self.holder:
+                self.forget()
+                return False
+            self._prove(doc, started)
+            return True
+        self.forget()
+        return False
 
-        doc = dbm.retry(attempt, what="acquire scheduler lease")
-        if doc is None or doc.get("holder") != self.holder:
-            self.forget()
+    def _acquire_once(self, now: datetime, session_id: Mapping[str, Any] | None) -> Doc | None:
+        try:
+            doc: Doc | None = self.collection.find_one_and_update(
+                {"_id": self.config.name,
+                 "$or": [{"holder": None}, {"expires_at": {"$lte": now}},
+                         {"holder": self.holder}]},
+                {"$set": {"holder": self.holder, "expires_at": self._expiry(now),
+                          "renewed_at": now, "acquired_at": now,
+                          "lease_seconds": self.config.lease_seconds,
+                          "holder_lsid": session_id},
+                 "$inc": {"term": 1}},
+                upsert=True, return_document=ReturnDocument.AFTER,
+                maxTimeMS=self.config.wait_ms,
+            )
+        except DuplicateKeyError:
+            return None  # the document exists and its holder is alive: contended
+        return doc
+
+    def fence_off_lapsed_holder(self) -> bool:
+        """If the lease has expired (server clock) under another holder, end that
+        holder's recorded session so its unfinished transaction aborts and releases its
+        locks. True when a session was ended."""
+        doc = self.read()
+        if not doc or doc.get("holder") in (None, self.holder):
             return False
-        self._prove(doc, started)
+        if doc.get("expires_at") is None or doc["expires_at"] > dbm.server_now(self.db):
+            return False
+        lsid = doc.get("holder_lsid")
+        if not lsid or "id" not in lsid:
+            return False
+        raw = lsid["id"]
+        session = {"id": Binary.from_uuid(raw) if isinstance(raw, UUID) else raw}
+        try:
+            dbm.retry(lambda: self.db.client.admin.command("killSessions", [session]),
+                      what="end the lapsed holder's session", attempts=2)
+        except OperationFailure as exc:
+            log.warning("cannot end the lapsed lease holder's session; the takeover waits "
+                        "for the server to abort its transaction (%s)", exc,
+                        extra={"lapsed_holder": doc.get("holder"), "term": doc.get("term")})
+            return False
+        log.warning("ended the lapsed lease holder's session (its unfinished transaction is "
+                    "aborted)", extra={"lapsed_holder": doc.get("holder"),
+                                       "term": doc.get("term")})
         return True
 
     def renew(self) -> bool:
@@ -174,7 +234,7 @@ class Lease:
             {"_id": self.config.name, "holder": self.holder, "term": term,
              "expires_at": {"$gt": now}},
             {"$set": {"expires_at": self._expiry(now), "renewed_at": now}},
-            return_document=ReturnDocument.AFTER,
+            return_document=ReturnDocument.AFTER, maxTimeMS=self.config.wait_ms,
         ), what="renew scheduler lease")
         if doc is None:
             self.forget()
@@ -192,7 +252,8 @@ class Lease:
         doc = dbm.retry(lambda: self.collection.find_one_and_update(
             {"_id": self.config.name, "holder": self.holder, "term": term},
             {"$set": {"holder": None, "expires_at": now, "released_at": now,
-                      "released_by": self.holder}},
+                      "released_by": self.holder, "holder_lsid": None}},
+            maxTimeMS=self.config.wait_ms,
         ), what="release scheduler lease", attempts=3)
         return doc is not None
 

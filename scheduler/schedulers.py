@@ -31,9 +31,11 @@ from typing import Any, TypeVar
 
 from celery import Celery
 from celery.beat import Scheduler
+from pymongo import ReadPreference
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.read_concern import ReadConcern
 
 from app import db as dbm
 from app.config import Settings, load_or_exit
@@ -79,6 +81,7 @@ class MongoLeaseScheduler(Scheduler):
         self._in_tick = False
         self._closed = False
         self._stream: Any = None
+        self._session: ClientSession | None = None  # where fenced transactions run
         self._stream_failed_at = 0.0
         self._bad_entries: set[str] = set()
         super().__init__(app, *args, **kwargs)
@@ -141,14 +144,14 @@ class MongoLeaseScheduler(Scheduler):
                 term = lease.term
                 if lease.renew():
                     if self._suspended:
-                        log.warning("scheduler lease proven again; resuming enqueues",
-                                    extra={"holder": self.identity, "term": term})
+                        log.warning("scheduler lease (term %s) proven again; resuming "
+                                    "enqueues", term, extra={"holder": self.identity,
+                                                             "term": term})
                         self._suspended = None
                     self._next_renew = time.monotonic() + self.lease_config.renew_seconds
                     return True
-                self._step_down(f"the lease (term {term}) was taken over or expired before "
-                                "it could be renewed")
-            if lease.acquire():
+                self._step_down("it was taken over or expired before it could be renewed")
+            if lease.acquire(self._fence_session().session_id):
                 self._became_leader()
                 return True
         except DB_ERRORS as exc:
@@ -165,16 +168,18 @@ class MongoLeaseScheduler(Scheduler):
         self._suspended = None
         self._standby_logged = False
         self._close_stream()
-        log.warning("scheduler lease acquired: this process is the leader", extra={
+        log.warning("scheduler lease acquired: this process is the leader (term %s, %s)",
+                    lease.term, self.identity, extra={
             "holder": self.identity, "term": lease.term, "expires_at": lease.expires_at,
             "lease_seconds": self.lease_config.lease_seconds})
 
     def _step_down(self, reason: str) -> None:
         term = self.lease.term
         self.lease.forget()
+        self._end_session()  # the next term gets a fresh one
         self._synced_term = None
         self._suspended = None
-        log.warning("scheduler lease lost: stopping enqueues (%s)", reason,
+        log.warning("scheduler lease lost (term %s): stopping enqueues; %s", term, reason,
                     extra={"holder": self.identity, "term": term})
 
     def _cannot_prove(self, exc: BaseException) -> None:
@@ -193,7 +198,8 @@ class MongoLeaseScheduler(Scheduler):
             doc = self.lease.read() or {}
         except DB_ERRORS:
             doc = {}
-        log.info("scheduler is standby: another process holds the lease", extra={
+        log.info("scheduler is standby: %s holds the lease (term %s)", doc.get("holder"),
+                 doc.get("term"), extra={
             "holder": self.identity, "leader": doc.get("holder"), "term": doc.get("term"),
             "expires_at": doc.get("expires_at")})
 
@@ -249,16 +255,71 @@ class MongoLeaseScheduler(Scheduler):
 
     # --- fenced work -----------------------------------------------------------------------
 
+    def _fence_session(self) -> ClientSession:
+        """The one session this process's fenced transactions run on; its id is recorded
+        in the lease so that a successor can end it (see scheduler/lease.py)."""
+        if self._session is None:
+            self._session = self.db.client.start_session()
+        return self._session
+
+    def _end_session(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            self._abort(session)
+            try:
+                session.end_session()
+            except PyMongoError:
+                pass
+
+    @staticmethod
+    def _abort(session: ClientSession) -> None:
+        if session.in_transaction:
+            try:
+                session.abort_transaction()
+            except PyMongoError:
+                pass  # the server aborts it (or a successor ends the session)
+
     def _fenced(self, body: Callable[[ClientSession, datetime], T], what: str) -> T:
-        """Run ``body(session, now)`` in a transaction that first proves the lease."""
+        """Run ``body(session, now)`` in a majority transaction on the lease's session,
+        after proving the lease inside it. Transient errors retry the whole transaction,
+        but only while the lease can still be proven locally (at most 10 s)."""
         lease = self.lease
+        session = self._fence_session()
+        deadline = time.monotonic() + max(1.0, min(10.0, lease.seconds_left()))
+        attempt = 0
+        while True:
+            session.start_transaction(read_concern=ReadConcern("majority"),
+                                      write_concern=dbm.MAJORITY,
+                                      read_preference=ReadPreference.PRIMARY,
+                                      max_commit_time_ms=5000)
+            try:
+                now = dbm.server_now(self.db)
+                lease.fence(session, now)
+                result = body(session, now)
+                self._commit(session, deadline)
+                return result
+            except BaseException as exc:
+                self._abort(session)
+                if (isinstance(exc, PyMongoError)
+                        and exc.has_error_label("TransientTransactionError")
+                        and time.monotonic() < deadline):
+                    time.sleep(dbm.backoff_delay(attempt))
+                    attempt += 1
+                    log.info("retrying %s after a transient error: %s", what, exc)
+                    continue
+                raise
 
-        def run(session: ClientSession) -> T:
-            now = dbm.server_now(self.db)
-            lease.fence(session, now)
-            return body(session, now)
-
-        return dbm.transaction(self.db, run, what=what)
+    @staticmethod
+    def _commit(session: ClientSession, deadline: float) -> None:
+        while True:
+            try:
+                session.commit_transaction()
+                return
+            except PyMongoError as exc:
+                if exc.has_error_label("UnknownTransactionCommitResult") \
+                        and time.monotonic() < deadline:
+                    continue  # committing again is safe: same transaction number
+                raise
 
     def _sync_static(self) -> None:
         """Write the static schedule (definitions only; run metadata is kept) and delete
@@ -303,7 +364,8 @@ class MongoLeaseScheduler(Scheduler):
             return
         self._synced_term = term
         if any(counts.values()):
-            log.info("static schedule written", extra={"term": term, **counts})
+            log.info("static schedule written (term %s): %s", term, counts,
+                     extra={"term": term, **counts})
 
     def _run_due(self) -> float:
         """Fire every due entry (fenced), then return the delay until the next due entry
@@ -384,7 +446,7 @@ class MongoLeaseScheduler(Scheduler):
                 pass
             log.warning("slot was already fired; advanced past it", extra={"dedupe_key": key})
             return
-        log.info("enqueued timed work", extra={
+        log.info("enqueued %s (job %s, term %s)", key, job["_id"], term, extra={
             "entry": entry.name, "kind": entry.kind, "slot": slot, "job_id": job["_id"],
             "term": term, "dedupe_key": key})
         try:
@@ -406,6 +468,8 @@ class MongoLeaseScheduler(Scheduler):
             return
         self._closed = True
         self._close_stream()
+        if self._session is not None:
+            self._abort(self._session)  # a transaction a signal interrupted
         lease = self._lease
         if lease is not None and lease.term is not None:
             term = lease.term
@@ -416,9 +480,10 @@ class MongoLeaseScheduler(Scheduler):
                             "within %ss (%s)", self.lease_config.lease_seconds, exc,
                             extra={"holder": self.identity, "term": term})
             else:
-                log.warning("scheduler lease released" if released else
-                            "scheduler lease was no longer ours at release",
+                log.warning("scheduler lease released (term %s)" if released else
+                            "scheduler lease (term %s) was no longer ours at release", term,
                             extra={"holder": self.identity, "term": term})
+        self._end_session()
         super().close()
 
     @property

@@ -7,6 +7,7 @@ take over an expired lease, and refuse an unexpired one, fail if the comparison 
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pymongo
@@ -186,3 +187,41 @@ def test_store_unreachable_raises_database_unavailable_quickly(tmp_path) -> None
 def test_process_identity_is_stable_within_a_process() -> None:
     assert process_identity() == process_identity()
     assert process_identity().split(":")[1].isdigit()
+
+
+def test_takeover_ends_a_lapsed_holder_paused_inside_a_fenced_transaction(db) -> None:
+    """A holder paused (SIGSTOP, GC, VM freeze) after its fence wrote the lease document
+    holds a write lock on it. Once the lease has expired, the standby ends the holder's
+    recorded session: the takeover is not blocked, and the paused commit fails."""
+    short = LeaseConfig(lease_seconds=1.0, renew_seconds=0.3, retry_seconds=0.2)
+    a, b = Lease(db, short, "a"), Lease(db, short, "b")
+    with db.client.start_session() as session:
+        assert a.acquire(session.session_id)
+        session.start_transaction()
+        a.fence(session, dbm.server_now(db))
+        db["fenced_writes"].insert_one({"by": "a"}, session=session)
+        # ...a is paused here, its transaction open, and its lease runs out.
+        time.sleep(1.2)
+        started = time.monotonic()
+        assert b.acquire()
+        assert time.monotonic() - started < 10
+        assert lease_doc(db)["holder"] == "b" and b.term == 2
+        # a wakes up and commits: refused, nothing it wrote survives.
+        with pytest.raises(pymongo.errors.OperationFailure):
+            session.commit_transaction()
+    assert db["fenced_writes"].count_documents({}) == 0
+
+
+def test_a_locked_lease_of_a_live_holder_is_not_taken(db) -> None:
+    """The holder in the middle of a fenced transaction (normal operation): the standby's
+    attempt gives up after a bounded wait and leaves the holder alone."""
+    a, b = Lease(db, CFG, "a"), Lease(db, CFG, "b")
+    with db.client.start_session() as session:
+        assert a.acquire(session.session_id)
+        session.start_transaction()
+        a.fence(session, dbm.server_now(db))
+        started = time.monotonic()
+        assert not b.acquire()
+        assert time.monotonic() - started < 10
+        session.commit_transaction()
+    assert lease_doc(db)["holder"] == "a" and lease_doc(db)["term"] == 1
