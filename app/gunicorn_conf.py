@@ -99,7 +99,7 @@ def on_exit(server: Any) -> None:
         shutil.rmtree(_own_multiproc_dir, ignore_errors=True)
 
 
-class JsonLogger(glogging.Logger):  # type: ignore[misc]
+class JsonLogger(glogging.Logger):
     """gunicorn's logger with a JSON-lines access log."""
 
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:

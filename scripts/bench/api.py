@@ -18,7 +18,7 @@ Target: p99 ≤ 50 ms for the GET. The embedded database is a Python server shar
 same 2 cores (NOTES.md: ~250 simple operations/s), so the renew figures mostly measure it.
 
     .venv/bin/python scripts/bench/api.py [--rate 100] [--duration 30]
-        [--renew-rate R] [--certificates 200] [--workers N] [--threads 4]
+        [--list-rate R] [--renew-rate R] [--certificates 200] [--workers N] [--threads 4]
 
 A phase stops sending 60 s after its last request was due: requests not sent by then
 count as errors ("abandoned"), so an overloaded phase still ends.
@@ -196,6 +196,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--list-rate", type=float, default=None,
+                        help="offered rate of the list phase (default: --rate)")
     parser.add_argument("--renew-rate", type=float, default=None,
                         help="offered rate of the renew phase (default: --rate)")
     parser.add_argument("--certificates", type=int, default=200)
@@ -264,7 +266,7 @@ def main() -> None:
         spec_path = tmp / "spec.json"
         spec_path.write_text(json.dumps(spec))
         for phase in args.phases.split(","):
-            rate = args.renew_rate if phase == "renew" and args.renew_rate else args.rate
+            rate = {"list": args.list_rate, "renew": args.renew_rate}.get(phase) or args.rate
             log(f"{phase}: {rate:g} req/s for {args.duration:g} s")
             out = subprocess.run(
                 [sys.executable, __file__, "--generate", "--phase", phase, "--spec",
@@ -302,7 +304,8 @@ def main() -> None:
         "offered_rps": args.rate, "duration_s": args.duration,
         "get_rps": pick("get", "rps"), "get_p50_ms": pick("get", "p50_ms"),
         "get_p90_ms": pick("get", "p90_ms"), "get_p99_ms": pick("get", "p99_ms"),
-        "list_rps": pick("list", "rps"), "list_p50_ms": pick("list", "p50_ms"),
+        "list_offered_rps": pick("list", "rate"), "list_rps": pick("list", "rps"),
+        "list_p50_ms": pick("list", "p50_ms"),
         "list_p99_ms": pick("list", "p99_ms"),
         "renew_offered_rps": pick("renew", "rate"),
         "renew_rps": pick("renew", "rps"), "renew_p50_ms": pick("renew", "p50_ms"),
