@@ -9,8 +9,9 @@
 - SIGTERM: Celery stops consuming (warm shutdown); every process that runs jobs (the
   pool's children, or the main process for the solo/threads pools) starts draining:
   running jobs get CAP_JOB_GRACE_SECONDS to finish, then their leases are released so a
-  peer re-claims them at once. Wake-ups this worker had prefetched but not started are
-  re-published, since kombu's MongoDB transport already deleted them from the broker.
+  peer re-claims them at once. The worker stops fetching wake-ups at once; those it had
+  prefetched but not started are restored to the broker by kombu when it closes its
+  channel (and, should that fail, re-published by the reaper).
 """
 
 from __future__ import annotations
@@ -89,9 +90,13 @@ def _running_job_ids() -> list[str]:
     return sorted(set(ids))
 
 
+_consumer: Any = None
+
+
 @signals.worker_ready.connect
 def _worker_ready(sender: Any = None, **_: Any) -> None:
-    global _heartbeat
+    global _heartbeat, _consumer
+    _consumer = sender
     from app import db as dbm
 
     settings = load_or_exit()
@@ -105,19 +110,27 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         running=_running_job_ids).start()
 
 
-def _republish_reserved() -> None:
-    from celery.worker import state
-
-    active = {req.id for req in list(state.active_requests)}
-    for req in list(state.reserved_requests):
-        if req.id in active or req.name != broker.RUN_JOB_TASK or not req.args:
-            continue
-        broker.publish_wakeup(str(req.args[0]))
+def _stop_consuming() -> None:
+    """Stop fetching wake-ups. Celery's warm shutdown keeps its event loop (and so the
+    broker polling) running until the pool is idle; a draining worker must not take
+    messages its peers could run."""
+    if _consumer is None:
+        return
+    try:
+        _consumer.cancel_task_queue(broker.QUEUE)
+    except Exception as exc:  # noqa: BLE001 - the worker then defers what it still gets
+        log.warning("could not stop consuming", extra={"error": str(exc)[:200]})
 
 
 @signals.worker_shutting_down.connect
 def _worker_shutting_down(**_: Any) -> None:
     settings = load_or_exit()
+    # We are inside the SIGTERM handler: let the event loop cancel the consumer.
+    hub = getattr(_consumer, "hub", None)
+    if hub is not None:
+        hub.call_soon(_stop_consuming)
+    else:
+        _stop_consuming()
     if _heartbeat is not None:
         threading.Thread(target=_heartbeat.draining, daemon=True).start()
     # Jobs run in this process (solo/threads pools) drain here ...
@@ -135,7 +148,6 @@ def _worker_shutting_down(**_: Any) -> None:
     except Exception as exc:  # noqa: BLE001 - children then finish without a deadline
         log.warning("could not forward SIGTERM to pool processes",
                     extra={"error": str(exc)[:200]})
-    threading.Thread(target=_republish_reserved, name="republish-reserved").start()
 
 
 @signals.worker_shutdown.connect

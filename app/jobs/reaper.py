@@ -25,7 +25,8 @@ from pymongo.database import Database
 
 from app import db as dbm
 from app.config import Settings, load_settings
-from app.jobs import broker, store
+from app.errors import DatabaseUnavailable
+from app.jobs import broker, store, txn
 from app.jobs.clock import server_now
 
 log = logging.getLogger("certautopilot.jobs.reaper")
@@ -56,23 +57,21 @@ def reap(db: Database[Doc], *, settings: Settings | None = None,
             error = (f"attempt {attempts} of {limit_attempts}: the lease held by "
                      f"{lease.get('owner')} lapsed (the worker stopped or lost the "
                      "database) and no attempts are left")
-            res = jobs.update_one(fence, {
-                "$set": {"state": store.DEAD, "finished_at": now, "updated_at": now,
-                         "last_error": error},
-                "$push": {"history": store._history(now, "dead", error=error)}})
-            if res.modified_count:
+            if _write(db, fence, {
+                    "$set": {"state": store.DEAD, "finished_at": now, "updated_at": now,
+                             "last_error": error},
+                    "$push": {"history": store._history(now, "dead", error=error)}}):
                 counts["dead"] += 1
                 log.error("job dead: its lease lapsed on the last attempt",
                           extra={"job_id": job["_id"], "kind": job.get("kind"),
                                  "event": "job.dead"})
             continue
-        res = jobs.update_one(fence, {
-            "$set": {"state": store.QUEUED, "lease": None, "run_after": now, "wake_at": now,
-                     "updated_at": now,
-                     "last_error": f"the lease held by {lease.get('owner')} lapsed"},
-            "$push": {"history": store._history(now, "requeued", reason="lease lapsed",
-                                                previous_owner=lease.get("owner"))}})
-        if res.modified_count:
+        if _write(db, fence, {
+                "$set": {"state": store.QUEUED, "lease": None, "run_after": now,
+                         "wake_at": now, "updated_at": now,
+                         "last_error": f"the lease held by {lease.get('owner')} lapsed"},
+                "$push": {"history": store._history(now, "requeued", reason="lease lapsed",
+                                                    previous_owner=lease.get("owner"))}}):
             counts["requeued"] += 1
             log.warning("requeued a job whose lease lapsed",
                         extra={"job_id": job["_id"], "kind": job.get("kind"),
@@ -89,14 +88,24 @@ def reap(db: Database[Doc], *, settings: Settings | None = None,
         # backlog drains, later passes cover the rest.
         backlog = broker.broker_backlog(settings)
         wanted = len(stale) if backlog is None else max(0, len(stale) - backlog)
-        ids = [doc["_id"] for doc in stale[:wanted]]
-        if ids:
-            jobs.update_many({"_id": {"$in": ids}, "state": store.QUEUED},
-                             {"$set": {"wake_at": now}})
-            for job_id in ids:
-                if broker.publish_wakeup(job_id, settings=settings):
-                    counts["republished"] += 1
+        for doc in stale[:wanted]:
+            if _write(db, {"_id": doc["_id"], "state": store.QUEUED,
+                           "wake_at": {"$lte": cutoff}}, {"$set": {"wake_at": now}}) \
+                    and broker.publish_wakeup(doc["_id"], settings=settings):
+                counts["republished"] += 1
+        if counts["republished"]:
             log.info("re-published wake-ups of queued jobs nobody claimed",
                      extra={"count": counts["republished"], "stale": len(stale),
                             "broker_backlog": backlog, "event": "jobs.republished"})
     return counts
+
+
+def _write(db: Database[Doc], fence: Doc, update: Doc) -> bool:
+    """One fenced transition in its own short transaction. A job that keeps conflicting
+    (a killed worker's transaction still open on it) is skipped until a later pass."""
+    try:
+        return txn.update_one(db, fence, update, attempts=2, what="reap job")
+    except DatabaseUnavailable as exc:
+        log.info("reaper skipped a job it could not update now",
+                 extra={"job_id": fence.get("_id"), "error": str(exc)[:200]})
+        return False

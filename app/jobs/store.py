@@ -44,7 +44,7 @@ from pymongo.errors import DuplicateKeyError
 
 from app import db as dbm
 from app.config import Settings, load_settings
-from app.jobs import broker
+from app.jobs import broker, txn
 from app.jobs.clock import server_now
 from app.jobs.errors import InvalidJob, JobNotFound, JobStateConflict, LeaseLost
 from app.jobs.registry import get_handler, valid_kind
@@ -161,9 +161,18 @@ def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
 
     jobs = _jobs(db)
     insert = doc
+
+    def insert_in_txn(session: ClientSession) -> None:
+        jobs.insert_one(insert, session=session)
+
     for _ in range(5):
         try:
-            dbm.retry(lambda: jobs.insert_one(insert), what="enqueue job")
+            if dedupe_key is None:
+                dbm.retry(lambda: jobs.insert_one(insert), what="enqueue job")
+            else:
+                # In a transaction: a killed enqueuer's open transaction holding the same
+                # key then conflicts at once instead of stalling the server (app.jobs.txn).
+                txn.run(db, insert_in_txn, what="enqueue job")
         except DuplicateKeyError:
             # Our own insert retried after a lost reply, or an active job with this key.
             mine = jobs.find_one({"_id": doc["_id"]})
@@ -198,8 +207,9 @@ def _publish_or_leave(db: Database[Doc], job_id: str, due: datetime, countdown: 
         return True
     # Tell the reaper at once instead of after the usual threshold (best effort).
     try:
-        _jobs(db).update_one({"_id": job_id, "state": QUEUED}, {"$set": {
-            "wake_at": due - timedelta(seconds=settings.reaper_republish_seconds)}})
+        txn.update_one(db, {"_id": job_id, "state": QUEUED}, {"$set": {
+            "wake_at": due - timedelta(seconds=settings.reaper_republish_seconds)}},
+            attempts=1)
     except Exception as exc:  # noqa: BLE001 - the job is queued; the reaper finds it anyway
         log.debug("could not mark the job for the reaper", extra={"error": str(exc)[:200]})
     return False
@@ -264,7 +274,9 @@ def claim(db: Database[Doc], job_id: str, worker: str, *, lease_seconds: float |
                    attempts=attempts)
         return job
 
-    job = dbm.transaction(db, run, what="claim job")
+    # Few attempts: a claim that keeps conflicting is someone else's business (a peer's
+    # claim, or a killed worker's open transaction); the reaper wakes the job again.
+    job = txn.run(db, run, attempts=3, what="claim job")
     if job is None and not outcome.get("dead"):
         _after_missed_claim(db, job_id, settings)
     return job
@@ -311,11 +323,10 @@ def heartbeat(db: Database[Doc], job_id: str, token: str, *,
     lease = lease_seconds or _settings(settings).job_lease_seconds
     now = server_now(db)
     expires = now + timedelta(seconds=lease)
-    result = dbm.retry(lambda: _jobs(db).update_one(
-        _fence(job_id, token, now),
-        {"$set": {"lease.expires_at": expires, "lease.renewed_at": now}}),
-        what="renew job lease", attempts=2)
-    return expires if result.matched_count == 1 else None
+    renewed = txn.update_one(db, _fence(job_id, token, now),
+                             {"$set": {"lease.expires_at": expires, "lease.renewed_at": now}},
+                             attempts=3, what="renew job lease")
+    return expires if renewed else None
 
 
 def _finished_by(db: Database[Doc], job_id: str, token: str, state: str) -> bool:
@@ -330,8 +341,8 @@ def _note_refused(db: Database[Doc], job_id: str, worker: str | None, event: str
                   now: datetime) -> None:
     """Record, outside the fence, that a former holder's transition was refused."""
     try:
-        _jobs(db).update_one({"_id": job_id}, {"$push": {"history": _history(
-            now, event, worker=worker)}})
+        txn.update_one(db, {"_id": job_id}, {"$push": {"history": _history(
+            now, event, worker=worker)}}, attempts=1)
     except Exception:  # noqa: BLE001 - informational only
         pass
 
@@ -344,9 +355,8 @@ def complete(db: Database[Doc], job_id: str, token: str,
     update = {"$set": {"state": SUCCEEDED, "result": result, "finished_at": now,
                        "updated_at": now},
               "$push": {"history": _history(now, "succeeded", worker=worker)}}
-    res = dbm.retry(lambda: _jobs(db).update_one(_fence(job_id, token, now), update),
-                    what="complete job")
-    if res.matched_count == 1 or _finished_by(db, job_id, token, SUCCEEDED):
+    if txn.update_one(db, _fence(job_id, token, now), update, what="complete job") \
+            or _finished_by(db, job_id, token, SUCCEEDED):
         return True
     log.warning("job completion refused: this worker's lease is gone",
                 extra={"job_id": job_id, "event": "job.complete_refused", "worker": worker})
@@ -384,9 +394,7 @@ def fail(db: Database[Doc], job_id: str, token: str, error: str, *, attempts: in
     update = {"$set": fields, "$push": {"history": _history(
         now, "dead" if state == DEAD else "failed", worker=worker, error=error[:500],
         **({"retry_in": round(delay, 3)} if state == QUEUED else {}))}}
-    res = dbm.retry(lambda: _jobs(db).update_one(_fence(job_id, token, now), update),
-                    what="record job failure")
-    if res.matched_count != 1:
+    if not txn.update_one(db, _fence(job_id, token, now), update, what="record job failure"):
         if state == DEAD and _finished_by(db, job_id, token, DEAD):
             return DEAD
         log.warning("job failure not recorded: this worker's lease is gone",
@@ -412,9 +420,7 @@ def retry_later(db: Database[Doc], job_id: str, token: str, delay_seconds: float
               "$push": {"history": _history(now, "retry_later", worker=worker,
                                             reason=reason[:500],
                                             retry_in=round(delay_seconds, 3))}}
-    res = dbm.retry(lambda: _jobs(db).update_one(_fence(job_id, token, now), update),
-                    what="reschedule job")
-    if res.matched_count != 1:
+    if not txn.update_one(db, _fence(job_id, token, now), update, what="reschedule job"):
         _note_refused(db, job_id, worker, "retry_later_refused", now)
         return False
     _publish_or_leave(db, job_id, due, delay_seconds, settings)
@@ -433,10 +439,8 @@ def release(db: Database[Doc], job_id: str, token: str, reason: str, *,
               "$push": {"history": _history(now, "released", worker=worker,
                                             reason=reason[:500])}}
     # No expiry in the filter: releasing a lapsed lease that nobody re-claimed is fine.
-    res = dbm.retry(lambda: _jobs(db).update_one(
-        {"_id": job_id, "state": RUNNING, "lease.token": token}, update),
-        what="release job", attempts=3)
-    if res.matched_count != 1:
+    if not txn.update_one(db, {"_id": job_id, "state": RUNNING, "lease.token": token}, update,
+                          attempts=3, what="release job"):
         return False
     broker.publish_wakeup(job_id, settings=settings)
     return True
@@ -495,9 +499,15 @@ def fenced_transaction(db: Database[Doc], job_id: str, token: str,
                                 "the transaction was not committed")
 
     try:
-        return dbm.transaction(db, run, what="fenced job transaction")
+        return txn.run(db, run, attempts=8, what="fenced job transaction")
     except AlreadyCommitted as done:
         return done.result
+    except LeaseLost:
+        log.warning("fenced transaction refused: this worker's lease is gone",
+                    extra={"job_id": job_id, "event": "job.transaction_refused",
+                           "worker": worker})
+        _note_refused(db, job_id, worker, "transaction_refused", server_now(db))
+        raise
 
 
 # ------------------------------------------------------------------ operator actions
@@ -562,7 +572,7 @@ def retry_dead(db: Database[Doc], job_id: str, *, actor: Any,
         assert updated is not None
         return updated
 
-    updated = dbm.transaction(db, run, what="retry dead job")
+    updated = txn.run(db, run, what="retry dead job")
     broker.publish_wakeup(job_id, settings=settings)
     return updated
 
@@ -594,7 +604,7 @@ def cancel(db: Database[Doc], job_id: str, *, actor: Any, reason: str = "") -> D
                      details={"kind": job.get("kind"), "reason": reason[:300]})
         return job
 
-    return dbm.transaction(db, run, what="cancel job")
+    return txn.run(db, run, what="cancel job")
 
 
 # ------------------------------------------------------------------------ queue depth

@@ -4,8 +4,14 @@
 - ``test.noop``: returns ``{"ok": True}``.
 - ``test.ledger``: writes one ``ledger`` row in the same fenced transaction that
   completes the job (no unique index: a duplicate run would show as a second row).
-- ``test.sleep``: records that it started (``job_markers``), sleeps ``seconds`` in small
-  steps checking its lease, then writes its ledger row like ``test.ledger``.
+- ``test.ledger``'s payload may hold ``delay`` (seconds to wait first, checking the
+  lease), so that kills land inside handlers.
+- ``test.sleep``: records that it started (``job_markers``), sleeps ``seconds`` on its
+  first run (``then_seconds`` on later ones) in small steps checking its lease, then
+  writes its ledger row like ``test.ledger``. (First/later: by the runs recorded in
+  ``job_markers``, since a released job gives its attempt back.) With ``unchecked`` it sleeps without
+  looking at its lease and writes through the store's fenced transaction directly, so
+  only the server's fence can refuse it.
 - ``test.raise``: always raises; fast backoff, 3 attempts.
 - ``test.retry_later``: asks to be retried ``times`` times, then succeeds.
 - ``test.permanent``: raises PermanentFailure.
@@ -21,7 +27,7 @@ from typing import Any
 
 from pymongo.client_session import ClientSession
 
-from app.jobs import JobContext, PermanentFailure, RetryLater, register_handler
+from app.jobs import JobContext, PermanentFailure, RetryLater, register_handler, store
 
 LEDGER = "ledger"
 MARKERS = "job_markers"
@@ -39,6 +45,11 @@ def noop(ctx: JobContext) -> dict[str, Any]:
 
 @register_handler("test.ledger")
 def ledger(ctx: JobContext) -> dict[str, Any] | None:
+    delay = float(ctx.payload.get("delay", 0))
+    if delay:
+        time.sleep(delay)
+        ctx.check_lease()
+
     def write(session: ClientSession) -> dict[str, Any]:
         ctx.db[LEDGER].insert_one(_ledger_row(ctx), session=session)
         return {"written": True}
@@ -48,18 +59,27 @@ def ledger(ctx: JobContext) -> dict[str, Any] | None:
 
 @register_handler("test.sleep")
 def sleep(ctx: JobContext) -> dict[str, Any] | None:
+    runs = ctx.db[MARKERS].count_documents({"job_id": ctx.job_id})
     ctx.db[MARKERS].insert_one({"job_id": ctx.job_id, "pid": os.getpid(),
                                 "host": socket.gethostname(), "attempt": ctx.attempt,
                                 "token": ctx.lease_token, "worker": ctx.worker})
-    deadline = time.monotonic() + float(ctx.payload.get("seconds", 1.0))
+    seconds = float(ctx.payload.get("seconds", 1.0))
+    if runs:
+        seconds = float(ctx.payload.get("then_seconds", seconds))
+    unchecked = bool(ctx.payload.get("unchecked"))
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.05)
-        ctx.check_lease()
+        if not unchecked:
+            ctx.check_lease()
 
     def write(session: ClientSession) -> dict[str, Any]:
         ctx.db[LEDGER].insert_one(_ledger_row(ctx), session=session)
-        return {"slept": ctx.payload.get("seconds")}
+        return {"slept": seconds}
 
+    if unchecked:
+        return store.fenced_transaction(ctx.db, ctx.job_id, ctx.lease_token, write,
+                                        complete=True, worker=ctx.worker)
     return ctx.transaction(write, complete=True)
 
 
