@@ -20,6 +20,7 @@ token or the state it expects).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ from pymongo.read_concern import ReadConcern
 
 from app import db as dbm
 from app.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Doc = dict[str, Any]
@@ -76,7 +79,12 @@ def run(db: Database[Doc], fn: Callable[[ClientSession], T], *, attempts: int = 
             if attempt == attempts - 1:
                 raise DatabaseUnavailable(f"{what}: gave up after {attempts} attempts: "
                                           f"{str(exc)[:200]}", retry_after=5) from exc
-            time.sleep(dbm.backoff_delay(attempt, 0.02, 1.0))
+            delay = dbm.backoff_delay(attempt, 0.02, 1.0)
+            log.info("transient error in a job transaction, retrying",
+                     extra={"what": what, "attempt": attempt + 1, "delay_s": round(delay, 3),
+                            "error": f"{exc.__class__.__name__}: {exc}"[:200],
+                            "event": "jobs.txn_retry"})
+            time.sleep(delay)
     raise AssertionError("unreachable")
 
 

@@ -176,6 +176,9 @@ def test_step_down_and_failpoints_during_claims_and_completes_lose_and_repeat_no
     assert len(rows) == 60
     assert sorted(r["job_id"] for r in rows) == sorted(ids)
     assert all(p.alive() for p in procs.procs)
+    # The chaos reached the workers' claims and completions, which retried through it.
+    logs = "".join(p.log() for p in procs.procs)
+    assert "jobs.txn_retry" in logs or "transient database error" in logs
 
 
 def _count_ok(db, ids):
