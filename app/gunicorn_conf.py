@@ -20,16 +20,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from gunicorn import glogging
 
 
 def cpu_limit() -> int:
@@ -72,7 +68,7 @@ accesslog = "-"
 errorlog = "-"
 # Behind a load balancer / ingress: trust X-Forwarded-* from it only.
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
-logger_class = "app.gunicorn_conf.JsonLogger"
+logger_class = "app.gunicorn_logging.JsonLogger"
 
 _own_multiproc_dir: str | None = None
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -97,33 +93,3 @@ def child_exit(server: Any, worker: Any) -> None:
 def on_exit(server: Any) -> None:
     if _own_multiproc_dir:
         shutil.rmtree(_own_multiproc_dir, ignore_errors=True)
-
-
-class JsonLogger(glogging.Logger):
-    """gunicorn's logger with a JSON-lines access log."""
-
-    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
-        if not self.access_log_enabled:
-            return
-        headers = {str(k).lower(): v for k, v in (getattr(resp, "headers", None) or [])}
-        status = resp.status.split(None, 1)[0] if isinstance(resp.status, str) \
-            else resp.status
-        entry = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "level": "INFO",
-            "logger": "gunicorn.access",
-            "remote": environ.get("REMOTE_ADDR", "-"),
-            "method": environ.get("REQUEST_METHOD"),
-            "path": environ.get("PATH_INFO"),
-            "query": environ.get("QUERY_STRING") or None,
-            "status": int(status) if str(status).isdigit() else status,
-            "bytes": getattr(resp, "sent", None),
-            "duration_ms": round(request_time.total_seconds() * 1000, 2),
-            "request_id": headers.get("x-request-id"),
-            "user_agent": environ.get("HTTP_USER_AGENT"),
-            "pid": os.getpid(),
-        }
-        try:
-            self.access_log.info(json.dumps(entry, default=str))
-        except Exception:  # noqa: BLE001 - a log line must never fail a request
-            self.error("could not write the access log line")

@@ -124,7 +124,7 @@ def test_json_access_log_line() -> None:
     from datetime import timedelta
     from types import SimpleNamespace
 
-    from app.gunicorn_conf import JsonLogger
+    from app.gunicorn_logging import JsonLogger
 
     records: list[str] = []
 
