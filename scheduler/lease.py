@@ -93,8 +93,14 @@ class LeaseConfig:
 
     @property
     def wait_ms(self) -> int:
-        """How long one lease command may wait on a locked lease document (maxTimeMS)."""
+        """How long a renewal or release may wait on a locked lease document (maxTimeMS)."""
         return int(min(2.0, self.lease_seconds / 3) * 1000)
+
+    @property
+    def acquire_wait_ms(self) -> int:
+        """How long an acquisition may wait on a locked lease document: briefly, as the
+        holder's fenced transactions are short, and a lapsed holder's is fenced off."""
+        return int(min(0.5, self.lease_seconds / 3) * 1000)
 
     @property
     def safety_seconds(self) -> float:
@@ -189,7 +195,7 @@ class Lease:
                           "holder_lsid": session_id},
                  "$inc": {"term": 1}},
                 upsert=True, return_document=ReturnDocument.AFTER,
-                maxTimeMS=self.config.wait_ms,
+                maxTimeMS=self.config.acquire_wait_ms,
             )
         except DuplicateKeyError:
             return None  # the document exists and its holder is alive: contended

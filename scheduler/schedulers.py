@@ -210,20 +210,29 @@ class MongoLeaseScheduler(Scheduler):
         if self._suspended or self._closed:
             return retry
         wait = retry
+        lapses = False
         try:
             doc = self.lease.read()
             if doc is not None and doc.get("holder") and doc.get("expires_at"):
                 left = (doc["expires_at"] - dbm.server_now(self.db)).total_seconds()
                 wait = max(0.05, min(retry, left + 0.05))
+                lapses = left + 0.05 <= retry
             elif doc is not None and not doc.get("holder"):
                 wait = min(retry, 0.1)  # released a moment ago: try again soon
         except DB_ERRORS:
             return retry
-        self._wait_for_lease_change(wait)
+        changed = self._wait_for_lease_change(wait)
+        if lapses and not changed:
+            # The holder let its lease run out (dead, paused, cut off): end its session
+            # now, so that an unfinished transaction of it cannot hold up the takeover.
+            try:
+                self.lease.fence_off_lapsed_holder()
+            except DB_ERRORS as exc:
+                log.info("could not fence off the lapsed holder yet: %s", exc)
         return 0.0
 
-    def _wait_for_lease_change(self, seconds: float) -> None:
-        """Block up to ``seconds``; return early on a change of the lease's holder (a
+    def _wait_for_lease_change(self, seconds: float) -> bool:
+        """Block up to ``seconds``; return True early on a change of the lease's holder (a
         release or a takeover). Falls back to sleeping if change streams fail."""
         deadline = time.monotonic() + seconds
         if time.monotonic() - self._stream_failed_at > 60.0:
@@ -234,16 +243,17 @@ class MongoLeaseScheduler(Scheduler):
                             {"operationType": {"$in": ["insert", "replace", "delete"]}},
                             {"updateDescription.updatedFields.holder": {"$exists": True}},
                         ]}}],
-                        max_await_time_ms=250)
+                        max_await_time_ms=100)
                 while time.monotonic() < deadline:
                     if self._stream.try_next() is not None:
-                        return
-                return
+                        return True
+                return False
             except PyMongoError as exc:
                 log.info("lease change stream unavailable; polling instead (%s)", exc)
                 self._stream_failed_at = time.monotonic()
                 self._close_stream()
         time.sleep(max(0.0, deadline - time.monotonic()))
+        return False
 
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
