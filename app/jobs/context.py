@@ -46,6 +46,9 @@ class JobContext:
         self.lost_reason: str | None = None
         self.completed = False
         self.result: dict[str, Any] | None = None
+        # Set when one of this job's transactions ended in an error: its outcome on the
+        # server may be unresolved, so the completion must be transactional too.
+        self.txn_trouble = False
         # The lease surely holds until this monotonic time (claim/renewal send + lease).
         self._deadline = time.monotonic() + lease_seconds
 
@@ -89,6 +92,12 @@ class JobContext:
     def renewed(self, sent_at_monotonic: float) -> None:
         self._deadline = sent_at_monotonic + self.lease_seconds
 
+    def may_write_plainly(self) -> bool:
+        """The lease surely holds for another third of its length and no transaction of
+        this job is unresolved: a plain (non-transactional) completion is safe."""
+        return (not self.txn_trouble and not self.cancelled.is_set()
+                and self._deadline - time.monotonic() > self.lease_seconds / 3)
+
     def transaction(self, fn: Callable[[ClientSession], T], *, complete: bool = False) -> T:
         """Run ``fn(session)`` in a transaction that commits only while this worker holds
         the job's lease (LeaseLost otherwise, and nothing of ``fn`` is written). With
@@ -97,8 +106,15 @@ class JobContext:
         together, so the effect happens exactly once even if the worker dies right after.
         """
         self.check_lease()
-        value = store.fenced_transaction(self.db, self.job_id, self.lease_token, fn,
-                                         complete=complete, worker=self.worker)
+        try:
+            value = store.fenced_transaction(self.db, self.job_id, self.lease_token, fn,
+                                             complete=complete, worker=self.worker,
+                                             retry_while=self.lease_valid)
+        except LeaseLost:
+            raise
+        except Exception:
+            self.txn_trouble = True
+            raise
         if complete:
             self.completed = True
             self.result = value if isinstance(value, dict) else None
@@ -123,6 +139,8 @@ class LeaseKeeper:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                self.ctx.txn_trouble = True  # a renewal still in flight
 
     def _run(self) -> None:
         ctx = self.ctx
@@ -140,6 +158,7 @@ class LeaseKeeper:
                                           lease_seconds=ctx.lease_seconds,
                                           settings=ctx.settings)
             except Exception as exc:  # noqa: BLE001 - retried until the lease would lapse
+                ctx.txn_trouble = True
                 log.warning("could not renew a job lease; retrying",
                             extra={"job_id": ctx.job_id,
                                    "error": f"{exc.__class__.__name__}: {exc}"[:200]})

@@ -156,7 +156,7 @@ def _execute(db: Database[Doc], job: Doc, settings: Settings, worker: str) -> st
         _running[job_id] = ctx
     keeper = LeaseKeeper(ctx).start()
     try:
-        return _call(db, ctx, spec, started, record_failure)
+        return _call(db, ctx, spec, started, record_failure, keeper)
     finally:
         keeper.stop()
         with _running_lock:
@@ -164,7 +164,7 @@ def _execute(db: Database[Doc], job: Doc, settings: Settings, worker: str) -> st
 
 
 def _call(db: Database[Doc], ctx: JobContext, spec: HandlerSpec, started: float,
-          record_failure: Any) -> str:
+          record_failure: Any, keeper: LeaseKeeper) -> str:
     job_id, kind = ctx.job_id, ctx.kind
     try:
         result = spec.fn(ctx)
@@ -217,8 +217,10 @@ def _call(db: Database[Doc], ctx: JobContext, spec: HandlerSpec, started: float,
                            "reason": ctx.lost_reason})
         _observe(kind, "lease_lost", started)
         return "lease_lost"
+    keeper.stop()  # no renewal of ours races the completion
     try:
-        done = store.complete(db, job_id, ctx.lease_token, result, worker=ctx.worker)
+        done = store.complete(db, job_id, ctx.lease_token, result, worker=ctx.worker,
+                              plain=ctx.may_write_plainly())
     except Exception as exc:  # noqa: BLE001 - the lease lapses; a peer re-runs the job
         log.error("could not record a job's completion; the lease will lapse",
                   extra={"job_id": job_id, "error": str(exc)[:300]})

@@ -237,74 +237,76 @@ def claim(db: Database[Doc], job_id: str, worker: str, *, lease_seconds: float |
     Returns the claimed job, or None when there is nothing to do: the job is running under
     a live lease, finished, cancelled, unknown, or not due yet (its wake-up is then
     re-published for when it is due). A lapsed job with no attempts left goes ``dead``.
+
+    The job is read first, then the transaction updates it only if it is still exactly
+    as read (state, attempts and lease token in the filter): an optimistic claim, so a
+    concurrent claimer makes it a no-op. (Read + update + commit is cheaper on the
+    server than a findAndModify inside the transaction, and the read tells a wake-up
+    that came too early when to come back.)
     """
     if not valid_job_id(job_id):
         return None
     settings = _settings(settings)
     lease = lease_seconds or settings.job_lease_seconds
     jobs = _jobs(db)
-    outcome: dict[str, Any] = {}
-
-    def run(session: ClientSession) -> Doc | None:
-        outcome.clear()
-        now = server_now(db)
-        token = new_token()
-        new_lease = {"owner": worker, "token": token,
-                     "expires_at": now + timedelta(seconds=lease), "claimed_at": now}
-        before = jobs.find_one_and_update(
-            {"_id": job_id, "$or": [
-                {"state": QUEUED, "run_after": {"$lte": now}},
-                {"state": RUNNING, "lease.expires_at": {"$lt": now}}]},
-            {"$set": {"state": RUNNING, "lease": new_lease, "started_at": now,
-                      "updated_at": now},
-             "$inc": {"attempts": 1},
-             "$push": {"history": _history(now, "claimed", worker=worker)}},
-            session=session, return_document=ReturnDocument.BEFORE)
-        if before is None:
+    seen = jobs.find_one({"_id": job_id}, {"history": 0})
+    if seen is None:
+        return None
+    now = server_now(db)
+    state = seen.get("state")
+    old_lease = seen.get("lease") or {}
+    if state == QUEUED:
+        run_after = seen.get("run_after")
+        if isinstance(run_after, datetime) and run_after > now:
+            broker.publish_wakeup(job_id, (run_after - now).total_seconds(),
+                                  settings=settings)
             return None
-        attempts = int(before.get("attempts") or 0) + 1
-        if before.get("state") == RUNNING:
-            limit = int(before.get("max_attempts") or settings.job_max_attempts)
-            if attempts > limit:
-                _mark_lapsed_dead(jobs, before, now, session)
-                outcome["dead"] = True
-                return None
-        job = dict(before)
-        job.update(state=RUNNING, lease=new_lease, started_at=now, updated_at=now,
-                   attempts=attempts)
-        return job
-
+    elif state == RUNNING:
+        expires = old_lease.get("expires_at")
+        if isinstance(expires, datetime) and expires >= now:
+            return None  # a live lease: someone is on it
+    else:
+        return None  # finished or cancelled
+    attempts = int(seen.get("attempts") or 0)
+    as_seen: Doc = {"_id": job_id, "state": state, "attempts": seen.get("attempts"),
+                    "lease.token": old_lease.get("token")}
+    # ... and still claimable: a renewal since the read keeps the token but moves the
+    # expiry; a reschedule keeps the state but moves run_after.
+    if state == RUNNING:
+        as_seen["lease.expires_at"] = {"$lt": now}
+    else:
+        as_seen["run_after"] = {"$lte": now}
+    if state == RUNNING:
+        limit = int(seen.get("max_attempts") or settings.job_max_attempts)
+        if attempts >= limit:
+            txn.run(db, lambda session: _mark_lapsed_dead(jobs, seen, as_seen, now, session),
+                    attempts=3, what="claim job")
+            return None
+    token = new_token()
+    new_lease = {"owner": worker, "token": token,
+                 "expires_at": now + timedelta(seconds=lease), "claimed_at": now}
+    update = {"$set": {"state": RUNNING, "lease": new_lease, "started_at": now,
+                       "updated_at": now, "attempts": attempts + 1},
+              "$push": {"history": _history(now, "claimed", worker=worker)}}
     # Few attempts: a claim that keeps conflicting is someone else's business (a peer's
     # claim, or a killed worker's open transaction); the reaper wakes the job again.
-    job = txn.run(db, run, attempts=3, what="claim job")
-    if job is None and not outcome.get("dead"):
-        _after_missed_claim(db, job_id, settings)
+    if not txn.update_one(db, as_seen, update, attempts=3, what="claim job"):
+        return None
+    job = dict(seen)
+    job.update(state=RUNNING, lease=new_lease, started_at=now, updated_at=now,
+               attempts=attempts + 1)
     return job
 
 
-def _mark_lapsed_dead(jobs: Collection[Doc], before: Doc, now: datetime,
-                      session: ClientSession | None) -> None:
-    lease = before.get("lease") or {}
-    error = (f"attempt {before.get('attempts')} of {before.get('max_attempts') or 'max'}: "
+def _mark_lapsed_dead(jobs: Collection[Doc], seen: Doc, as_seen: Doc, now: datetime,
+                      session: ClientSession) -> None:
+    lease = seen.get("lease") or {}
+    error = (f"attempt {seen.get('attempts')} of {seen.get('max_attempts') or 'max'}: "
              f"the lease held by {lease.get('owner')} lapsed (the worker stopped or lost "
              "the database) and no attempts are left")
-    jobs.update_one({"_id": before["_id"]}, {
-        "$set": {"state": DEAD, "finished_at": now, "updated_at": now, "last_error": error,
-                 "attempts": before.get("attempts")},
+    jobs.update_one(as_seen, {
+        "$set": {"state": DEAD, "finished_at": now, "updated_at": now, "last_error": error},
         "$push": {"history": _history(now, "dead", error=error)}}, session=session)
-
-
-def _after_missed_claim(db: Database[Doc], job_id: str, settings: Settings) -> None:
-    """A wake-up that found nothing to claim: if the job is queued but not yet due (an
-    early countdown, a changed run_after), publish a wake-up for when it is due."""
-    job = _jobs(db).find_one({"_id": job_id}, {"state": 1, "run_after": 1})
-    if job is None or job.get("state") != QUEUED:
-        return
-    run_after = job.get("run_after")
-    if isinstance(run_after, datetime):
-        delay = (run_after - server_now(db)).total_seconds()
-        if delay > 0:
-            broker.publish_wakeup(job_id, delay, settings=settings)
 
 
 # ----------------------------------------------------------------- fenced transitions
@@ -339,24 +341,40 @@ def _finished_by(db: Database[Doc], job_id: str, token: str, state: str) -> bool
 
 def _note_refused(db: Database[Doc], job_id: str, worker: str | None, event: str,
                   now: datetime) -> None:
-    """Record, outside the fence, that a former holder's transition was refused."""
+    """Record, outside the fence, that a former holder's transition was refused. Never
+    while another worker holds a live lease on the job: the holder may then complete with
+    a plain write (see ``complete``), which nobody else's transaction may be holding up."""
     try:
-        txn.update_one(db, {"_id": job_id}, {"$push": {"history": _history(
-            now, event, worker=worker)}}, attempts=1)
+        txn.update_one(db, {"_id": job_id, "$or": [{"state": {"$ne": RUNNING}},
+                                                   {"lease.expires_at": {"$lt": now}}]},
+                       {"$push": {"history": _history(now, event, worker=worker)}},
+                       attempts=1)
     except Exception:  # noqa: BLE001 - informational only
         pass
 
 
 def complete(db: Database[Doc], job_id: str, token: str,
-             result: dict[str, Any] | None = None, *, worker: str | None = None) -> bool:
+             result: dict[str, Any] | None = None, *, worker: str | None = None,
+             plain: bool = False) -> bool:
     """Mark the job succeeded with ``result``, only while ``token`` holds a live lease.
-    False: the lease is gone (a peer may be running the job); nothing was changed."""
+    False: the lease is gone (a peer may be running the job); nothing was changed.
+
+    ``plain=True`` writes without a transaction (one command instead of two). Only for
+    a holder that knows its lease is live with time to spare and that left no
+    transaction of its own unresolved: then no other process can have a transaction
+    open on the job (every other writer's filter needs a lapsed lease or another token,
+    see ``app.jobs.txn``), so the plain write cannot wait on one."""
     now = server_now(db)
     update = {"$set": {"state": SUCCEEDED, "result": result, "finished_at": now,
                        "updated_at": now},
               "$push": {"history": _history(now, "succeeded", worker=worker)}}
-    if txn.update_one(db, _fence(job_id, token, now), update, what="complete job") \
-            or _finished_by(db, job_id, token, SUCCEEDED):
+    fence = _fence(job_id, token, now)
+    if plain:
+        done = dbm.retry(lambda: _jobs(db).update_one(fence, update),
+                         what="complete job").matched_count == 1
+    else:
+        done = txn.update_one(db, fence, update, what="complete job")
+    if done or _finished_by(db, job_id, token, SUCCEEDED):
         return True
     log.warning("job completion refused: this worker's lease is gone",
                 extra={"job_id": job_id, "event": "job.complete_refused", "worker": worker})
@@ -454,7 +472,8 @@ class AlreadyCommitted(Exception):  # noqa: N818 - internal control flow
 
 def fenced_transaction(db: Database[Doc], job_id: str, token: str,
                        fn: Callable[[ClientSession], T], *, complete: bool = False,
-                       worker: str | None = None) -> T:
+                       worker: str | None = None,
+                       retry_while: Callable[[], bool] | None = None) -> T:
     """Run ``fn(session)`` in a transaction that commits only while ``token`` holds a
     live lease on the job; with ``complete=True`` the same transaction marks the job
     succeeded with ``fn``'s return value (a dict or None) as its result, so the effect
@@ -499,7 +518,8 @@ def fenced_transaction(db: Database[Doc], job_id: str, token: str,
                                 "the transaction was not committed")
 
     try:
-        return txn.run(db, run, attempts=8, what="fenced job transaction")
+        return txn.run(db, run, attempts=8, what="fenced job transaction",
+                       retry_while=retry_while)
     except AlreadyCommitted as done:
         return done.result
     except LeaseLost:

@@ -54,8 +54,14 @@ def _commit(session: ClientSession) -> None:
 
 
 def run(db: Database[Doc], fn: Callable[[ClientSession], T], *, attempts: int = 6,
-        what: str = "job transaction") -> T:
-    for attempt in range(attempts):
+        what: str = "job transaction", retry_while: Callable[[], bool] | None = None) -> T:
+    """Run ``fn(session)`` in a transaction; retry transient errors ``attempts`` times,
+    and beyond that for as long as ``retry_while()`` holds (a handler's transaction
+    retries while its lease is valid: contention on a shared document such as the audit
+    chain head is expected there)."""
+    attempt = -1
+    while True:
+        attempt += 1
         try:
             with db.client.start_session() as session:
                 session.start_transaction(read_concern=ReadConcern("majority"),
@@ -76,7 +82,7 @@ def run(db: Database[Doc], fn: Callable[[ClientSession], T], *, attempts: int = 
         except PyMongoError as exc:
             if not dbm.is_transient(exc) or exc.has_error_label(UNKNOWN_COMMIT):
                 raise
-            if attempt == attempts - 1:
+            if attempt >= attempts - 1 and not (retry_while is not None and retry_while()):
                 raise DatabaseUnavailable(f"{what}: gave up after {attempts} attempts: "
                                           f"{str(exc)[:200]}", retry_after=5) from exc
             delay = dbm.backoff_delay(attempt, 0.02, 1.0)
@@ -85,7 +91,6 @@ def run(db: Database[Doc], fn: Callable[[ClientSession], T], *, attempts: int = 
                             "error": f"{exc.__class__.__name__}: {exc}"[:200],
                             "event": "jobs.txn_retry"})
             time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def update_one(db: Database[Doc], filter: Doc, update: Doc, *, attempts: int = 6,
