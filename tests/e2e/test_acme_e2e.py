@@ -66,15 +66,22 @@ def setup(migrated_db, settings, pebble, cap_env, monkeypatch):
     return migrated_db, project_id, account, s
 
 
-def wait_issued(db, cert_id, serial_not=None, timeout=90.0):
+def wait_issued(db, cert_id, serial_not=None, timeout=150.0):
     def done():
         doc = db[dbm.CERTIFICATES].find_one({"_id": cert_id})
         if doc and doc.get("status") == "issued" and doc.get("serial") != serial_not:
             return doc
         return None
 
-    return wait_for(done, timeout=timeout, interval=0.2,
-                    message=f"certificate {cert_id} issued")
+    try:
+        return wait_for(done, timeout=timeout, interval=0.2,
+                        message=f"certificate {cert_id} issued")
+    except pytest.fail.Exception:
+        jobs = [{k: j.get(k) for k in ("state", "attempts", "last_error", "payload")}
+                for j in db[dbm.JOBS].find({"payload.certificate_id": cert_id})]
+        doc = db[dbm.CERTIFICATES].find_one({"_id": cert_id}) or {}
+        pytest.fail(f"certificate {cert_id} not issued within {timeout:g} s: status "
+                    f"{doc.get('status')}, failure {doc.get('failure')}, jobs {jobs}")
 
 
 def test_issue_and_renew_through_the_api_process(setup, procs, pebble, cap_env):

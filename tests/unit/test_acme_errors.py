@@ -102,3 +102,29 @@ def test_poll_gives_up_at_the_deadline():
     with pytest.raises(AcmeTimeout, match="validation"):
         poll(lambda: (0, None), lambda n: False, what="validation",
              schedule=PollSchedule(first=0.01, timeout=0.2))
+
+
+def test_new_order_carries_replaces_and_profile():
+    from acme import messages
+
+    from app.acme.client import NewOrderWithReplaces
+
+    order = NewOrderWithReplaces(
+        identifiers=[messages.Identifier(typ=messages.IDENTIFIER_FQDN, value="a.example")],
+        profile="shortlived", replaces="aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE")
+    body = order.to_json()
+    assert body["replaces"] == "aYhba4dGQEHhs3uEe6CuLN4ByNQ.AIdlQyE"
+    assert body["profile"] == "shortlived"
+    plain = NewOrderWithReplaces(identifiers=order.identifiers).to_json()
+    assert "replaces" not in plain and "profile" not in plain
+
+
+def test_account_keys_sign_with_the_matching_algorithm():
+    import josepy as jose
+
+    from app.acme.client import jwk_for
+    from app.keys import generate_private_key
+
+    assert jwk_for(generate_private_key("ec256"))[1] is jose.ES256
+    assert jwk_for(generate_private_key("ec384"))[1] is jose.ES384
+    assert jwk_for(generate_private_key("rsa2048"))[1] is jose.RS256
