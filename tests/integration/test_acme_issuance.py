@@ -191,3 +191,31 @@ def test_unvalidatable_name_records_problem_and_backs_off(env, pebble):
         assert actions.count("certificate.issue_failed") == 2
     finally:
         challtest(pebble, "clear-servfail", {"host": bad})
+
+
+def test_revoke_stops_renewals_and_a_new_issuance_restores(env, pebble):
+    from app.errors import Conflict, ValidationFailed
+
+    db, s, project_id, _ = env
+    cert = certificates.create_certificate(db, project_id, {"names": ["revoke.test"]}, ACTOR,
+                                           settings=s)
+    with pytest.raises(Conflict, match="not been issued"):
+        certificates.revoke_certificate(db, cert["_id"], ACTOR, settings=s)
+    _issue(db, s, cert["_id"], "job-revoke-1")
+    with pytest.raises(ValidationFailed):
+        certificates.revoke_certificate(db, cert["_id"], ACTOR, reason_code=7, settings=s)
+    before = pebble.log().count("POST /revoke-cert")
+    revoked = certificates.revoke_certificate(db, cert["_id"], ACTOR, reason_code=4, settings=s)
+    assert revoked["status"] == "revoked" and revoked["next_renewal_at"] is None
+    assert pebble.log().count("POST /revoke-cert") == before + 1
+    with pytest.raises(Conflict, match="already revoked"):
+        certificates.revoke_certificate(db, cert["_id"], ACTOR, settings=s)
+    # the scan leaves it alone; a scheduled renewal job is skipped; a manual one reissues
+    assert _issue(db, s, cert["_id"], "job-revoke-2", reason="renewal")["outcome"] == "skipped"
+    assert _issue(db, s, cert["_id"], "job-revoke-3", reason="manual")["outcome"] == "issued"
+    stored = certificates.get_certificate(db, cert["_id"])
+    assert stored["status"] == "issued" and stored["serial"] != revoked["serial"]
+    actions = [e["action"] for e in db[dbm.AUDIT].find(
+        {"target": f"certificate:{cert['_id']}"}).sort("seq", 1)]
+    assert actions == ["certificate.create", "certificate.issue", "certificate.revoke",
+                       "certificate.renew"]
