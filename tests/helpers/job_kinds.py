@@ -9,9 +9,9 @@
 - ``test.sleep``: records that it started (``job_markers``), sleeps ``seconds`` on its
   first run (``then_seconds`` on later ones) in small steps checking its lease, then
   writes its ledger row like ``test.ledger``. (First/later: by the runs recorded in
-  ``job_markers``, since a released job gives its attempt back.) With ``unchecked`` it sleeps without
-  looking at its lease and writes through the store's fenced transaction directly, so
-  only the server's fence can refuse it.
+  ``job_markers``, since a released job gives its attempt back.) With ``unchecked`` it
+  sleeps without looking at its lease and writes through the store's fenced transaction
+  directly, so only the server's fence can refuse it.
 - ``test.raise``: always raises; fast backoff, 3 attempts.
 - ``test.retry_later``: asks to be retried ``times`` times, then succeeds.
 - ``test.permanent``: raises PermanentFailure.
