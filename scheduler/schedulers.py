@@ -78,6 +78,7 @@ class MongoLeaseScheduler(Scheduler):
         self._next_renew = 0.0
         self._suspended: str | None = None  # why the lease cannot be proven right now
         self._standby_logged = False
+        self._unreachable_logged = False
         self._in_tick = False
         self._closed = False
         self._stream: Any = None
@@ -128,38 +129,42 @@ class MongoLeaseScheduler(Scheduler):
                 return self._standby_wait()
             if self._synced_term != self.lease.term:
                 self._sync_static()
-                if not self.lease.held():
-                    return self._standby_wait()
+                if self._synced_term != self.lease.term:
+                    return self._standby_wait()  # deposed, or the database failed
             return self._run_due()
         finally:
             self._in_tick = False
 
     def _lease_step(self) -> bool:
         """Renew (when due) or acquire. True when this process may enqueue."""
-        lease = self.lease
         try:
-            if lease.term is not None:
-                if lease.held() and not self._suspended and time.monotonic() < self._next_renew:
-                    return True
-                term = lease.term
-                if lease.renew():
-                    if self._suspended:
-                        log.warning("scheduler lease (term %s) proven again; resuming "
-                                    "enqueues", term, extra={"holder": self.identity,
-                                                             "term": term})
-                        self._suspended = None
-                    self._next_renew = time.monotonic() + self.lease_config.renew_seconds
-                    return True
-                self._step_down("it was taken over or expired before it could be renewed")
-            if lease.acquire(self._fence_session().session_id):
-                self._became_leader()
-                return True
+            leading = self._renew_or_acquire()
         except DB_ERRORS as exc:
             self._cannot_prove(exc)
             return False
-        if not self._standby_logged:
+        self._unreachable_logged = False
+        if not leading and not self._standby_logged:
             self._standby_logged = True
             self._log_standby()
+        return leading
+
+    def _renew_or_acquire(self) -> bool:
+        lease = self.lease
+        if lease.term is not None:
+            if lease.held() and not self._suspended and time.monotonic() < self._next_renew:
+                return True
+            term = lease.term
+            if lease.renew():
+                if self._suspended:
+                    log.warning("scheduler lease (term %s) proven again; resuming enqueues",
+                                term, extra={"holder": self.identity, "term": term})
+                    self._suspended = None
+                self._next_renew = time.monotonic() + self.lease_config.renew_seconds
+                return True
+            self._step_down("it was taken over or expired before it could be renewed")
+        if lease.acquire(self._fence_session().session_id):
+            self._became_leader()
+            return True
         return False
 
     def _became_leader(self) -> None:
@@ -182,14 +187,16 @@ class MongoLeaseScheduler(Scheduler):
         log.warning("scheduler lease lost (term %s): stopping enqueues; %s", term, reason,
                     extra={"holder": self.identity, "term": term})
 
-    def _cannot_prove(self, exc: BaseException) -> None:
+    def _cannot_prove(self, exc: BaseException, doing: str = "renew") -> None:
+        """A database error: the lease is unproven until the next successful renewal."""
         if self.lease.term is not None:
             if not self._suspended:
-                log.error("cannot renew the scheduler lease: enqueues stop until it is proven "
-                          "again (%s)", exc, extra={"holder": self.identity,
-                                                    "term": self.lease.term})
+                log.error("cannot %s the scheduler lease: enqueues stop until it is proven "
+                          "again (%s)", doing, exc,
+                          extra={"holder": self.identity, "term": self.lease.term})
             self._suspended = str(exc)[:300]
-        else:
+        elif not self._unreachable_logged:
+            self._unreachable_logged = True
             log.warning("standby cannot reach the database: %s", exc,
                         extra={"holder": self.identity})
 
@@ -370,7 +377,7 @@ class MongoLeaseScheduler(Scheduler):
             self._step_down(exc.reason)
             return
         except DB_ERRORS as exc:
-            self._cannot_prove(exc)
+            self._cannot_prove(exc, "use")
             return
         self._synced_term = term
         if any(counts.values()):
@@ -387,7 +394,7 @@ class MongoLeaseScheduler(Scheduler):
                 {"next_run_at": {"$lte": now}, "_id": {"$nin": sorted(self._bad_entries)}}
             ).sort("next_run_at", 1).limit(self.max_fires_per_tick))
             for doc in due:
-                if not self.lease.held():
+                if not self.lease.held() or self._suspended:
                     return 0.0  # renew (or step down) first
                 self._fire(doc, now)
                 if self.lease.term is None:
@@ -395,7 +402,7 @@ class MongoLeaseScheduler(Scheduler):
             upcoming = self.db[dbm.SCHEDULE].find_one(
                 {"_id": {"$nin": sorted(self._bad_entries)}}, sort=[("next_run_at", 1)])
         except DB_ERRORS as exc:
-            self._cannot_prove(exc)
+            self._cannot_prove(exc, "use")
             return self.lease_config.retry_seconds
         delays = [self.max_interval, self._next_renew - time.monotonic(),
                   self.lease.seconds_left()]
@@ -509,9 +516,11 @@ class MongoLeaseScheduler(Scheduler):
                           f"expires {doc.get('expires_at'):%H:%M:%S} UTC)")
             else:
                 leader = f"none (term {doc.get('term') if doc else 0}); taking it"
-        entries = ", ".join(f"{e.name} {e.describe()}" for e in self._static) or \
-            ", ".join(f"{e.name} {e.describe()}"
-                      for e in static_entries(self.settings, self.app.conf.beat_schedule))
+        try:
+            defined = self._static or static_entries(self.settings, self.app.conf.beat_schedule)
+            entries = ", ".join(f"{e.name} {e.describe()}" for e in defined)
+        except EntryError as exc:
+            entries = f"INVALID: {exc}"
         return "\n".join([
             f"    . lease -> {dbm.LEASES}/{cfg.name} in {self.settings.mongo_db}",
             f"    . holder -> {self.identity} (this process)",
