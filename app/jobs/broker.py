@@ -55,6 +55,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings shared by the worker app and the publishers."""
     return {
         "broker_url": broker_url(settings),
+        # kombu's MongoDB transport, closing each channel's client (see kombu_mongo).
+        "broker_transport": "app.jobs.kombu_mongo:Transport",
         # Event and control queues of dead consumers expire (celery#1047).
         "broker_transport_options": {"ttl": True},
         "broker_connection_retry_on_startup": True,

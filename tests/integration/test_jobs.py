@@ -507,3 +507,21 @@ def test_jobs_cli(jdb, jsettings):
     assert reaped.exit_code == 0 and '"requeued": 0' in reaped.output
     depth = cli_runner.invoke(cli, ["jobs", "depth"])
     assert depth.exit_code == 0 and "queued 1" in depth.output
+
+
+def test_a_failed_publish_leaves_the_job_queued_for_the_reaper(jdb, jsettings):
+    from tests.helpers.jobs import failpoint, failpoint_off
+
+    # The broker's own client (appName certautopilot-broker) cannot insert messages.
+    failpoint(jdb.client, ["insert"], times=50, error_code=10107,
+              app_name=broker.BROKER_APPNAME)
+    try:
+        job = jobs.enqueue(jdb, "test.noop", {})
+    finally:
+        failpoint_off(jdb.client)
+    assert _job(jdb, job["_id"])["state"] == "queued"
+    assert broker_messages(jdb.client, jsettings.broker_db) == []
+    # Marked for the reaper at once, not only after the usual threshold.
+    assert jobs.reap(jdb)["republished"] == 1
+    assert [m["args"] for m in broker_messages(jdb.client, jsettings.broker_db)] == \
+        [[job["_id"]]]
