@@ -525,3 +525,19 @@ def test_a_failed_publish_leaves_the_job_queued_for_the_reaper(jdb, jsettings):
     assert jobs.reap(jdb)["republished"] == 1
     assert [m["args"] for m in broker_messages(jdb.client, jsettings.broker_db)] == \
         [[job["_id"]]]
+
+
+def test_kombu_channels_close_their_mongo_clients(jdb, jsettings):
+    from kombu import Connection
+    from pymongo.errors import InvalidOperation
+
+    from app.jobs.kombu_mongo import Transport
+
+    connection = Connection(broker.broker_url(jsettings), transport=Transport)
+    channel = connection.channel()
+    client = channel.client.client
+    client.admin.command("ping")
+    channel.close()
+    connection.close()
+    with pytest.raises(InvalidOperation):
+        client.admin.command("ping")
