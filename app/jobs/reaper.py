@@ -59,7 +59,7 @@ def reap(db: Database[Doc], *, settings: Settings | None = None,
                      "database) and no attempts are left")
             if _write(db, fence, {
                     "$set": {"state": store.DEAD, "finished_at": now, "updated_at": now,
-                             "last_error": error},
+                             "last_error": error, "expire_at": now + store.DEAD_RETENTION},
                     "$push": {"history": store._history(now, "dead", error=error)}}):
                 counts["dead"] += 1
                 log.error("job dead: its lease lapsed on the last attempt",

@@ -15,6 +15,8 @@ A job is one document in ``jobs`` (DESIGN.md, invariant 1)::
     lease         {owner, token, expires_at, claimed_at} of the current/last holder
     result, last_error, history (last 50 transitions), created_at, updated_at,
     started_at, finished_at
+    expire_at     set when the job finishes: a TTL index removes it then (7 days after
+                  success or cancellation, 30 days after it went dead)
 
 Every transition out of ``running`` is fenced: its filter names the holder's lease token
 and requires the lease to be unexpired on the server's clock, so a worker whose lease
@@ -59,6 +61,10 @@ QUEUED, RUNNING, SUCCEEDED, DEAD, CANCELLED = (
 STATES = (QUEUED, RUNNING, SUCCEEDED, DEAD, CANCELLED)
 ACTIVE_STATES = (QUEUED, RUNNING)
 HISTORY_LIMIT = 50
+# Finished jobs are kept this long (TTL index on ``expire_at``, m0002): a week of history
+# for succeeded and cancelled jobs, a month for dead ones (an operator may retry them).
+FINISHED_RETENTION = timedelta(days=7)
+DEAD_RETENTION = timedelta(days=30)
 MAX_PAYLOAD_BYTES = 256 * 1024
 JOB_ID_RE = re.compile(r"^[0-9a-f]{24}$")
 
@@ -305,7 +311,8 @@ def _mark_lapsed_dead(jobs: Collection[Doc], seen: Doc, as_seen: Doc, now: datet
              f"the lease held by {lease.get('owner')} lapsed (the worker stopped or lost "
              "the database) and no attempts are left")
     jobs.update_one(as_seen, {
-        "$set": {"state": DEAD, "finished_at": now, "updated_at": now, "last_error": error},
+        "$set": {"state": DEAD, "finished_at": now, "updated_at": now, "last_error": error,
+                 "expire_at": now + DEAD_RETENTION},
         "$push": {"history": _history(now, "dead", error=error)}}, session=session)
 
 
@@ -366,7 +373,7 @@ def complete(db: Database[Doc], job_id: str, token: str,
     see ``app.jobs.txn``), so the plain write cannot wait on one."""
     now = server_now(db)
     update = {"$set": {"state": SUCCEEDED, "result": result, "finished_at": now,
-                       "updated_at": now},
+                       "updated_at": now, "expire_at": now + FINISHED_RETENTION},
               "$push": {"history": _history(now, "succeeded", worker=worker)}}
     fence = _fence(job_id, token, now)
     if plain:
@@ -401,7 +408,7 @@ def fail(db: Database[Doc], job_id: str, token: str, error: str, *, attempts: in
     error = error[:2000]
     if permanent or attempts >= limit:
         state, delay = DEAD, 0.0
-        fields: Doc = {"state": DEAD, "finished_at": now}
+        fields: Doc = {"state": DEAD, "finished_at": now, "expire_at": now + DEAD_RETENTION}
     else:
         state = QUEUED
         delay = backoff_seconds(attempts, backoff_base_seconds, backoff_max_seconds)
@@ -501,7 +508,8 @@ def fenced_transaction(db: Database[Doc], job_id: str, token: str,
                             f"(the job's result), not {type(value).__name__}")
         res = jobs.update_one(fence, {
             "$set": {"lease.txn": call_id, "state": SUCCEEDED, "result": value,
-                     "finished_at": now, "updated_at": now},
+                     "finished_at": now, "updated_at": now,
+                     "expire_at": now + FINISHED_RETENTION},
             "$push": {"history": _history(now, "succeeded", worker=worker)}},
             session=session)
         if res.matched_count != 1:
@@ -580,6 +588,7 @@ def retry_dead(db: Database[Doc], job_id: str, *, actor: Any,
                 {"_id": job_id, "state": DEAD},
                 {"$set": {"state": QUEUED, "attempts": 0, "run_after": now, "wake_at": now,
                           "lease": None, "finished_at": None, "updated_at": now},
+                 "$unset": {"expire_at": ""},
                  "$push": {"history": _history(now, "retried", actor=actor.id)}},
                 session=session, return_document=ReturnDocument.AFTER)
         except DuplicateKeyError:
@@ -609,7 +618,8 @@ def cancel(db: Database[Doc], job_id: str, *, actor: Any, reason: str = "") -> D
     def run(session: ClientSession) -> Doc:
         job = jobs.find_one_and_update(
             {"_id": job_id, "state": QUEUED},
-            {"$set": {"state": CANCELLED, "finished_at": now, "updated_at": now},
+            {"$set": {"state": CANCELLED, "finished_at": now, "updated_at": now,
+                      "expire_at": now + FINISHED_RETENTION},
              "$push": {"history": _history(now, "cancelled", actor=actor.id,
                                            reason=reason[:500])}},
             session=session, return_document=ReturnDocument.AFTER)

@@ -8,7 +8,8 @@ depth, oldest due job) and ``queued_wake_at`` (the reaper's lost wake-ups) hold 
 jobs, ``running_lease_expiry`` (the reaper's lapsed leases) holds running jobs. They
 replace m0001's ``state_run_after`` and ``state_lease_expiry``; m0001's ``kind_state``
 goes too (no query of the queue needs it; listings page through ``_id`` or
-``project_created``).
+``project_created``). Finished jobs expire (TTL on ``expire_at``) so the collection
+does not grow without bound.
 """
 
 from typing import Any
@@ -19,7 +20,8 @@ from pymongo.database import Database
 from app import db as dbm
 
 VERSION = 2
-DESCRIPTION = "jobs: partial queue indexes (run_after, wake_at, lease expiry); workers TTL"
+DESCRIPTION = ("jobs: partial queue indexes (run_after, wake_at, lease expiry), TTL on "
+               "finished jobs; workers TTL")
 
 REPLACED = ("state_run_after", "state_lease_expiry", "state_wake_at", "kind_state")
 
@@ -37,6 +39,8 @@ def apply(db: Database[dict[str, Any]]) -> None:
                    partialFilterExpression={"state": "queued"}),
         IndexModel([("lease.expires_at", ASCENDING)], name="running_lease_expiry",
                    partialFilterExpression={"state": "running"}),
+        # Finished jobs carry expire_at (app.jobs.store: 7 days, 30 when dead).
+        IndexModel([("expire_at", ASCENDING)], expireAfterSeconds=0, name="ttl_expire_at"),
     ])
     present = set(jobs.index_information())
     for name in REPLACED:

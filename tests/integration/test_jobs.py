@@ -541,3 +541,16 @@ def test_kombu_channels_close_their_mongo_clients(jdb, jsettings):
     connection.close()
     with pytest.raises(InvalidOperation):
         client.admin.command("ping")
+
+
+def test_finished_jobs_expire_and_a_retried_one_does_not(jdb, jsettings):
+    done = jobs.enqueue(jdb, "test.noop", {})
+    dead = jobs.enqueue(jdb, "test.permanent", {})
+    _run(jdb, jsettings, done["_id"])
+    _run(jdb, jsettings, dead["_id"])
+    finished, died = _job(jdb, done["_id"]), _job(jdb, dead["_id"])
+    assert finished["expire_at"] - finished["finished_at"] == store.FINISHED_RETENTION
+    assert died["expire_at"] - died["finished_at"] == store.DEAD_RETENTION
+    assert jdb[dbm.JOBS].index_information()["ttl_expire_at"]["expireAfterSeconds"] == 0
+    jobs.retry_dead(jdb, dead["_id"], actor=system_actor("cli"))
+    assert "expire_at" not in _job(jdb, dead["_id"])
