@@ -223,9 +223,9 @@ class Lease:
                         "for the server to abort its transaction (%s)", exc,
                         extra={"lapsed_holder": doc.get("holder"), "term": doc.get("term")})
             return False
-        log.warning("ended the lapsed lease holder's session (its unfinished transaction is "
-                    "aborted)", extra={"lapsed_holder": doc.get("holder"),
-                                       "term": doc.get("term")})
+        log.warning("ended the lapsed lease holder's session (%s, term %s): any unfinished "
+                    "transaction of it is aborted", doc.get("holder"), doc.get("term"),
+                    extra={"lapsed_holder": doc.get("holder"), "term": doc.get("term")})
         return True
 
     def renew(self) -> bool:

@@ -158,8 +158,8 @@ def test_sigstop_past_the_lease_then_sigcont_never_enqueues_a_slot_twice(
     history = assert_one_leader_per_term_and_no_slot_twice(db)
     fenced_off = sum(p.log().count("ended the lapsed lease holder's session") for p in pair)
     print(f"\n{len(history)} slots enqueued once each across {len(pauses)} SIGSTOP/SIGCONT "
-          f"cycles; terms {history[0]['term']}..{history[-1]['term']}; a paused "
-          f"transaction was fenced off {fenced_off} time(s)")
+          f"cycles; terms {history[0]['term']}..{history[-1]['term']}; the lapsed holder's "
+          f"session was ended {fenced_off} time(s)")
     assert len(history) >= 200
     assert len(pauses) >= 3
     for paused, old_term, takeover in pauses:
