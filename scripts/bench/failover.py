@@ -19,6 +19,9 @@ Measured ``--rounds`` times each (default 5):
   takes over) and ``SIGCONT``: enqueues by the deposed leader after its successor's first
   enqueue, plus (ours) any slot enqueued twice over the whole run.
 
+For ours the time the standby took the lease is reported too (``*_lease_taken_s``): the
+first enqueue then waits for the entry's next 1 s slot.
+
 An enqueue is a job committed with its ``schedule_fires`` record (ours, server clock) or a
 task message published to Redis (RedBeat, stamped with the publishing pid and time by a
 ``before_task_publish`` hook). Every process it started is stopped at the end. The last
@@ -117,6 +120,10 @@ class System:
     def slot_duplicates(self) -> int | None:
         return None
 
+    def lease_taken_after(self, since: float) -> float | None:
+        """Seconds from ``since`` to the standby taking the lease, where it is visible."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -213,6 +220,11 @@ class Ours(System):
         docs = self.db[FIRES].find({"entry": ENTRY}, {"fired_at": 1, "holder": 1, "slot": 1})
         return [Enqueue(d["fired_at"].timestamp(), int(d["holder"].split(":")[-2]),
                         d["slot"].isoformat()) for d in docs]
+
+    def lease_taken_after(self, since: float) -> float | None:
+        doc = self.db["leases"].find_one({"_id": "scheduler"}) or {}
+        acquired = doc.get("acquired_at")
+        return round(acquired.timestamp() - since, 3) if acquired else None
 
     def slot_duplicates(self) -> int:
         from app import db as dbm
@@ -362,7 +374,7 @@ class RedBeat(System):
 
 # --- rounds ---------------------------------------------------------------------------------
 
-def failover_round(system: System, signum: int) -> float:
+def failover_round(system: System, signum: int) -> tuple[float, float | None]:
     system.ensure_two()
     leader = system.leader()
     # Kill at a random moment of the leader's renewal cycle.
@@ -377,7 +389,7 @@ def failover_round(system: System, signum: int) -> float:
     taken = system.first_enqueue_after(killed_at, leader.pid, timeout=90)
     if signum != signal.SIGTERM:
         leader.popen.wait(10)
-    return round(taken.at - killed_at, 3)
+    return round(taken.at - killed_at, 3), system.lease_taken_after(killed_at)
 
 
 def stop_round(system: System, stop_seconds: float,
@@ -398,13 +410,20 @@ def run(system: System, rounds: int) -> dict[str, Any]:
     system.ensure_two()
     kill9: list[float] = []
     sigterm: list[float] = []
+    leases: dict[str, list[float]] = {"kill9": [], "sigterm": []}
     dups: list[int] = []
     exited: list[bool] = []
     for i in range(rounds):
-        kill9.append(failover_round(system, signal.SIGKILL))
+        enqueued, lease_taken = failover_round(system, signal.SIGKILL)
+        kill9.append(enqueued)
+        if lease_taken is not None:
+            leases["kill9"].append(lease_taken)
         log(f"{system.name}: kill -9 round {i + 1}: standby enqueued after {kill9[-1]}s")
     for i in range(rounds):
-        sigterm.append(failover_round(system, signal.SIGTERM))
+        enqueued, lease_taken = failover_round(system, signal.SIGTERM)
+        sigterm.append(enqueued)
+        if lease_taken is not None:
+            leases["sigterm"].append(lease_taken)
         log(f"{system.name}: SIGTERM round {i + 1}: standby enqueued after {sigterm[-1]}s")
     for i in range(rounds):
         late, gone = stop_round(system, LEASE_SECONDS + 5)
@@ -426,6 +445,9 @@ def run(system: System, rounds: int) -> dict[str, Any]:
     }
     if slot_dups is not None:
         result["slots_enqueued_twice"] = slot_dups
+    for what, values in leases.items():
+        if values:  # the lease taken (before the next 1 s slot is due)
+            result[f"{what}_lease_taken_s"] = round(statistics.median(values), 3)
     return result
 
 
