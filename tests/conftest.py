@@ -50,7 +50,9 @@ def _close_mongo_clients() -> Iterator[None]:
     """Close the clients a test's code opened (unclosed clients are warnings = errors)."""
     yield
     from app import db as dbm
+    from app.jobs import broker
 
+    broker.close_publishers()
     dbm.close_clients()
 
 

@@ -78,7 +78,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-_publishers: dict[int, Celery] = {}
+# One publisher per process and broker: a process that changes settings (tests do, per
+# test database) must not keep publishing to the broker of its first settings.
+_publishers: dict[tuple[int, str], Celery] = {}
 _publisher_lock = threading.Lock()
 _worker_app: Celery | None = None
 
@@ -92,14 +94,14 @@ def use_app(app: Celery) -> None:
 def _publisher(settings: Settings | None = None) -> Celery:
     if _worker_app is not None:
         return _worker_app
-    pid = os.getpid()
+    settings = settings or load_settings()
+    key = (os.getpid(), broker_url(settings))
     with _publisher_lock:
-        app = _publishers.get(pid)
+        app = _publishers.get(key)
         if app is None:
-            settings = settings or load_settings()
             app = Celery("certautopilot-publisher", set_as_current=False)
             app.conf.update(celery_config(settings))
-            _publishers[pid] = app
+            _publishers[key] = app
         return app
 
 

@@ -132,8 +132,6 @@ def test_step_down_and_failpoints_during_claims_and_completes_lose_and_repeat_no
         jdb, jenv, procs):
     start_workers(procs, jenv, 2)
     wait_ready(jdb, 2)
-    ids = [jobs.enqueue(jdb, "test.ledger", {"n": i, "delay": 0.05})["_id"]
-           for i in range(60)]
     stop = threading.Event()
     chaos_errors: list[str] = []
 
@@ -158,8 +156,14 @@ def test_step_down_and_failpoints_during_claims_and_completes_lose_and_repeat_no
             step += 1
             stop.wait(1.5)
 
+    # Jobs long enough (60 x 0.3 s over 2 workers) that the whole chaos plan runs
+    # while workers claim and complete; the plan starts before the first job exists.
     thread = threading.Thread(target=chaos, daemon=True)
     thread.start()
+    ids = []
+    for i in range(60):
+        ids.append(dbm.retry(lambda i=i: jobs.enqueue(jdb, "test.ledger",
+                                                      {"n": i, "delay": 0.3})["_id"]))
     try:
         wait_for(lambda: _count_ok(jdb, ids), timeout=240, interval=0.5,
                  message="all jobs succeeded through the chaos")

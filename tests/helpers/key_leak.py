@@ -254,7 +254,18 @@ class KeyLeakWatch:
         if database is None or not hasattr(database, "client"):
             return
         env = funcargs.get("cap_env")
+        own_client: Any = None
         try:
+            from pymongo.errors import InvalidOperation
+
+            try:
+                database.client.list_database_names()
+            except InvalidOperation:  # the test closed the app's clients: use our own
+                from pymongo import MongoClient
+
+                own_client = MongoClient((env or {})["CAP_MONGO_URI"],
+                                         serverSelectionTimeoutMS=5000, tz_aware=True)
+                database = own_client.get_database(database.name)
             self.note_sealed_keys(database, env)
             names = [database.name]
             settings = funcargs.get("settings")
@@ -268,6 +279,9 @@ class KeyLeakWatch:
         except Exception as exc:  # noqa: BLE001 - a dead server is the test's own business
             self.findings.append(Finding(item.nodeid, f"database not scannable "
                                                       f"({exc.__class__.__name__})"))
+        finally:
+            if own_client is not None:
+                own_client.close()
 
     def scan_files(self, paths: Iterable[Path], label: str) -> None:
         for path in paths:
