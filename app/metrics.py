@@ -140,24 +140,17 @@ def certificate_metrics(db: Any) -> Iterator[Metric]:
 
 
 def job_metrics(db: Any) -> Iterator[Metric]:
-    """Jobs by kind and state (queue depth = state "queued")."""
+    """Jobs by kind and state (queue depth: certautopilot_jobs_queued, app/jobs/metrics.py)."""
     from app import db as dbm
 
     jobs = GaugeMetricFamily("certautopilot_jobs", "Jobs currently stored, by kind and state.",
                              labels=["kind", "state"])
-    depth = GaugeMetricFamily("certautopilot_job_queue_depth",
-                              "Queued jobs (waiting for a worker), including delayed ones.")
-    queued = 0
     pipeline = [{"$group": {"_id": {"kind": "$kind", "state": "$state"}, "n": {"$sum": 1}}}]
     for row in db[dbm.JOBS].aggregate(pipeline):
         key = row["_id"] or {}
         state = str(key.get("state"))
         jobs.add_metric([str(key.get("kind")), state], float(row["n"]))
-        if state == "queued":
-            queued += int(row["n"])
-    depth.add_metric([], float(queued))
     yield jobs
-    yield depth
 
 
 def scheduler_metrics(db: Any) -> Iterator[Metric]:

@@ -125,7 +125,7 @@ def test_access_log_is_json_with_the_request_id_and_metrics_merge_workers(live) 
     # Requests land on both workers; the scrape (on either) counts all of them.
     assert wait_for(lambda: healthz_count() >= n, timeout=10, message="merged counter")
     text = http.get(f"{base}/metrics").text
-    for name in ("certautopilot_database_up 1.0", "certautopilot_job_queue_depth",
+    for name in ("certautopilot_database_up 1.0", "certautopilot_jobs_queued",
                  "certautopilot_http_request_duration_seconds_bucket"):
         assert name in text
 

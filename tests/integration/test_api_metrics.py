@@ -79,7 +79,6 @@ def test_certificate_scheduler_job_and_acme_metrics(client, migrated_db) -> None
     assert value("certautopilot_scheduler_leader", holder="sched-a@host") == 1.0
     assert value("certautopilot_scheduler_term") == 7.0
     assert value("certautopilot_jobs", kind="certificates.issue", state="queued") == 1.0
-    assert value("certautopilot_job_queue_depth") == 1.0
     assert value("certautopilot_jobs_queued", kind="certificates.issue") == 1.0
     assert value("certautopilot_acme_requests", "certautopilot_acme_requests_total",
                  ca="pebble.test", endpoint="newOrder", status="201") >= 3
