@@ -151,6 +151,20 @@ def migrated_db(db: object) -> object:
     return db
 
 
+@pytest.fixture
+def jenv(cap_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """cap_env for durable-jobs tests: short leases and the test job kinds loaded."""
+    from app.jobs import broker, runner
+    from tests.helpers.jobs import JOB_ENV
+
+    for key, value in JOB_ENV.items():
+        monkeypatch.setenv(key, value)
+    cap_env.update(JOB_ENV)
+    yield cap_env
+    broker.close_publishers()
+    runner.reset_drain()
+
+
 @pytest.fixture(scope="session")
 def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pebble]:
     if not shutil.which("pebble"):

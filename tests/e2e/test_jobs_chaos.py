@@ -8,27 +8,13 @@ from __future__ import annotations
 import random
 import time
 
-import pytest
-
 import tests.helpers.job_kinds as kinds
 from app import db as dbm
 from app import jobs
-from app.jobs import broker, runner
 from tests.helpers import wait_for
-from tests.helpers.jobs import JOB_ENV
 
 JOBS = 600
 WORKERS = 6
-
-
-@pytest.fixture
-def jenv(cap_env, monkeypatch):
-    for key, value in JOB_ENV.items():
-        monkeypatch.setenv(key, value)
-    cap_env.update(JOB_ENV)
-    yield cap_env
-    broker.close_publishers()
-    runner.reset_drain()
 
 
 def test_600_jobs_6_workers_kill_9_and_restart_every_effect_exactly_once(cap_env, jenv,

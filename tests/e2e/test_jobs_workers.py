@@ -14,20 +14,10 @@ import pytest
 import tests.helpers.job_kinds as kinds
 from app import db as dbm
 from app import jobs
-from app.jobs import broker, runner
+from app.jobs import broker
 from app.jobs.clock import CLOCK
 from tests.helpers import wait_for
-from tests.helpers.jobs import JOB_ENV, failpoint, failpoint_off
-
-
-@pytest.fixture
-def jenv(cap_env, monkeypatch):
-    for key, value in JOB_ENV.items():
-        monkeypatch.setenv(key, value)
-    cap_env.update(JOB_ENV)
-    yield cap_env
-    broker.close_publishers()
-    runner.reset_drain()
+from tests.helpers.jobs import failpoint, failpoint_off
 
 
 @pytest.fixture

@@ -20,17 +20,7 @@ from app.jobs import broker, runner, store
 from app.jobs.clock import server_now
 from app.jobs.context import JobContext, LeaseKeeper
 from app.jobs.metrics import QueueDepthCollector
-from tests.helpers.jobs import JOB_ENV, broker_messages
-
-
-@pytest.fixture
-def jenv(cap_env, monkeypatch):
-    for key, value in JOB_ENV.items():
-        monkeypatch.setenv(key, value)
-    cap_env.update(JOB_ENV)
-    yield cap_env
-    broker.close_publishers()
-    runner.reset_drain()
+from tests.helpers.jobs import broker_messages
 
 
 @pytest.fixture
