@@ -31,7 +31,11 @@ def start_workers(procs, env, count, name="worker", pool_args=None):
     return started
 
 
-def wait_ready(db, count, timeout=60):
+def wait_ready(db, count, timeout=150):
+    # Generous: a worker kill -9'd by the previous test in the middle of a short job
+    # transaction leaves it open until the server aborts it (transaction lifetime, 60 s on
+    # mongod and on the embedded server), and the embedded server may hold other writes
+    # (here the new workers' first heartbeat) behind it until then.
     wait_for(lambda: db[dbm.WORKERS].count_documents({"state": "running"}) >= count,
              timeout=timeout, message=f"{count} workers heartbeating")
 
