@@ -141,6 +141,17 @@ def project_scope(requested: str | None) -> str | None:
     return caller.project_id
 
 
+def scoped_query(args: dict[str, Any], *equal_keys: str) -> dict[str, Any]:
+    """The filter of a list view: the caller's project scope (see ``project_scope``) plus
+    an exact match on each of ``equal_keys`` given in ``args``."""
+    project_id = project_scope(args.get("project_id"))
+    query: dict[str, Any] = {} if project_id is None else {"project_id": project_id}
+    for key in equal_keys:
+        if args.get(key):
+            query[key] = args[key]
+    return query
+
+
 def required_project(requested: str | None) -> str:
     """For creates: the project the new object belongs to (admins must name one)."""
     project_id = project_scope(requested)

@@ -21,8 +21,8 @@ from app.api.common import (
     Blueprint,
     paginate,
     principal,
-    project_scope,
     required_project,
+    scoped_query,
 )
 from app.domain import accounts
 from app.errors import NotFound
@@ -46,8 +46,7 @@ class Accounts(MethodView):
     @blp.response(200, AccountPageSchema)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List ACME accounts."""
-        project_id = project_scope(args.get("project_id"))
-        query = {} if project_id is None else {"project_id": project_id}
+        query = scoped_query(args)
         return paginate(current_db()[dbm.ACME_ACCOUNTS], query, limit=args["limit"],
                         cursor=args["cursor"], projection={"key_id": 0})
 

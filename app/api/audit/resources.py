@@ -12,7 +12,7 @@ from app import current_db
 from app import db as dbm
 from app.api.audit.schemas import AuditPageSchema, AuditQueryArgsSchema
 from app.api.auth import READ, scope
-from app.api.common import API_PREFIX, Blueprint, paginate, project_scope
+from app.api.common import API_PREFIX, Blueprint, paginate, scoped_query
 
 blp = Blueprint("audit", __name__, url_prefix=f"{API_PREFIX}/audit",
                 description="The tamper-evident audit log (read only).")
@@ -25,8 +25,7 @@ class AuditEntries(MethodView):
     @blp.response(200, AuditPageSchema)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """Query audit entries by time, actor, action and target."""
-        project_id = project_scope(args.get("project_id"))
-        query: dict[str, Any] = {} if project_id is None else {"project_id": project_id}
+        query = scoped_query(args)
         window: dict[str, Any] = {}
         if args.get("since"):
             window["$gte"] = args["since"]

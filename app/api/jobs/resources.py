@@ -11,7 +11,7 @@ from flask.views import MethodView
 from app import current_db
 from app import db as dbm
 from app.api.auth import READ, WRITE, scope
-from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, principal, project_scope
+from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, principal, scoped_query
 from app.api.jobs.schemas import CancelSchema, JobListArgsSchema, JobPageSchema, JobSchema
 from app.errors import NotFound
 
@@ -41,11 +41,7 @@ class Jobs(MethodView):
     @blp.response(200, JobPageSchema)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List jobs, newest first, by state, kind or project."""
-        project_id = project_scope(args.get("project_id"))
-        query: dict[str, Any] = {} if project_id is None else {"project_id": project_id}
-        for key in ("state", "kind"):
-            if args.get(key):
-                query[key] = args[key]
+        query = scoped_query(args, "state", "kind")
         return paginate(current_db()[dbm.JOBS], query, limit=args["limit"],
                         cursor=args["cursor"], projection=_PROJECTION, descending=True)
 

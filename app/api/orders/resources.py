@@ -9,7 +9,7 @@ from flask.views import MethodView
 from app import current_db
 from app import db as dbm
 from app.api.auth import READ, scope
-from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, project_scope
+from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, scoped_query
 from app.api.orders.schemas import OrderListArgsSchema, OrderPageSchema, OrderSchema
 from app.domain import orders
 from app.errors import NotFound
@@ -28,11 +28,7 @@ class Orders(MethodView):
     @blp.response(200, OrderPageSchema)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List orders (newest first), e.g. of one certificate."""
-        project_id = project_scope(args.get("project_id"))
-        query: dict[str, Any] = {} if project_id is None else {"project_id": project_id}
-        for key in ("certificate_id", "state"):
-            if args.get(key):
-                query[key] = args[key]
+        query = scoped_query(args, "certificate_id", "state")
         return paginate(current_db()[dbm.ORDERS], query, limit=args["limit"],
                         cursor=args["cursor"], projection=_HIDDEN, descending=True)
 

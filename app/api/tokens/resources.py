@@ -9,7 +9,7 @@ from flask.views import MethodView
 from app import current_db
 from app import db as dbm
 from app.api.auth import READ, WRITE, scope
-from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, principal, project_scope
+from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, principal, scoped_query
 from app.api.tokens.schemas import (
     CreatedTokenSchema,
     TokenCreateSchema,
@@ -31,8 +31,7 @@ class Tokens(MethodView):
     @blp.response(200, TokenPageSchema)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """List tokens (metadata only, never the token itself)."""
-        project_id = project_scope(args.get("project_id"))
-        query: dict[str, Any] = {} if project_id is None else {"project_id": project_id}
+        query = scoped_query(args)
         if not args["include_revoked"]:
             query["revoked_at"] = None
         return paginate(current_db()[dbm.API_TOKENS], query, limit=args["limit"],
