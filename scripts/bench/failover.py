@@ -53,6 +53,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.helpers.processes import Proc  # noqa: E402 - after the path is set
+
 LEASE_SECONDS = 15.0
 ENTRY = "bench.tick"
 
@@ -69,43 +71,10 @@ class Enqueue:
 
 
 @dataclass
-class Beat:
-    popen: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def signal(self, signum: int) -> None:
-        try:
-            os.killpg(self.popen.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self) -> None:
-        if self.alive():
-            self.signal(signal.SIGCONT)
-            self.signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        self.signal(signal.SIGKILL)
-        try:
-            self.popen.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-@dataclass
 class System:
     name: str
     workdir: Path
-    beats: list[Beat] = field(default_factory=list)
+    beats: list[Proc] = field(default_factory=list)
 
     # --- to implement ---
     def argv(self) -> list[str]:
@@ -128,24 +97,24 @@ class System:
         pass
 
     # --- common ---
-    def start_beat(self) -> Beat:
+    def start_beat(self) -> Proc:
         log_path = self.workdir / f"{self.name}-beat-{len(self.beats)}.log"
         with open(log_path, "ab") as out:
             popen = subprocess.Popen(self.argv(), env=self.env(), stdout=out,
                                      stderr=subprocess.STDOUT, cwd=self.workdir,
                                      start_new_session=True)
-        beat = Beat(popen, log_path)
+        beat = Proc(f"{self.name}-beat", popen, log_path)
         self.beats.append(beat)
         return beat
 
-    def live(self) -> list[Beat]:
+    def live(self) -> list[Proc]:
         return [b for b in self.beats if b.alive()]
 
     def stop_all(self) -> None:
         for beat in self.beats:
             beat.stop()
 
-    def leader(self, timeout: float = 90.0) -> Beat:
+    def leader(self, timeout: float = 90.0) -> Proc:
         """The live beat that enqueued in the last 2 s, once it has done so 3 times in a
         row with nobody else enqueuing."""
         deadline = time.monotonic() + timeout

@@ -36,6 +36,20 @@ class Proc:
         self.signal(signal.SIGCONT)
         self.signal(signal.SIGTERM)
 
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM (after SIGCONT), wait up to ``grace`` seconds, then SIGKILL the group."""
+        if self.alive():
+            self.terminate()
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self.signal(signal.SIGKILL)
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
