@@ -65,6 +65,7 @@ def mongo_base_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     storage = tmp_path_factory.mktemp("secantus")
     proc, uri = embedded.start(storage / "data", embedded.free_port(),
                                log_path=storage / "server.log")
+    _SERVER_LOG.append(storage / "server.log")
     try:
         yield uri
     finally:
@@ -176,13 +177,62 @@ def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pebble]:
         instance.stop()
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Iterator[pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
+_CALL_FAILED = pytest.StashKey[bool]()
+_SERVER_LOG: list[Path] = []
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[ProcessManager]:
+def procs(tmp_path: Path, request: pytest.FixtureRequest, mongo_base_uri: str
+          ) -> Iterator[ProcessManager]:
+    """Subprocesses for one test; when the test fails, their log tails (and the embedded
+    server's) are printed, so a CI failure shows what the processes were doing.
+
+    Afterwards every session is killed on the server: a process SIGKILLed in the middle
+    of a transaction (by the test, or by ``stop_all`` after its grace) would otherwise
+    leave it open until the server's transaction lifetime (60 s) ends it, and the
+    embedded server holds other writes behind it -- stalling the next test."""
     manager = ProcessManager(tmp_path / "proc-logs")
     try:
         yield manager
     finally:
+        if request.node.stash.get(_CALL_FAILED, False):
+            for proc in manager.procs:
+                state = "alive" if proc.alive() else f"exit {proc.popen.returncode}"
+                print(f"===== {proc.name} pid {proc.pid} ({state}): {proc.log_path.name}")
+                print(_tail(proc.log_path))
+            for path in _SERVER_LOG:
+                print(f"===== embedded server: {path}")
+                print(_tail(path, 30))
         manager.stop_all()
+        _kill_all_sessions(mongo_base_uri)
+
+
+def _kill_all_sessions(uri: str) -> None:
+    from pymongo import MongoClient
+
+    client: MongoClient[dict[str, object]] = MongoClient(uri, serverSelectionTimeoutMS=5000)
+    try:
+        client.admin.command("killAllSessions", [])
+    except Exception as exc:  # noqa: BLE001 - best effort; the next test still runs
+        print(f"killAllSessions failed: {exc!r}")
+    finally:
+        client.close()
 
 
 @pytest.fixture
