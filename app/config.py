@@ -87,6 +87,9 @@ class Settings:
     data_dir: Path = Path(".certautopilot")
     # CAP_DEV_MONGO_PORT: port of the embedded database started by `certautopilot dev`.
     dev_mongo_port: int = 27117
+    # CAP_WORKER_METRICS_PORT: port on which a Celery worker serves its own Prometheus
+    # metrics (ACME requests, job attempts); 0 (the default) serves none.
+    worker_metrics_port: int = 0
     # CAP_ACME_DIRECTORY_URL: the ACME directory of accounts that do not name their own
     # (an https:// URL; Let's Encrypt production by default).
     acme_directory_url: str = "https://acme-v02.api.letsencrypt.org/directory"
@@ -152,6 +155,20 @@ def _port(env: Mapping[str, str], name: str, default: int) -> int:
     value = _positive_int(env, name, default, "a TCP port between 1 and 65535")
     if value > 65535:
         raise ConfigError(name, env.get(name), "a TCP port between 1 and 65535")
+    return value
+
+
+def _optional_port(env: Mapping[str, str], name: str) -> int:
+    """A TCP port, or 0 (also when unset) for "none"."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise ConfigError(name, env.get(name), "a TCP port between 1 and 65535, or 0 for none")
     return value
 
 
@@ -343,6 +360,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         api_bind=_api_bind(env),
         data_dir=Path(env.get("CAP_DATA_DIR") or ".certautopilot"),
         dev_mongo_port=_port(env, "CAP_DEV_MONGO_PORT", 27117),
+        worker_metrics_port=_optional_port(env, "CAP_WORKER_METRICS_PORT"),
         **_acme_settings(env),
         audit_hmac_key=audit_hmac_key(env),
         audit_sinks=_audit_sinks(env),

@@ -17,10 +17,8 @@ source of truth, so every api replica reports the same values.
 
 Processes: gunicorn forks several workers, so the api runs prometheus_client's
 multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``app/gunicorn_conf.py`` before
-any metric exists). Event metrics incremented in a Celery worker live in that worker's
-process: on one host they are merged when the worker shares the same
-``PROMETHEUS_MULTIPROC_DIR``; in Kubernetes each worker pod exposes its own port with
-``serve_metrics()``.
+any metric exists). Event metrics incremented in a Celery worker's pool processes are
+served by that worker on ``CAP_WORKER_METRICS_PORT`` (``tasks/metrics.py``).
 """
 
 from __future__ import annotations
@@ -237,13 +235,6 @@ def build_registry(get_db: Callable[[], Any] | None) -> CollectorRegistry:
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
-
-
-def serve_metrics(port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104 - pod port
-    """Expose this process's event metrics on ``port`` (for Celery worker pods)."""
-    from prometheus_client import start_http_server
-
-    start_http_server(port, addr)
 
 
 def mark_process_dead(pid: int) -> None:

@@ -3,9 +3,10 @@
 - At start (``worker_init``): logging, then every handler module is imported
   (``HANDLER_MODULES`` + ``CAP_EXTRA_HANDLER_MODULES``); a module that fails to import
   stops the worker with its name.
-- Ready (``worker_ready``): a heartbeat thread keeps this worker's document in
-  ``workers`` (host, pid, version, running jobs, last seen) and runs the reaper now and
-  then.
+- Ready (``worker_ready``): with ``CAP_WORKER_METRICS_PORT``, the pool's merged
+  Prometheus metrics are served on that port (tasks/metrics.py); a heartbeat thread
+  keeps this worker's document in ``workers`` (host, pid, version, running jobs, last
+  seen) and runs the reaper now and then.
 - SIGTERM: Celery stops consuming (warm shutdown); every process that runs jobs (the
   pool's children, or the main process for the solo/threads pools) starts draining:
   running jobs get CAP_JOB_GRACE_SECONDS to finish, then their leases are released so a
@@ -102,6 +103,10 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
     settings = load_or_exit()
     controller = getattr(sender, "controller", None)
     pool = getattr(getattr(controller, "pool", None), "__class__", type(None)).__module__
+    if settings.worker_metrics_port:
+        from tasks import metrics
+
+        metrics.serve(settings.worker_metrics_port)
     _heartbeat = WorkerHeartbeat(
         lambda: dbm.get_db(settings), settings,
         node=str(getattr(sender, "hostname", None) or runner.worker_identity()),
@@ -150,7 +155,17 @@ def _worker_shutting_down(**_: Any) -> None:
                     extra={"error": str(exc)[:200]})
 
 
+@signals.worker_process_shutdown.connect
+def _pool_process_shutdown(pid: int | None = None, **_: Any) -> None:
+    from tasks import metrics
+
+    metrics.process_exited(pid or os.getpid())
+
+
 @signals.worker_shutdown.connect
 def _worker_shutdown(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
+    from tasks import metrics
+
+    metrics.cleanup()

@@ -19,6 +19,7 @@ import requests
 from app import db as dbm
 from app.audit import system_actor
 from app.domain import accounts, certificates, orders
+from app.embedded import free_port
 from tests.helpers import wait_for
 from tests.integration.test_acme_helpers import make_project
 
@@ -90,7 +91,8 @@ def test_issue_and_renew_through_the_api_process(setup, procs, pebble, cap_env):
             "kind": "certificates.renewal_scan"}
     env = stack_env(cap_env, pebble, CAP_SCHEDULER_EXTRA_ENTRIES=json.dumps([scan]))
     api = start_api(procs, env, pebble)
-    procs.worker(env, concurrency=2)
+    metrics_port = free_port()
+    procs.worker({**env, "CAP_WORKER_METRICS_PORT": str(metrics_port)}, concurrency=2)
     procs.scheduler(env)
 
     specs = {
@@ -128,6 +130,29 @@ def test_issue_and_renew_through_the_api_process(setup, procs, pebble, cap_env):
     assert sorted(j["payload"]["reason"] for j in jobs) == ["initial"] * 3 + ["renewal"] * 3
     assert all(j["state"] == "succeeded" for j in jobs)
     assert db[dbm.CHALLENGES].count_documents({}) == 0
+
+    # The worker serves what its two pool processes counted, summed.
+    samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
+    issued_ok = [value for name, labels, value in samples
+                 if name == "certautopilot_jobs_completed_total"
+                 and labels == {"kind": "certificates.issue", "state": "succeeded"}]
+    assert issued_ok == [6.0]
+    acme = [(labels, value) for name, labels, value in samples
+            if name == "certautopilot_acme_requests_total"]
+    assert sum(value for labels, value in acme
+               if labels["endpoint"] == "newOrder" and labels["status"] == "201") == 6
+    assert all(labels["ca"] for labels, _ in acme)
+
+
+def scrape(url):
+    """(name, labels, value) of every sample a Prometheus endpoint serves."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = requests.get(url, timeout=10)
+    answer.raise_for_status()
+    return [(sample.name, sample.labels, sample.value)
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples]
 
 
 @pytest.mark.parametrize("point", ["order_stored", "challenge_answered"])

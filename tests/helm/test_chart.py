@@ -109,3 +109,15 @@ def test_schema_rejects_a_bad_value() -> None:
     with pytest.raises(helm_python.HelmError) as info:
         render({**BASE, "scheduler": {"replicas": "two"}})
     assert "replicas" in str(info.value)
+
+
+def test_worker_pods_serve_their_metrics_on_a_named_port_unless_switched_off() -> None:
+    worker = by_component(render(BASE)["Deployment"], "worker")["spec"]["template"]
+    container = worker["spec"]["containers"][0]
+    assert {"name": "CAP_WORKER_METRICS_PORT", "value": "9809"} in container["env"]
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9809}]
+    assert worker["metadata"]["annotations"]["prometheus.io/port"] == "9809"
+    off = by_component(render({**BASE, "worker": {"metricsPort": 0}})["Deployment"],
+                       "worker")["spec"]["template"]
+    assert "ports" not in off["spec"]["containers"][0]
+    assert all(e["name"] != "CAP_WORKER_METRICS_PORT" for e in off["spec"]["containers"][0]["env"])

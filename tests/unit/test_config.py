@@ -19,6 +19,9 @@ def test_defaults_and_the_documented_replica_set_uri() -> None:
     assert settings.scheduler_renew_seconds == 5
     assert settings.scheduler_retry_seconds == 2
     assert settings.log_level == "INFO"
+    assert settings.worker_metrics_port == 0  # workers serve no metrics unless asked
+    assert load_settings({"CAP_WORKER_METRICS_PORT": "9809"}).worker_metrics_port == 9809
+    assert load_settings({"CAP_WORKER_METRICS_PORT": "0"}).worker_metrics_port == 0
 
 
 @pytest.mark.parametrize(
@@ -40,6 +43,8 @@ def test_defaults_and_the_documented_replica_set_uri() -> None:
         ({"CAP_API_BIND": "8000"}, "CAP_API_BIND"),
         ({"CAP_JOB_MAX_ATTEMPTS": "0"}, "CAP_JOB_MAX_ATTEMPTS"),
         ({"CAP_DEV_MONGO_PORT": "70000"}, "CAP_DEV_MONGO_PORT"),
+        ({"CAP_WORKER_METRICS_PORT": "-1"}, "CAP_WORKER_METRICS_PORT"),
+        ({"CAP_WORKER_METRICS_PORT": "metrics"}, "CAP_WORKER_METRICS_PORT"),
         ({"CAP_MONGO_DB": "bad.name"}, "CAP_MONGO_DB"),
     ],
 )
