@@ -66,11 +66,12 @@ class ProcessManager:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[Proc] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
+    def start(self, name: str, argv: list[str], env: dict[str, str],
+              cwd: Path | None = None) -> Proc:
         log_path = self.log_dir / f"{name}-{len(self.procs)}.log"
         with open(log_path, "ab") as out:
             popen = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=cwd)
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
         return proc
