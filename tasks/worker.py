@@ -52,7 +52,8 @@ _in_pool_child = False
 
 
 def _drain_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    runner.begin_drain(load_or_exit().job_grace_seconds)
+    # A pool process does not exit by itself (see app.jobs.runner): the pool stops it.
+    runner.begin_drain(load_or_exit().job_grace_seconds, exit_after=False)
 
 
 @signals.worker_process_init.connect

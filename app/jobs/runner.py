@@ -8,7 +8,13 @@ line, and the worker keeps running.
 Shutdown: ``begin_drain(grace)`` (the worker calls it on SIGTERM) makes this process take
 no new job; jobs already running get ``grace`` seconds to finish, then their leases are
 released (so a peer re-claims them at once instead of waiting for the lease to lapse),
-their handlers are told (``LeaseLost``) and the process exits.
+their handlers are told (``LeaseLost``) and the process exits. A prefork pool process
+(``exit_after=False``) does not exit at once: its handler unwinds on ``LeaseLost`` and
+the task returns, and the pool stops the process with the others. (A pool process that
+exits by itself during the warm shutdown is replaced by billiard, and a replacement
+killed while it holds the pool's queue lock deadlocks the main process's shutdown.) Only
+a handler still running ``STUCK_HANDLER_EXIT_SECONDS`` after its lease was released
+makes the process exit anyway.
 """
 
 from __future__ import annotations
@@ -260,6 +266,20 @@ def begin_drain(grace_seconds: float, *, exit_after: bool = True) -> None:
     _drain_timer.start()
 
 
+STUCK_HANDLER_EXIT_SECONDS = 10.0
+_stuck_timer: threading.Timer | None = None
+
+
+def _exit_if_still_running(job_ids: set[str]) -> None:
+    with _running_lock:
+        stuck = job_ids & set(_running)
+    if stuck:
+        log.error("a handler ignored the loss of its lease; exiting the process",
+                  extra={"job_ids": sorted(stuck), "event": "job.stuck_handler_exit"})
+        logging.shutdown()
+        os._exit(0)
+
+
 def _abandon_running(exit_after: bool = True) -> int:
     with _running_lock:
         contexts = list(_running.values())
@@ -279,13 +299,22 @@ def _abandon_running(exit_after: bool = True) -> int:
     if contexts and exit_after:
         logging.shutdown()
         os._exit(0)
+    if contexts:
+        global _stuck_timer
+        _stuck_timer = threading.Timer(STUCK_HANDLER_EXIT_SECONDS, _exit_if_still_running,
+                                       args=({ctx.job_id for ctx in contexts},))
+        _stuck_timer.daemon = True
+        _stuck_timer.start()
     return len(contexts)
 
 
 def reset_drain() -> None:
     """For tests: leave the draining state."""
-    global _drain_timer
+    global _drain_timer, _stuck_timer
     if _drain_timer is not None:
         _drain_timer.cancel()
         _drain_timer = None
+    if _stuck_timer is not None:
+        _stuck_timer.cancel()
+        _stuck_timer = None
     _draining.clear()

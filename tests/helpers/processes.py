@@ -88,9 +88,10 @@ class ProcessManager:
                 "scheduler.MongoLeaseScheduler", "--loglevel", "INFO"]
         return self.start(name, argv, env)
 
-    def api(self, env: dict[str, str], bind: str, workers: int = 2) -> Proc:
+    def api(self, env: dict[str, str], bind: str, workers: int = 2,
+            extra: list[str] | None = None) -> Proc:
         argv = [sys.executable, "-m", "gunicorn", "-c", "python:app.gunicorn_conf", "--bind",
-                bind, "--workers", str(workers), "app:create_app()"]
+                bind, "--workers", str(workers), *(extra or []), "app:create_app()"]
         return self.start("api", argv, env)
 
     def stop_all(self, grace: float = 10.0) -> None:

@@ -3,6 +3,8 @@ fencing, failures and backoff, the reaper, operator actions, queue depth."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -386,6 +388,33 @@ def test_draining_releases_the_lease_of_an_abandoned_job(jdb, jsettings):
     other = jobs.enqueue(jdb, "test.noop", {})
     assert _run(jdb, jsettings, other["_id"]) == "deferred"
     assert _job(jdb, other["_id"])["state"] == "queued"
+
+
+STUCK_HANDLER = """
+import sys, threading, time
+from app.jobs import runner
+from app.jobs.registry import load_handlers
+load_handlers(("tests.helpers.job_kinds",))
+runner.STUCK_HANDLER_EXIT_SECONDS = 1.0
+threading.Thread(target=runner.run_job, args=(sys.argv[1],), daemon=True).start()
+while not runner.running_jobs():
+    time.sleep(0.02)
+runner.begin_drain(0.2, exit_after=False)  # as in a prefork pool process
+time.sleep(60)
+sys.exit(3)
+"""
+
+
+def test_a_pool_process_whose_handler_ignores_the_lost_lease_exits_anyway(jdb, jenv):
+    job = jobs.enqueue(jdb, "test.sleep", {"seconds": 120, "unchecked": True})
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", STUCK_HANDLER, job["_id"]], env=jenv,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert time.monotonic() - started < 30
+    assert "a handler ignored the loss of its lease" in done.stderr
+    stored = _job(jdb, job["_id"])
+    assert stored["state"] == "queued" and stored["history"][-1]["event"] == "released"
 
 
 # ------------------------------------------------------------------------------ reaper
