@@ -84,8 +84,11 @@ def _running_job_ids() -> list[str]:
     ids = list(runner.running_jobs())
     for _ in range(3):
         try:
-            ids.extend(str(req.args[0]) for req in list(state.active_requests)
+            requests = list(state.active_requests)
+            ids.extend(str(req.args[0]) for req in requests
                        if req.name == broker.RUN_JOB_TASK and req.args)
+            _job_pool_pids.update(int(req.worker_pid) for req in requests
+                                  if getattr(req, "worker_pid", None))
             break
         except RuntimeError:  # the set changed while we copied it
             continue
@@ -128,6 +131,38 @@ def _stop_consuming() -> None:
         log.warning("could not stop consuming", extra={"error": str(exc)[:200]})
 
 
+_job_pool_pids: set[int] = set()
+
+
+def _job_running_pool_pids() -> set[int]:
+    """Pool processes that ran a task (they installed the drain handler when it
+    started): those running one now, and those the heartbeat saw running one."""
+    from celery.worker import state
+
+    for _ in range(3):
+        try:
+            _job_pool_pids.update(int(req.worker_pid) for req in list(state.active_requests)
+                                  if getattr(req, "worker_pid", None))
+            break
+        except RuntimeError:  # the set changed while we copied it
+            continue
+    return set(_job_pool_pids)
+
+
+def _stop_replacing_pool_processes() -> None:
+    """From now on a pool process that exits is not replaced. billiard's supervisor
+    would otherwise fork replacements during the warm shutdown for the pool processes
+    that exit on SIGTERM, and a replacement killed while it waits on the pool's queue
+    (holding its lock) makes the main process hang at exit. Wake-ups still queued in
+    the pool then go unrun here; the reaper re-publishes their jobs."""
+    pool = getattr(getattr(getattr(_consumer, "controller", None), "pool", None), "_pool",
+                   None)
+    supervisor = getattr(pool, "_worker_handler", None)
+    if supervisor is not None and hasattr(supervisor, "close"):
+        supervisor.close()
+        log.info("shutting down: pool processes that exit are not replaced")
+
+
 @signals.worker_shutting_down.connect
 def _worker_shutting_down(**_: Any) -> None:
     settings = load_or_exit()
@@ -139,21 +174,20 @@ def _worker_shutting_down(**_: Any) -> None:
         _stop_consuming()
     if _heartbeat is not None:
         threading.Thread(target=_heartbeat.draining, daemon=True).start()
+    _stop_replacing_pool_processes()
     # Jobs run in this process (solo/threads pools) drain here ...
     runner.begin_drain(settings.job_grace_seconds)
-    # ... and the prefork pool's children drain on the SIGTERM forwarded to them.
-    try:
-        from billiard.process import active_children
-
-        for child in active_children():
-            if child.pid and child.pid != os.getpid():
-                try:
-                    os.kill(child.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-    except Exception as exc:  # noqa: BLE001 - children then finish without a deadline
-        log.warning("could not forward SIGTERM to pool processes",
-                    extra={"error": str(exc)[:200]})
+    # ... and the prefork pool processes that ran a job drain on the SIGTERM forwarded to
+    # them (they installed the drain handler when their first job started). The others
+    # get none: they still have billiard's handler and would exit, and a pool process
+    # that dies on a signal while it waits on the pool's queue can leave the queue's
+    # lock held, which hangs this process at exit. The pool stops them when it closes.
+    for pid in _job_running_pool_pids():
+        if pid != os.getpid():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
 
 @signals.worker_process_shutdown.connect

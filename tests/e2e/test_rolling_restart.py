@@ -13,7 +13,6 @@ succeeded, no job attempt failed or died, and each issuance made exactly one ACM
 from __future__ import annotations
 
 import json
-import signal
 import time
 from datetime import timedelta
 
@@ -46,7 +45,7 @@ def _roll(old, start_new, ready, grace=60):
     """Start the replacement, wait until it is ready, then SIGTERM the old one."""
     new = start_new()
     ready(new)
-    old.signal(signal.SIGTERM)
+    old.terminate()  # SIGTERM to the main process, as Kubernetes does
     old.popen.wait(grace)
     return new
 

@@ -32,9 +32,14 @@ class Proc:
         self.popen.wait(10)
 
     def terminate(self) -> None:
-        """SIGTERM (after SIGCONT, in case a test stopped it)."""
+        """SIGTERM to the main process, as Kubernetes sends it to a container's PID 1
+        (after SIGCONT to the group, in case a test stopped it). Celery and gunicorn pass
+        it on to their children themselves; see tasks/worker.py."""
         self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
+        try:
+            os.kill(self.popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM (after SIGCONT), wait up to ``grace`` seconds, then SIGKILL the group."""
@@ -97,8 +102,7 @@ class ProcessManager:
     def stop_all(self, grace: float = 10.0) -> None:
         for proc in self.procs:
             if proc.alive():
-                proc.signal(signal.SIGCONT)
-                proc.signal(signal.SIGTERM)
+                proc.terminate()
         for proc in self.procs:
             try:
                 proc.popen.wait(grace)
