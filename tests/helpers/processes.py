@@ -45,10 +45,14 @@ class Proc:
         """SIGTERM (after SIGCONT), wait up to ``grace`` seconds, then SIGKILL the group."""
         if self.alive():
             self.terminate()
-            try:
-                self.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
+        self.wait_then_kill(grace)
+
+    def wait_then_kill(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for the exit, then SIGKILL the group."""
+        try:
+            self.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
         self.signal(signal.SIGKILL)
         try:
             self.popen.wait(5)
@@ -104,12 +108,4 @@ class ProcessManager:
             if proc.alive():
                 proc.terminate()
         for proc in self.procs:
-            try:
-                proc.popen.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-            proc.signal(signal.SIGKILL)
-            try:
-                proc.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+            proc.wait_then_kill(grace)
