@@ -3,7 +3,13 @@
 kombu opens one MongoClient per channel and never closes it: every reconnection (a
 broker step-down, a failed publish retried by Celery) leaks a client with its monitor
 threads and sockets, for the life of the process. This subclass closes the client with
-its channel; everything else is kombu's.
+its channel.
+
+kombu also creates its capped ``messages.broadcast`` collection by check-then-create:
+two workers starting together on a new broker database both find it missing, and the
+second ``create`` fails with ``CollectionInvalid`` -- an "Unrecoverable error" that
+stops that worker. Here the loser of that race takes the collection the winner made.
+Everything else is kombu's.
 """
 
 from __future__ import annotations
@@ -11,9 +17,21 @@ from __future__ import annotations
 from typing import Any
 
 from kombu.transport import mongodb
+from pymongo.errors import CollectionInvalid, OperationFailure
+
+NAMESPACE_EXISTS = 48
 
 
 class Channel(mongodb.Channel):
+    def _create_broadcast(self, database: Any) -> None:
+        try:
+            super()._create_broadcast(database)
+        except CollectionInvalid:
+            pass  # a peer created it between kombu's check and its create
+        except OperationFailure as exc:
+            if exc.code != NAMESPACE_EXISTS:
+                raise
+
     def close(self) -> None:
         database: Any = self.__dict__.get("client")  # kombu caches it once opened
         try:

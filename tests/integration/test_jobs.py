@@ -562,6 +562,32 @@ def test_kombu_channels_close_their_mongo_clients(jdb, jsettings):
         client.admin.command("ping")
 
 
+def test_two_workers_creating_the_broadcast_collection_at_once_both_start(jdb, jsettings):
+    """kombu checks for ``messages.broadcast`` and then creates it: the second of two
+    workers starting together used to die on CollectionInvalid."""
+    from kombu import Connection
+
+    from app.jobs.kombu_mongo import Transport
+
+    connection = Connection(broker.broker_url(jsettings), transport=Transport)
+    channel = connection.channel()  # creates the collection
+    database = channel.client
+
+    class Racing:  # what the loser saw: the collection missing at its check
+        def __getattr__(self, name):
+            return getattr(database, name)
+
+        def list_collection_names(self):
+            return []
+
+    try:
+        channel._create_broadcast(Racing())  # no CollectionInvalid
+        assert "messages.broadcast" in database.list_collection_names()
+    finally:
+        channel.close()
+        connection.close()
+
+
 def test_finished_jobs_expire_and_a_retried_one_does_not(jdb, jsettings):
     done = jobs.enqueue(jdb, "test.noop", {})
     dead = jobs.enqueue(jdb, "test.permanent", {})
