@@ -69,14 +69,6 @@ def serve(port: int, addr: str = "0.0.0.0") -> bool:  # noqa: S104 - the pod's p
     return True
 
 
-def process_exited(pid: int) -> None:
-    """A pool process ended: drop its live gauges (its counters stay in the sum)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)
-
-
 def cleanup() -> None:
     if _own_dir:
         shutil.rmtree(_own_dir, ignore_errors=True)

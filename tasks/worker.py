@@ -78,6 +78,10 @@ def install_drain_handler() -> None:
         signal.signal(signal.SIGTERM, _drain_on_sigterm)
 
 
+# Pool processes seen running a task (so they installed the drain handler).
+_job_pool_pids: set[int] = set()
+
+
 def _running_job_ids() -> list[str]:
     from celery.worker import state
 
@@ -131,21 +135,10 @@ def _stop_consuming() -> None:
         log.warning("could not stop consuming", extra={"error": str(exc)[:200]})
 
 
-_job_pool_pids: set[int] = set()
-
-
 def _job_running_pool_pids() -> set[int]:
     """Pool processes that ran a task (they installed the drain handler when it
     started): those running one now, and those the heartbeat saw running one."""
-    from celery.worker import state
-
-    for _ in range(3):
-        try:
-            _job_pool_pids.update(int(req.worker_pid) for req in list(state.active_requests)
-                                  if getattr(req, "worker_pid", None))
-            break
-        except RuntimeError:  # the set changed while we copied it
-            continue
+    _running_job_ids()  # records the pool processes of the running tasks
     return set(_job_pool_pids)
 
 
@@ -192,9 +185,9 @@ def _worker_shutting_down(**_: Any) -> None:
 
 @signals.worker_process_shutdown.connect
 def _pool_process_shutdown(pid: int | None = None, **_: Any) -> None:
-    from tasks import metrics
+    from app.metrics import mark_process_dead
 
-    metrics.process_exited(pid or os.getpid())
+    mark_process_dead(pid or os.getpid())
 
 
 @signals.worker_shutdown.connect
