@@ -27,8 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from app import embedded
 from app.config import Settings, load_settings
+from devstack import embedded
 from tests.helpers.pebble import Pebble, start_pebble
 from tests.helpers.processes import ProcessManager
 

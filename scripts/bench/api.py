@@ -214,7 +214,7 @@ def main() -> None:
         generate(args)
         return
 
-    from app import embedded
+    from devstack import embedded
 
     tmp = Path(tempfile.mkdtemp(prefix="cap-bench-api-"))
     mongo = api = None

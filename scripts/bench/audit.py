@@ -133,9 +133,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from app import db as dbm
-    from app import embedded
     from app.config import load_settings
     from app.migrations import migrate
+    from devstack import embedded
 
     workdir = Path(tempfile.mkdtemp(prefix="cap-bench-audit-"))
     proc = None

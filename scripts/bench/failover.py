@@ -154,7 +154,7 @@ class System:
 class Ours(System):
     def __init__(self, workdir: Path) -> None:
         super().__init__("ours", workdir)
-        from app import embedded
+        from devstack import embedded
 
         self.server, base_uri = embedded.start(workdir / "db", embedded.free_port(),
                                                log_path=workdir / "mongo.log")
@@ -269,7 +269,7 @@ class RedBeat(System):
         super().__init__("redbeat", workdir)
         import redis
 
-        from app import embedded
+        from devstack import embedded
 
         port = embedded.free_port()
         self.redis_proc = subprocess.Popen(

@@ -170,7 +170,7 @@ def main() -> int:
                         "server (a database named cap_bench_jobs is created and dropped)")
     args = parser.parse_args()
 
-    from app import embedded
+    from devstack import embedded
 
     work = Path(tempfile.mkdtemp(prefix="cap-bench-jobs-"))
     server = None

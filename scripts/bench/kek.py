@@ -64,7 +64,6 @@ def bench_memory(seconds: float) -> tuple[float, float]:
 
 def bench_rotation(keys: int, batch: int, workdir: Path) -> dict[str, float]:
     from app import db as dbm
-    from app import embedded
     from app.audit import system_actor
     from app.config import load_settings
     from app.keys import canary, load_keyring
@@ -72,6 +71,7 @@ def bench_rotation(keys: int, batch: int, workdir: Path) -> dict[str, float]:
     from app.keys.rotation import run_step, start_rotation
     from app.keys.store import build_record
     from app.migrations import migrate
+    from devstack import embedded
 
     proc = None
     base = os.environ.get("CAP_MONGO_URI")

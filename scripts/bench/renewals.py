@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from app import db as dbm  # noqa: E402
-from app import embedded  # noqa: E402
 from app.audit import system_actor  # noqa: E402
 from app.config import load_settings  # noqa: E402
+from devstack import embedded  # noqa: E402
 from tests.helpers.pebble import Pebble, start_pebble  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent

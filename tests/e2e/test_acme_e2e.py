@@ -19,7 +19,7 @@ import requests
 from app import db as dbm
 from app.audit import system_actor
 from app.domain import accounts, certificates, orders
-from app.embedded import free_port
+from devstack.embedded import free_port
 from tests.helpers import wait_for
 from tests.integration.test_acme_helpers import make_project
 

@@ -23,14 +23,14 @@ from urllib.parse import urlencode
 import pytest
 import requests
 
-from app.embedded import free_port
+from devstack.embedded import free_port
 from tests.helpers import wait_for
 
 API = "/api/v1"
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli_entry", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
 

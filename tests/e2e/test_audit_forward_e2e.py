@@ -8,7 +8,7 @@ from typing import Any
 
 from app import db as dbm
 from app.audit.forward import SINKS
-from app.embedded import free_port
+from devstack.embedded import free_port
 from tests.helpers import wait_for
 from tests.integration.test_audit_chain import mutate
 from tests.integration.test_audit_forward import SyslogReceiver, in_order_and_complete

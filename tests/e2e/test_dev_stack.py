@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.embedded import free_port
+from devstack.embedded import free_port
 from tests.helpers import wait_for
 
 
@@ -48,7 +48,7 @@ def dev_env(tmp_path: Path) -> dict[str, str]:
 
 def test_dev_brings_the_stack_up_and_ctrl_c_leaves_nothing_behind(dev_env, tmp_path) -> None:
     log = open(tmp_path / "dev.log", "wb")  # noqa: SIM115
-    dev = subprocess.Popen([sys.executable, "-m", "app.cli_entry", "dev"], env=dev_env,
+    dev = subprocess.Popen([sys.executable, "-m", "devstack"], env=dev_env,
                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
     marker = "CAP_DATA_DIR=" + dev_env["CAP_DATA_DIR"]
@@ -83,7 +83,7 @@ def test_dev_refuses_a_port_in_use_with_a_clear_error(dev_env) -> None:
     with socket.socket() as busy:
         busy.bind((host, int(port)))
         busy.listen()
-        result = subprocess.run([sys.executable, "-m", "app.cli_entry", "dev"], env=dev_env,
+        result = subprocess.run([sys.executable, "-m", "devstack"], env=dev_env,
                                 capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert f"port {port} is already in use" in result.stderr

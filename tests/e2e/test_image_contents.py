@@ -22,8 +22,8 @@ import pytest
 import requests
 
 from app import db as dbm
-from app.embedded import free_port
 from app.scheduling_status import SCHEDULER_LEASE_ID
+from devstack.embedded import free_port
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,13 +80,19 @@ def image_env(venv: Path, cap_env: dict[str, str], extra: dict[str, str]) -> dic
 
 def test_the_image_holds_no_test_or_dev_dependency(image: Path) -> None:
     python = str(image / "bin" / "python")
-    for module in ("secantus", "pytest", "schemathesis", "certbot"):
+    # GPL and test tools, then the dev stack and test hooks that once lived in app/.
+    for module in ("secantus", "pytest", "schemathesis", "certbot", "devstack", "tests",
+                   "app.devserver", "app.embedded", "app.acme.testhooks", "app.audit.walk"):
         found = subprocess.run([python, "-c", f"import {module}"], capture_output=True,
                                cwd="/", timeout=60)
         assert found.returncode != 0, f"{module} is installed in the image"
     entry = subprocess.run([str(image / "bin" / "certautopilot"), "--help"],
                            capture_output=True, text=True, cwd="/", timeout=60)
     assert entry.returncode == 0 and "migrate" in entry.stdout
+    dev = subprocess.run([str(image / "bin" / "certautopilot"), "dev"], capture_output=True,
+                         text=True, cwd="/", timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "CAP_MONGO_URI": "mongodb://127.0.0.1:9/x"})
+    assert dev.returncode == 2 and "source checkout" in dev.stderr, dev.stderr
 
 
 def test_every_role_starts_from_the_image_install(image: Path, cap_env, db, procs,

@@ -23,7 +23,7 @@ KEYS = 10_000
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app.cli_entry", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from app.embedded import free_port
+from devstack.embedded import free_port
 
 
 def write_tls_cert(directory: Path) -> tuple[Path, Path]:

@@ -25,7 +25,7 @@ from cryptography import x509
 
 from app.acme.issuance import LocalFence, run_issuance
 from app.domain import accounts, certificates
-from app.embedded import free_port
+from devstack.embedded import free_port
 from tests.helpers.pebble import write_tls_cert
 from tests.integration.test_acme_helpers import ACTOR, make_project
 

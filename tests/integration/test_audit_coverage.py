@@ -21,9 +21,9 @@ from click.testing import CliRunner
 
 from app import create_app
 from app.audit import system_actor
-from app.audit.walk import AuditProbe, cli_commands, mutating_routes, stale, unclassified
 from app.cli import cli
 from tests.helpers.api import make_admin, make_project, make_token
+from tests.helpers.audit_walk import AuditProbe, cli_commands, mutating_routes, stale, unclassified
 from tests.integration.test_acme_helpers import acme_settings, make_account, responder
 
 

@@ -21,8 +21,8 @@ from app import db as dbm
 from app.audit import forward, status
 from app.audit.forward import SINKS, forward_all
 from app.audit.sinkconfig import parse_sinks
-from app.embedded import free_port
 from app.health import readiness
+from devstack.embedded import free_port
 from tests.helpers import wait_for
 from tests.helpers.pebble import write_tls_cert
 from tests.integration.test_audit_chain import mutate

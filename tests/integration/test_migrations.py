@@ -35,7 +35,7 @@ def test_active_dedupe_key_is_unique_only_while_active(migrated_db) -> None:
 
 
 def test_two_migrate_processes_at_once_apply_each_migration_exactly_once(db, cap_env) -> None:
-    argv = [sys.executable, "-m", "app.cli_entry", "migrate"]
+    argv = [sys.executable, "-m", "app.cli", "migrate"]
     runs = [subprocess.Popen(argv, env=cap_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=120) for run in runs]

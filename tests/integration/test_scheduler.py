@@ -14,8 +14,8 @@ from celery import Celery
 from click.testing import CliRunner
 
 from app import db as dbm
-from app import embedded
 from app.scheduling_status import FIRES, SCHEDULER_LEASE_ID
+from devstack import embedded
 from scheduler.entries import slot_key
 from scheduler.schedulers import MongoLeaseScheduler
 from scheduler.timed import TIMED_WORK

@@ -14,9 +14,9 @@ import pymongo
 import pytest
 
 from app import db as dbm
-from app import embedded
 from app.errors import DatabaseUnavailable
 from app.scheduling_status import SCHEDULER_LEASE_ID, lease_status
+from devstack import embedded
 from scheduler.lease import Deposed, Lease, LeaseConfig, process_identity
 
 CFG = LeaseConfig(lease_seconds=15, renew_seconds=5, retry_seconds=2)

@@ -65,7 +65,7 @@ def test_two_kek_sources_are_refused(tmp_path: Path) -> None:
 
 def test_cli_prints_one_line_and_exits_2_on_malformed_uri() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "app.cli_entry", "migrate"],
+        [sys.executable, "-m", "app.cli", "migrate"],
         env={"CAP_MONGO_URI": "mongo://oops", "PATH": "/usr/bin:/bin"},
         capture_output=True, text=True, timeout=60,
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from app.cli import CliContext, echo_json, pass_ctx
+from app.cli.base import CliContext, echo_json, pass_ctx
 
 
 def _when(value: Any) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from app.cli import CliContext, echo_json, pass_ctx
+from app.cli.base import CliContext, echo_json, pass_ctx
 
 
 @click.group("audit")

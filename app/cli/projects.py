@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from app.cli import CliContext, echo_json, pass_ctx
+from app.cli.base import CliContext, echo_json, pass_ctx
 
 
 @click.group("projects")

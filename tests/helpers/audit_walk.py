@@ -18,8 +18,9 @@ from pymongo.database import Database
 
 from app import db as dbm
 
-MUTATING_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 Doc = dict[str, Any]
+
+MUTATING_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 
 
 def mutating_routes(app: Any) -> list[str]:

@@ -23,9 +23,9 @@ from pathlib import Path
 from types import FrameType
 
 from app import db as dbm
-from app import embedded
 from app.config import Settings, load_settings
 from app.migrations import migrate
+from devstack import embedded
 
 log = logging.getLogger("certautopilot.dev")
 
