@@ -13,6 +13,7 @@ import ctypes
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from types import FrameType
 from app import db as dbm
 from app.config import Settings, load_settings
 from app.migrations import migrate
-from devstack import embedded
+from devstack import bootstrap, embedded
+from devstack.pebble import Pebble, start_pebble
 
 log = logging.getLogger("certautopilot.dev")
 
@@ -140,7 +142,31 @@ def wait_ready(url: str, timeout: float = 60.0) -> bool:
     return False
 
 
-def run_dev(settings: Settings) -> int:
+# The local CA's directory port: fixed, so the demo account stored in the (kept) database
+# still names the right directory after a restart (Pebble itself forgets its accounts;
+# the account is then re-registered on first use).
+DEV_PEBBLE_PORT = 14000
+CA_CHOICES = ("auto", "pebble", "none")
+
+
+def start_local_ca(settings: Settings, data_dir: Path, ca: str, api_port: int,
+                   env: dict[str, str]) -> Pebble | None:
+    """Start Pebble for ``ca`` = pebble, or auto when it is installed and no directory is
+    configured; point the stack at it through ``env``."""
+    if ca == "none" or (ca == "auto" and ("CAP_ACME_DIRECTORY_URL" in os.environ
+                                          or not shutil.which("pebble"))):
+        return None
+    if not shutil.which("pebble"):
+        raise embedded.EmbeddedServerError("--ca pebble: Debian's pebble is not installed "
+                                           "(scripts/run installs it: apt-get install pebble)")
+    port = DEV_PEBBLE_PORT if not embedded.port_in_use(DEV_PEBBLE_PORT) else None
+    pebble = start_pebble(data_dir / "pebble", http_port=api_port, port=port)
+    env["CAP_ACME_DIRECTORY_URL"] = pebble.directory_url
+    env["CAP_ACME_CA_BUNDLE"] = str(pebble.ca_cert)
+    return pebble
+
+
+def run_dev(settings: Settings, ca: str = "auto") -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_dir = data_dir / "logs"
@@ -173,9 +199,23 @@ def run_dev(settings: Settings) -> int:
               "\n!! production: set CAP_KEK_FILE, CAP_KEK_DIR or CAP_KEK_COMMAND.\n" +
               "!" * 78 + "\n", file=sys.stderr)
 
+    try:
+        pebble = start_local_ca(settings, data_dir, ca, int(port), env)
+    except (embedded.EmbeddedServerError, RuntimeError) as exc:
+        print(f"certautopilot dev: {exc}", file=sys.stderr)
+        if db_proc is not None:
+            db_proc.terminate()
+        return 2
+    env["CAP_DATA_DIR"] = str(data_dir)
+    os.environ.update(env)  # domain calls below read their settings from the environment
     settings = load_settings(env)
-    applied = migrate(dbm.get_db(settings))
+    db = dbm.get_db(settings)
+    applied = migrate(db)
     log.info("migrations applied: %s", applied or "none needed")
+    token_file = bootstrap.ensure_admin_token(db, data_dir)
+    if pebble is not None:
+        bootstrap.ensure_demo_project(db, settings)
+    env_file = bootstrap.write_env_file(data_dir, env)
 
     supervisor = Supervisor(roles(settings), env, log_dir)
 
@@ -188,7 +228,17 @@ def run_dev(settings: Settings) -> int:
     try:
         base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
         if wait_ready(base + "/readyz"):
-            print(f"CertAutoPilot is up.\n  API:       {base}/\n  OpenAPI:   {base}/docs\n"
+            local_ca = (f"  Local CA:  {pebble.directory_url} (Pebble; project "
+                        f"'{bootstrap.DEMO_PROJECT}' has an account on it)\n"
+                        "  Try:       .venv/bin/certautopilot certs issue --project "
+                        f"{bootstrap.DEMO_PROJECT} www.example.test\n") if pebble else ""
+            print(f"CertAutoPilot is up.\n  API:       {base}/\n  Dashboard: {base}/dashboard\n"
+                  f"  OpenAPI:   {base}/docs\n"
+                  f"  Admin token: in {token_file} (mode 0600; sign in to the dashboard "
+                  "with it)\n"
+                  f"{local_ca}"
+                  f"  CLI:       .venv/bin/certautopilot (finds this stack through "
+                  f"{env_file})\n"
                   f"  Logs:      {log_dir}/\n"
                   "Ctrl-C stops everything.", flush=True)
         else:
@@ -199,6 +249,8 @@ def run_dev(settings: Settings) -> int:
     finally:
         print("stopping...", file=sys.stderr, flush=True)
         supervisor.stop_all()
+        if pebble is not None:
+            pebble.stop()
         if db_proc is not None:
             db_proc.terminate()
             try:

@@ -4,13 +4,38 @@ and the group class that turns expected errors into one line and an exit code.""
 from __future__ import annotations
 
 import json
+import os
 import sys
+from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
 import click
 
 from app.config import ConfigError, Settings, load_or_exit
 from app.errors import CertAutoPilotError
+
+# Written by `certautopilot dev` (devstack/bootstrap.py) under its data directory.
+DEV_ENV_FILE = "dev.env"
+
+
+def adopt_dev_environment(environ: MutableMapping[str, str] = os.environ) -> Path | None:
+    """With CAP_MONGO_URI unset, take the CAP_* settings of a running dev stack from
+    ``$CAP_DATA_DIR/dev.env`` (default ``.certautopilot/dev.env`` in the working
+    directory), so the CLI run from a checkout reaches it without exports. Values already
+    in the environment win; nothing happens when the file is absent (production)."""
+    if environ.get("CAP_MONGO_URI"):
+        return None
+    path = Path(environ.get("CAP_DATA_DIR") or ".certautopilot") / DEV_ENV_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.startswith("CAP_") and not line.startswith("#"):
+            environ.setdefault(key.strip(), value.strip())
+    return path
 
 
 class CliContext:

@@ -16,8 +16,12 @@ from app.cli.base import CliContext, pass_ctx
 
 
 @click.command("dev")
+@click.option("--ca", type=click.Choice(["auto", "pebble", "none"]), default="auto",
+              show_default=True,
+              help="Start a local test CA (Debian's pebble) with a 'demo' project on it; "
+                   "auto: when pebble is installed and CAP_ACME_DIRECTORY_URL is unset.")
 @pass_ctx
-def command(obj: CliContext) -> None:
+def command(obj: CliContext, ca: str) -> None:
     """Run the whole stack locally (embedded database unless CAP_MONGO_URI is set)."""
     try:
         server = importlib.import_module("devstack.server")
@@ -25,4 +29,4 @@ def command(obj: CliContext) -> None:
         click.echo("certautopilot: 'dev' runs from a source checkout only: use scripts/run "
                    "there (the installed package and the image have no dev stack)", err=True)
         sys.exit(2)
-    sys.exit(server.run_dev(obj.settings))
+    sys.exit(server.run_dev(obj.settings, ca=ca))

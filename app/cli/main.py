@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from app.cli import audit, dev, health, jobs, kek, migrate, projects, scheduler, tokens
-from app.cli.base import CapGroup, CliContext
+from app.cli.base import CapGroup, CliContext, adopt_dev_environment
 from app.config import load_or_exit
 
 COMMANDS: list[click.Command] = [
@@ -42,5 +42,6 @@ for _command in COMMANDS:
 
 
 def main() -> None:
+    adopt_dev_environment()
     load_or_exit()  # a bad CAP_* value stops here with one line naming it
     cli(prog_name="certautopilot")
