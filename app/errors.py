@@ -58,3 +58,14 @@ class Unavailable(CertAutoPilotError):
 
 class DatabaseUnavailable(Unavailable):
     code = "database_unavailable"
+
+
+class ConfigError(Exception):
+    """A CAP_* variable holds a value the process cannot start with (raised while the
+    settings are read, before anything runs: not an API error)."""
+
+    def __init__(self, variable: str, value: object, expected: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{variable}={value!r} is invalid: expected {expected}")

@@ -33,8 +33,8 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from app import db as dbm
-from app.audit.sinkconfig import SinkSpec
 from app.audit.sinks import Sink, SinkError, open_sink
+from app.config.audit_sinks import SinkSpec
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import ssl
 from typing import TYPE_CHECKING, Any, Protocol
 
 from app.audit.log import _iso, _json_default
-from app.audit.sinkconfig import SinkSpec
+from app.config.audit_sinks import SinkSpec
 
 if TYPE_CHECKING:
     import requests

@@ -22,7 +22,7 @@ from pymongo.database import Database
 from app import db as dbm
 from app.audit.forward import SINKS
 from app.audit.log import CHAIN_ID
-from app.audit.sinkconfig import SinkSpec
+from app.config.audit_sinks import SinkSpec
 from app.health import register_check
 from app.metrics import register_scrape
 
@@ -33,8 +33,8 @@ Doc = dict[str, Any]
 
 
 def _configured() -> tuple[SinkSpec, ...]:
-    from app.audit.sinkconfig import parse_sinks
     from app.config import ConfigError
+    from app.config.audit_sinks import parse_sinks
 
     try:
         return parse_sinks()

@@ -20,7 +20,7 @@ import pytest
 from app import db as dbm
 from app.audit import forward, status
 from app.audit.forward import SINKS, forward_all
-from app.audit.sinkconfig import parse_sinks
+from app.config.audit_sinks import parse_sinks
 from app.health import readiness
 from devstack.embedded import free_port
 from tests.helpers import wait_for

@@ -15,24 +15,16 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
 
-if TYPE_CHECKING:
-    from app.audit.sinkconfig import SinkSpec
+from app.config.audit_sinks import SinkSpec, parse_sinks
 
-
-class ConfigError(Exception):
-    """A CAP_* variable holds a value the process cannot start with."""
-
-    def __init__(self, variable: str, value: object, expected: str) -> None:
-        self.variable = variable
-        self.value = value
-        self.expected = expected
-        super().__init__(f"{variable}={value!r} is invalid: expected {expected}")
-
+# Defined with the other errors so that the parsers of single settings (audit_sinks) need
+# not import this package; every caller keeps importing it from here.
+from app.errors import ConfigError as ConfigError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
@@ -66,7 +58,7 @@ class Settings:
     # CAP_REAPER_REPUBLISH_SECONDS: a queued job older than this with no claim is re-published.
     reaper_republish_seconds: float = 30.0
     # CAP_EXTRA_HANDLER_MODULES: comma-separated Python modules the worker imports at start
-    # besides app.jobs.registry.HANDLER_MODULES (a test/ops hook for extra job kinds,
+    # besides the job kinds listed in app.handlers (a test/ops hook for extra job kinds,
     # e.g. tests.helpers.job_kinds); empty in production.
     extra_handler_modules: tuple[str, ...] = ()
     # CAP_SCHEDULER_LEASE_SECONDS / _RENEW_SECONDS / _RETRY_SECONDS: leader lease length,
@@ -108,7 +100,7 @@ class Settings:
     # MongoDB (a Kubernetes Secret); it is never logged or shown.
     audit_hmac_key: bytes | None = field(default=None, repr=False)
     # CAP_AUDIT_SINKS: where the audit log is forwarded (SIEM): syslog over TCP or TLS,
-    # HTTP JSON (Splunk HEC shape), a JSON-lines file; see app/audit/sinkconfig.py.
+    # HTTP JSON (Splunk HEC shape), a JSON-lines file; see app/config/audit_sinks.py.
     audit_sinks: tuple[SinkSpec, ...] = ()
     # CAP_API_RATE_LIMIT: requests one API token may make per window, shared by every api
     # replica through MongoDB: "<count>/<second|minute|hour>" (e.g. 6000/minute), or "off".
@@ -363,16 +355,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         worker_metrics_port=_optional_port(env, "CAP_WORKER_METRICS_PORT"),
         **_acme_settings(env),
         audit_hmac_key=audit_hmac_key(env),
-        audit_sinks=_audit_sinks(env),
+        audit_sinks=parse_sinks(env),
         api_rate_limit=api_rate_limit,
         api_rate_window_seconds=api_rate_window,
     )
-
-
-def _audit_sinks(env: Mapping[str, str]) -> tuple[SinkSpec, ...]:
-    from app.audit.sinkconfig import parse_sinks  # lazily: app.audit imports this module
-
-    return parse_sinks(env)
 
 
 def load_or_exit(environ: Mapping[str, str] | None = None) -> Settings:

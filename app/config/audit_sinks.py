@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from app.config import ConfigError
+from app.errors import ConfigError
 
 VARIABLE = "CAP_AUDIT_SINKS"
 KINDS = {"syslog+tcp": "syslog+tcp", "syslog+tls": "syslog+tls", "http": "http",
