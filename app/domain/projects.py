@@ -18,9 +18,9 @@ from pymongo.errors import DuplicateKeyError
 
 from app import db as dbm
 from app.audit import Actor, record
+from app.db import Doc
+from app.domain import tokencache
 from app.errors import Conflict, NotFound, ValidationFailed
-
-Doc = dict[str, Any]
 
 # A DNS-label-like name: easy to put in URLs, metric labels and CLI arguments.
 NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -158,6 +158,4 @@ def delete_project(db: Database[Doc], project_id: str, *, actor: Actor) -> None:
                details={"tokens_revoked": revoked})
 
     dbm.transaction(db, write, what="delete project")
-    from app.domain.tokens import forget_cached_project
-
-    forget_cached_project(project_id)
+    tokencache.forget_project(project_id)

@@ -5,9 +5,9 @@ A token belongs to one project and carries scopes among ``read``, ``write`` and
 anything in every project. The plaintext (``cap_`` + 43 url-safe characters) is returned
 by ``create_token`` and never stored, logged or shown again.
 
-``authenticate`` keeps a short per-process cache of verified tokens so that a busy
-client does not cost a database read per request: a revoked token stops working within
-``CACHE_SECONDS`` on every replica (at once on the replica that revoked it).
+``authenticate`` keeps a short per-process cache of verified tokens
+(``app.domain.tokencache``): a revoked token stops working within ``CACHE_SECONDS`` on
+every replica (at once on the replica that revoked it).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,10 +27,12 @@ from pymongo.database import Database
 
 from app import db as dbm
 from app.audit import Actor, record
+from app.db import Doc
+from app.domain import tokencache
 from app.domain.projects import get_project, now_ms
+from app.domain.tokencache import CACHE_SECONDS
+from app.domain.tokencache import forget_token as forget_cached_token
 from app.errors import Forbidden, NotFound, Unauthorized, ValidationFailed
-
-Doc = dict[str, Any]
 
 READ, WRITE, KEYS_EXPORT, ADMIN = "read", "write", "keys:export", "admin"
 SCOPES = (READ, WRITE, KEYS_EXPORT, ADMIN)
@@ -42,8 +43,6 @@ TOKEN_PREFIX = "cap_"
 TOKEN_RE = re.compile(r"^cap_[A-Za-z0-9_-]{43}$")
 ID_RE = re.compile(r"^tok_[0-9a-f]{16}$")
 NAME_RE = re.compile(r"^[\w .:@/-]{1,100}$")
-CACHE_SECONDS = 5.0
-_CACHE_MAX = 10_000
 MAX_EXPIRY_DAYS = 3650
 
 
@@ -201,25 +200,9 @@ def check_grant(creator: Principal, project_id: str | None, scopes: Iterable[str
 
 # -- verification -------------------------------------------------------------------
 
-_cache: dict[str, tuple[Principal, float]] = {}
-_cache_lock = threading.Lock()
-
-
-def forget_cached_token(token_id: str) -> None:
-    with _cache_lock:
-        for key in [k for k, (p, _) in _cache.items() if p.token_id == token_id]:
-            del _cache[key]
-
-
-def forget_cached_project(project_id: str) -> None:
-    with _cache_lock:
-        for key in [k for k, (p, _) in _cache.items() if p.project_id == project_id]:
-            del _cache[key]
-
-
 def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+    """Forget every verified token of this process."""
+    tokencache.clear()
 
 
 def authenticate(db: Database[Doc], presented: str | None) -> Principal:
@@ -231,10 +214,9 @@ def authenticate(db: Database[Doc], presented: str | None) -> Principal:
         raise Unauthorized("invalid bearer token")
     digest = hash_token(presented)
     now = time.monotonic()
-    with _cache_lock:
-        hit = _cache.get(digest)
-    if hit is not None and hit[1] > now:
-        return hit[0]
+    hit = tokencache.get(digest, now)
+    if isinstance(hit, Principal):
+        return hit
     doc = dbm.retry(lambda: db[dbm.API_TOKENS].find_one({"token_hash": digest}),
                     what="verify token", attempts=3)
     # Compare in constant time too: the index lookup already matched, this guards
@@ -253,10 +235,7 @@ def authenticate(db: Database[Doc], presented: str | None) -> Principal:
     principal = Principal(token_id=str(doc["_id"]), project_id=doc.get("project_id"),
                           scopes=frozenset(doc.get("scopes") or ()), name=doc.get("name", ""))
     _touch(db, doc)
-    with _cache_lock:
-        if len(_cache) >= _CACHE_MAX:
-            _cache.clear()
-        _cache[digest] = (principal, now + ttl)
+    tokencache.put(digest, principal, now + ttl)
     return principal
 
 
