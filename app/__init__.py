@@ -20,16 +20,10 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.config.update(config or {})
     app.extensions["cap_settings"] = settings
     register_api(app)
-    from app.acme.responder import register as register_http01_responder
-
-    register_http01_responder(app)  # GET /.well-known/acme-challenge/<token>, outside /api
-    return app
-
-
-def current_db() -> Any:
-    """The application database of the current Flask app (one client per process)."""
-    from flask import current_app
-
     from app import db as dbm
+    from app.acme.responder import register as register_http01_responder
+    from app.domain.challenges import key_authorization
 
-    return dbm.get_db(current_app.extensions["cap_settings"])
+    # GET /.well-known/acme-challenge/<token>, outside /api
+    register_http01_responder(app, lambda token: key_authorization(dbm.get_db(settings), token))
+    return app

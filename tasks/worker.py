@@ -1,7 +1,7 @@
 """Worker lifecycle: handler modules, heartbeats, and graceful shutdown.
 
 - At start (``worker_init``): logging, then every handler module is imported
-  (``HANDLER_MODULES`` + ``CAP_EXTRA_HANDLER_MODULES``); a module that fails to import
+  (``app.handlers.HANDLERS`` + ``CAP_EXTRA_HANDLER_MODULES``); a module that fails to import
   stops the worker with its name.
 - Ready (``worker_ready``): with ``CAP_WORKER_METRICS_PORT``, the pool's merged
   Prometheus metrics are served on that port (tasks/metrics.py); a heartbeat thread
@@ -27,8 +27,8 @@ from typing import Any
 from celery import signals
 
 from app.config import configure_logging, load_or_exit
+from app.handlers import load_handlers
 from app.jobs import broker, runner
-from app.jobs.registry import load_handlers
 from app.jobs.workers import WorkerHeartbeat
 
 log = logging.getLogger("certautopilot.worker")

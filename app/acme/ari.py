@@ -1,27 +1,21 @@
-"""ACME Renewal Information (RFC 9773): the CA's suggested renewal window.
+"""ACME Renewal Information (RFC 9773), the protocol part: the CA's suggested window.
 
 ``cert_id()`` builds the certificate's ARI identifier (also sent as ``replaces`` on the
-renewal's newOrder). ``decide()`` turns a ``renewalInfo`` answer and its ``Retry-After``
-into when to renew (a uniformly random point inside the window; at once when that point
-has passed) and when to ask the CA again (``Retry-After`` clamped to between one
-minute and one day; six hours when absent).
+renewal's newOrder); ``parse_renewal_info()`` reads a ``renewalInfo`` answer (fetched by
+``AcmeClient.renewal_info``). What to do with the window is renewal policy:
+``app.domain.renewal``.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import random
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
 
 from app.acme.errors import AcmeProtocolError
-
-DEFAULT_RETRY_AFTER = dt.timedelta(hours=6)
-MIN_RETRY_AFTER = dt.timedelta(minutes=1)
-MAX_RETRY_AFTER = dt.timedelta(days=1)
 
 
 def _b64url(data: bytes) -> str:
@@ -54,20 +48,8 @@ class RenewalWindow:
     explanation_url: str | None = None
 
 
-@dataclass(frozen=True)
-class AriDecision:
-    renew_at: dt.datetime
-    next_check_at: dt.datetime
-    window: RenewalWindow
-
-    def as_doc(self, checked_at: dt.datetime) -> dict[str, Any]:
-        return {"window_start": self.window.start, "window_end": self.window.end,
-                "explanation_url": self.window.explanation_url,
-                "renew_at": self.renew_at, "next_check_at": self.next_check_at,
-                "checked_at": checked_at}
-
-
-def _parse_time(value: object, field: str) -> dt.datetime:
+def parse_time(value: object, field: str) -> dt.datetime:
+    """An RFC 3339 time of a renewalInfo (or order) field, in UTC."""
     if not isinstance(value, str):
         raise AcmeProtocolError(f"renewalInfo suggestedWindow.{field} is missing")
     text = value.strip()
@@ -94,30 +76,9 @@ def parse_renewal_info(body: dict[str, Any]) -> RenewalWindow:
     window = body.get("suggestedWindow")
     if not isinstance(window, dict):
         raise AcmeProtocolError("renewalInfo has no suggestedWindow")
-    start = _parse_time(window.get("start"), "start")
-    end = _parse_time(window.get("end"), "end")
+    start = parse_time(window.get("start"), "start")
+    end = parse_time(window.get("end"), "end")
     if end < start:
         raise AcmeProtocolError("renewalInfo suggestedWindow ends before it starts")
     explanation = body.get("explanationURL")
     return RenewalWindow(start, end, str(explanation) if isinstance(explanation, str) else None)
-
-
-def next_check(now: dt.datetime, retry_after_seconds: float | None) -> dt.datetime:
-    if retry_after_seconds is None:
-        delay = DEFAULT_RETRY_AFTER
-    else:
-        delay = min(MAX_RETRY_AFTER, max(MIN_RETRY_AFTER,
-                                         dt.timedelta(seconds=retry_after_seconds)))
-    return now + delay
-
-
-def decide(body: dict[str, Any], retry_after_seconds: float | None, now: dt.datetime,
-           rng: random.Random | None = None) -> AriDecision:
-    """When to renew, and when to look at renewalInfo again."""
-    rng = rng or random.Random()
-    window = parse_renewal_info(body)
-    # RFC 9773 section 4.2: a uniformly random time inside the window; if that time has
-    # passed already, renew at once.
-    span = (window.end - window.start).total_seconds()
-    renew_at = max(now, window.start + dt.timedelta(seconds=rng.uniform(0, span)))
-    return AriDecision(renew_at, next_check(now, retry_after_seconds), window)

@@ -1,6 +1,7 @@
 """The HTTP-01 responder: ``GET /.well-known/acme-challenge/<token>``.
 
-Served by every api replica from the ``challenges`` collection, so whichever replica the
+Served by every api replica from the shared challenge records (the lookup given to
+``register``: ``app.domain.challenges.key_authorization``), so whichever replica the
 CA's validation request reaches answers it. A plain Flask blueprint, outside the /api
 resources: no authentication (the CA calls it), no JSON envelope. The token must be in
 the base64url alphabet; anything else, or an unknown token, is a plain 404.
@@ -17,13 +18,16 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
-from flask import Blueprint, Response
+from flask import Blueprint, Flask, Response, current_app
 
-from app import db as dbm
 from app.acme.solvers import TOKEN_RE
 
 bp = Blueprint("acme_http01", __name__)
+
+Lookup = Callable[[str], "str | None"]
+_EXTENSION = "cap_http01_lookup"
 
 CACHE_SECONDS = 10.0
 CACHE_ENTRIES = 4096
@@ -37,18 +41,7 @@ def _not_found() -> Response:
     return Response("not found\n", status=404, mimetype="text/plain")
 
 
-def _read(token: str) -> str | None:
-    from app import current_db
-
-    db = dbm.primary(current_db())
-    doc = dbm.retry(lambda: db[dbm.CHALLENGES].find_one({"_id": token},
-                                                        {"key_authorization": 1}),
-                    what="read http-01 challenge", attempts=3)
-    value = doc.get("key_authorization") if doc else None
-    return str(value) if value else None
-
-
-def key_authorization(token: str) -> str | None:
+def key_authorization(token: str, read: Lookup) -> str | None:
     """The stored key authorization of ``token`` (single-flight, positive cache)."""
     while True:
         with _lock:
@@ -61,7 +54,7 @@ def key_authorization(token: str) -> str | None:
                 break
         waiting.wait(5.0)  # another request reads it; then look again
     try:
-        value = _read(token)
+        value = read(token)
         if value is not None:
             with _lock:
                 _found[token] = (value, time.monotonic() + CACHE_SECONDS)
@@ -80,7 +73,7 @@ def http01(token: str) -> Response:
     """Answer an ACME HTTP-01 validation request with the stored key authorization."""
     if not TOKEN_RE.match(token):
         return _not_found()
-    value = key_authorization(token)
+    value = key_authorization(token, current_app.extensions[_EXTENSION])
     if value is None:
         return _not_found()
     response = Response(value, status=200, mimetype="text/plain")
@@ -88,9 +81,8 @@ def http01(token: str) -> Response:
     return response
 
 
-def register(app: object) -> None:
-    """Add the responder to a Flask app (called by ``create_app``)."""
-    from flask import Flask
-
-    assert isinstance(app, Flask)
+def register(app: Flask, lookup: Lookup) -> None:
+    """Add the responder to a Flask app (called by ``create_app``); ``lookup(token)``
+    returns the stored key authorization, or None."""
+    app.extensions[_EXTENSION] = lookup
     app.register_blueprint(bp)

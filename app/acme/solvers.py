@@ -1,9 +1,8 @@
 """Challenge solvers: make the CA's validation request succeed, then clean up.
 
-- ``http-01``: the key authorization goes into the ``challenges`` collection (token
-  unique, TTL index on ``expires_at``); every api replica serves it at
-  ``/.well-known/acme-challenge/<token>`` (``app.acme.responder``). Records are removed
-  after use and expire on their own if a worker dies first.
+- ``http-01``: the key authorization is handed to a record store (``Http01Store``; the
+  application's is ``app.domain.challenges.Http01Records``) that every api replica's
+  responder reads from (``app.acme.responder``).
 - ``dns-01`` (``provider: rfc2136``): a TXT record at ``_acme-challenge.<name>`` through
   an RFC 2136 dynamic update signed with TSIG. The TSIG secret is never stored: the spec
   names the environment variable that holds it (``tsig_secret_env``).
@@ -15,17 +14,13 @@ import base64
 import os
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from pymongo.database import Database
-
-from app import db as dbm
 from app.errors import ValidationFailed
 
-Doc = dict[str, Any]
+# A certificate's challenge spec (``{"type": "dns-01", "provider": "rfc2136", ...}``).
+ChallengeConfig = dict[str, Any]
 
-CHALLENGE_TTL = timedelta(hours=2)
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 _HOST = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
 _ENV = re.compile(r"^CAP_[A-Z0-9_]{1,100}$")
@@ -50,44 +45,36 @@ class Challenge:
 class Solver(Protocol):
     type: str
 
-    def provision(self, db: Database[Doc], challenge: Challenge) -> None: ...
+    def provision(self, challenge: Challenge) -> None: ...
 
-    def cleanup(self, db: Database[Doc], challenges: list[Challenge]) -> None: ...
+    def cleanup(self, challenges: list[Challenge]) -> None: ...
+
+
+class Http01Store(Protocol):
+    """Where http-01 key authorizations are kept for the responder to serve."""
+
+    def put(self, challenge: Challenge) -> None: ...
+
+    def remove(self, tokens: list[str]) -> None: ...
 
 
 class Http01Solver:
     type = "http-01"
 
-    def provision(self, db: Database[Doc], challenge: Challenge) -> None:
+    def __init__(self, store: Http01Store) -> None:
+        self.store = store
+
+    def provision(self, challenge: Challenge) -> None:
         if not TOKEN_RE.match(challenge.token):
             raise ValidationFailed("the CA sent a challenge token outside the base64url "
                                    "alphabet")
-        now = datetime.now(UTC)
-        dbm.retry(lambda: db[dbm.CHALLENGES].update_one(
-            {"_id": challenge.token},
-            {"$set": {"token": challenge.token,
-                      "key_authorization": challenge.key_authorization,
-                      "identifier": challenge.identifier, "order_id": challenge.order_id,
-                      "certificate_id": challenge.certificate_id,
-                      "project_id": challenge.project_id, "created_at": now,
-                      "expires_at": now + CHALLENGE_TTL}},
-            upsert=True), what="store http-01 challenge")
+        self.store.put(challenge)
 
-    def cleanup(self, db: Database[Doc], challenges: list[Challenge]) -> None:
-        tokens = [c.token for c in challenges]
-        if tokens:
-            dbm.retry(lambda: db[dbm.CHALLENGES].delete_many({"_id": {"$in": tokens}}),
-                      what="remove http-01 challenges")
+    def cleanup(self, challenges: list[Challenge]) -> None:
+        self.store.remove([c.token for c in challenges])
 
 
-def cleanup_order(db: Database[Doc], order_id: str) -> int:
-    """Remove every http-01 record of an order (after it finished, either way)."""
-    result = dbm.retry(lambda: db[dbm.CHALLENGES].delete_many({"order_id": order_id}),
-                       what="remove order's challenges")
-    return int(result.deleted_count)
-
-
-def validate_dns01_config(value: Doc) -> Doc:
+def validate_dns01_config(value: ChallengeConfig) -> ChallengeConfig:
     """Check a dns-01 challenge spec; return it normalised."""
     allowed = {"type", "provider", "server", "port", "zone", "tsig_key_name",
                "tsig_algorithm", "tsig_secret_env"}
@@ -126,7 +113,7 @@ class Rfc2136Solver:
 
     type = "dns-01"
 
-    def __init__(self, config: Doc, timeout: float = 10.0) -> None:
+    def __init__(self, config: ChallengeConfig, timeout: float = 10.0) -> None:
         self.config = config
         self.timeout = timeout
 
@@ -172,17 +159,17 @@ class Rfc2136Solver:
             raise RuntimeError(f"dns-01 update refused by {self.config['server']}: "
                                f"{dns.rcode.to_text(response.rcode())}")
 
-    def provision(self, db: Database[Doc], challenge: Challenge) -> None:
+    def provision(self, challenge: Challenge) -> None:
         self._update([challenge], add=True)
 
-    def cleanup(self, db: Database[Doc], challenges: list[Challenge]) -> None:
+    def cleanup(self, challenges: list[Challenge]) -> None:
         if challenges:
             self._update(challenges, add=False)
 
 
-def solver_for(config: Doc) -> Solver:
+def solver_for(config: ChallengeConfig, http01: Http01Store) -> Solver:
     if config.get("type") == "http-01":
-        return Http01Solver()
+        return Http01Solver(http01)
     if config.get("type") == "dns-01" and config.get("provider") == "rfc2136":
         return Rfc2136Solver(config)
     raise ValidationFailed(f"no solver for challenge {config.get('type')!r}")

@@ -132,8 +132,8 @@ def _start_request() -> None:
 def _idempotency_begin() -> Response | None:
     if request.method != "POST" or g.get("principal") is None:
         return None
-    from app import current_db
     from app.api import idempotency
+    from app.api.common import current_db
 
     return idempotency.begin(current_db(), g.principal.token_id)
 
@@ -142,8 +142,8 @@ def _finish_request(response: Response) -> Response:
     from app.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 
     if g.get("idempotency_id"):
-        from app import current_db
         from app.api import idempotency
+        from app.api.common import current_db
 
         try:
             idempotency.finish(current_db(), response)

@@ -73,7 +73,7 @@ def authorize_request() -> None:
     if needed is None:
         raise RuntimeError(f"route {request.url_rule.rule} {request.method} declares no "
                            "scope")
-    from app import current_db
+    from app.api.common import current_db
 
     header = request.headers.get("Authorization", "")
     kind, _, presented = header.partition(" ")

@@ -1,4 +1,5 @@
-"""Job handler ``audit.forward``: deliver new audit entries to every CAP_AUDIT_SINKS sink.
+"""Job handler ``audit.forward`` (listed in ``app.handlers``): deliver new audit entries
+to every CAP_AUDIT_SINKS sink.
 
 The scheduler leader enqueues it every 10 s (``scheduler/timed.py``). One run forwards
 each sink from its cursor until caught up or out of its time budget (half the job lease,
@@ -10,16 +11,33 @@ because a SIEM is down.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
+
+from pymongo.database import Database
 
 from app.audit.forward import forward_all
-from app.jobs import JobContext, register_handler
+from app.config import Settings
+from app.db import Doc
 
 KIND = "audit.forward"
 
 
-@register_handler(KIND, max_attempts=3, backoff_base_seconds=2.0, backoff_max_seconds=10.0)
-def forward(ctx: JobContext) -> dict[str, Any]:
+class ForwardJob(Protocol):
+    """What the handler uses of its ``app.jobs.JobContext`` (named by its shape: the jobs
+    package records operator actions in the audit log, so this package does not import
+    it)."""
+
+    db: Database[Doc]
+    settings: Settings
+    lease_seconds: float
+
+    @property
+    def job_id(self) -> str: ...
+
+    def check_lease(self) -> None: ...
+
+
+def forward(ctx: ForwardJob) -> dict[str, Any]:
     """Forward the audit log to each configured sink, at least once and in order."""
     sinks = ctx.settings.audit_sinks
     if not sinks:

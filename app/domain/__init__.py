@@ -1,2 +1,4 @@
-"""Domain objects and their state machines: projects, tokens, certificates, orders,
-accounts. Views and job handlers call these functions; they own the documents."""
+"""Domain objects and their state machines: projects, tokens, certificates (spec, issued
+result, revocation), orders, accounts, challenge records, the issuance that drives an ACME
+order and the renewal policy. Views and job handlers call these functions; they own the
+documents."""

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from datetime import UTC, datetime
 from typing import Any
 
 from pymongo.client_session import ClientSession
@@ -27,9 +26,9 @@ from app import db as dbm
 from app.acme import client as acme_client
 from app.acme.errors import AcmeError, AcmeProblem
 from app.config import Settings, load_settings
+from app.db import Doc
+from app.domain.projects import now_ms
 from app.errors import Conflict, NotFound, ValidationFailed
-
-Doc = dict[str, Any]
 
 ACCOUNT_KEY_TYPE = "ec256"
 ACCOUNT_KEY_PURPOSE = "acme_account"
@@ -49,10 +48,6 @@ class AccountNotRegistrable(AcmeError):
 
     status, code = 409, "account_needs_registration"
 
-
-def _now() -> datetime:
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def _settings(settings: Settings | None) -> Settings:
@@ -136,7 +131,7 @@ def create_account(db: Database[Doc], project_id: str, spec: Any, actor: audit.A
         raise ValidationFailed("project_id is required")
     account_id = "acc_" + secrets.token_hex(8)
     key_pem = generate_private_key(ACCOUNT_KEY_TYPE)
-    now = _now()
+    now = now_ms()
 
     def insert(session: ClientSession) -> Doc:
         key_id = seal_private_key(db, key_pem, project_id=project_id,
@@ -199,7 +194,7 @@ def client_for(db: Database[Doc], account: Doc, settings: Settings) -> acme_clie
 
 def _save_registration(db: Database[Doc], account: Doc, url: str, actor: audit.Actor,
                        how: str, fence: Any = None) -> Doc:
-    now = _now()
+    now = now_ms()
 
     def save(session: ClientSession) -> None:
         db[dbm.ACME_ACCOUNTS].update_one(
@@ -223,7 +218,7 @@ def _save_registration(db: Database[Doc], account: Doc, url: str, actor: audit.A
 def _record_error(db: Database[Doc], account: Doc, problem: AcmeProblem) -> None:
     dbm.retry(lambda: db[dbm.ACME_ACCOUNTS].update_one(
         {"_id": account["_id"]}, {"$set": {"last_error": problem.as_doc(),
-                                           "updated_at": _now()}}),
+                                           "updated_at": now_ms()}}),
         what="record ACME account error")
 
 
@@ -281,7 +276,7 @@ def forget_account_url(db: Database[Doc], account: Doc, actor: audit.Actor,
     def save(session: ClientSession) -> None:
         db[dbm.ACME_ACCOUNTS].update_one(
             {"_id": account["_id"], "account_url": account.get("account_url")},
-            {"$set": {"account_url": None, "status": STATUS_NEW, "updated_at": _now()}},
+            {"$set": {"account_url": None, "status": STATUS_NEW, "updated_at": now_ms()}},
             session=session)
         audit.record(db, session, actor=actor, action="acme_account.forget_url",
                      target=f"acme_account:{account['_id']}",
@@ -319,7 +314,7 @@ def update_account(db: Database[Doc], account_id: str, changes: Any, actor: audi
     if "contact" in changes and account.get("account_url"):
         client = client_for(db, account, settings)
         client.update_contacts(merged["contact"])
-    now = _now()
+    now = now_ms()
     new_fields = {"contact": merged["contact"], "terms_agreed": merged["terms_agreed"],
                   "updated_at": now}
 

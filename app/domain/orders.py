@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
-from datetime import UTC, datetime
-from typing import Any
 
 from pymongo import DESCENDING
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
 
 from app import db as dbm
+from app.db import Doc
+from app.domain.projects import now_ms
 from app.errors import Conflict, NotFound
-
-Doc = dict[str, Any]
 
 CREATED = "created"
 PENDING = "pending"
@@ -97,16 +95,12 @@ def sources_of(target: str) -> list[str]:
     return [state for state, targets in TRANSITIONS.items() if target in targets]
 
 
-def _now() -> datetime:
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
 
 def new_order_doc(*, certificate: Doc, account: Doc, job_id: str | None, reason: str,
                   identifiers: list[dict[str, str]], key_type: str, key_id: str,
                   csr_pem: str, challenge: Doc, profile: str | None,
                   replaces: str | None, attempt: int) -> Doc:
-    now = _now()
+    now = now_ms()
     return {
         "_id": "ord_" + secrets.token_hex(8),
         "certificate_id": certificate["_id"],
@@ -181,7 +175,7 @@ def transition(db: Database[Doc], order: Doc, target: str, *,
     if target not in STATES:
         raise ValueError(f"unknown order state {target}")
     allowed = list(expect) if expect is not None else sources_of(target)
-    now = _now()
+    now = now_ms()
     changes: Doc = {"state": target, "updated_at": now, **(fields or {})}
     if target in TERMINAL:
         changes.setdefault("completed_at", now)
@@ -210,7 +204,7 @@ def transition(db: Database[Doc], order: Doc, target: str, *,
 def save_fields(db: Database[Doc], order: Doc, fields: Doc, *,
                 session: ClientSession | None = None) -> Doc:
     """Save progress within the current state (authorization steps, Retry-After...)."""
-    changes = {**fields, "updated_at": _now()}
+    changes = {**fields, "updated_at": now_ms()}
 
     def run() -> int:
         return db[dbm.ORDERS].update_one(

@@ -20,10 +20,11 @@ only wakes a worker. Public API::
     claim / heartbeat / complete / fail (fenced by the lease token), reap(db),
     queue_depth(db), get_job / list_jobs / retry_dead / cancel (operator actions).
 
-Handler modules are listed in ``app.jobs.registry.HANDLER_MODULES``.
+The application's job kinds are listed in ``app.handlers`` (nothing registers by import).
 """
 
 from app.jobs.context import JobContext
+from app.jobs.dedupe import active_dedupe_keys
 from app.jobs.errors import (
     InvalidJob,
     JobNotFound,
@@ -34,7 +35,7 @@ from app.jobs.errors import (
 )
 from app.jobs.metrics import register_with_api_metrics
 from app.jobs.reaper import reap
-from app.jobs.registry import HANDLER_MODULES, load_handlers, register_handler
+from app.jobs.registry import load_modules, register_handler
 from app.jobs.store import (
     ACTIVE_STATES,
     STATES,
@@ -57,9 +58,9 @@ from app.jobs.store import (
 register_with_api_metrics()
 
 __all__ = [
-    "ACTIVE_STATES", "HANDLER_MODULES", "STATES", "InvalidJob", "JobContext", "JobNotFound",
-    "JobStateConflict", "LeaseLost", "PermanentFailure", "RetryLater", "cancel", "claim",
-    "complete", "enqueue", "fail", "fenced_transaction", "get_job", "heartbeat",
-    "list_jobs", "load_handlers", "publish_wakeup", "queue_depth", "reap",
+    "ACTIVE_STATES", "STATES", "InvalidJob", "JobContext", "JobNotFound",
+    "JobStateConflict", "LeaseLost", "PermanentFailure", "RetryLater", "active_dedupe_keys",
+    "cancel", "claim", "complete", "enqueue", "fail", "fenced_transaction", "get_job",
+    "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "queue_depth", "reap",
     "register_handler", "release", "retry_dead", "retry_later",
 ]

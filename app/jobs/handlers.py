@@ -1,4 +1,4 @@
-"""Job kinds the jobs package itself handles."""
+"""Job kinds the jobs package itself handles (listed in ``app.handlers``)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ from typing import Any
 
 from app.jobs.context import JobContext
 from app.jobs.reaper import reap
-from app.jobs.registry import register_handler
 
 
-@register_handler("jobs.reap", max_attempts=1)
 def reap_job(ctx: JobContext) -> dict[str, Any]:
     """The scheduler's periodic reaper pass (see app.jobs.reaper)."""
     ctx.check_lease()

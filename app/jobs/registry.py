@@ -1,7 +1,8 @@
-"""Job kinds and their handlers.
+"""Job kinds and their handlers: the registry the runner looks kinds up in.
 
-``HANDLER_MODULES`` lists every module that registers handlers with
-``@register_handler``; the worker imports them all at start. Add yours here.
+The application's own kinds are listed in one place, ``app.handlers.HANDLERS``, and
+added (``add``) by ``app.handlers.load_handlers`` when a worker starts; this package
+knows none of them.
 
 A handler is ``def handle(ctx: JobContext) -> dict | None``; its return value is stored
 as the job's ``result``. Per kind it may set ``max_attempts`` (default
@@ -10,8 +11,9 @@ as the job's ``result``. Per kind it may set ``max_attempts`` (default
 ``validate(payload)`` that raises ``ValueError`` for a payload it cannot run (the job
 then goes ``dead`` with that message, without calling the handler).
 
-``CAP_EXTRA_HANDLER_MODULES`` (comma-separated module names) adds modules at start: a
-hook for tests, benchmarks and operators' own job kinds, not needed in production.
+``CAP_EXTRA_HANDLER_MODULES`` (comma-separated module names) adds modules at start
+(``load_modules``), which register their kinds with ``@register_handler``: a hook for
+tests, benchmarks and operators' own job kinds, not needed in production.
 """
 
 from __future__ import annotations
@@ -22,21 +24,13 @@ import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from app.jobs.context import JobContext
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-HANDLER_MODULES: list[str] = [
-    "app.jobs.handlers",
-    "app.acme.handlers",  # certificates.issue, certificates.renewal_scan
-    "app.keys.handlers",  # kek.rotation_step
-    "app.audit.jobs",  # audit.forward
-]
-
-Handler = Callable[["JobContext"], "dict[str, Any] | None"]
+# A handler takes an app.jobs.JobContext; not named here, where the context module (which
+# reaches this registry through the job store) would make an import cycle.
+Handler = Callable[..., "dict[str, Any] | None"]
 Validator = Callable[[dict[str, Any]], None]
 
 KIND_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)*$")
@@ -67,8 +61,20 @@ def register_handler(kind: str, *, max_attempts: int | None = None,
                      backoff_base_seconds: float = DEFAULT_BACKOFF_BASE_SECONDS,
                      backoff_max_seconds: float = DEFAULT_BACKOFF_MAX_SECONDS,
                      validate: Validator | None = None) -> Callable[[Handler], Handler]:
-    """Decorator: ``fn`` handles jobs of ``kind``. Registering a kind twice with two
-    different functions is an error (two modules would fight over it)."""
+    """Decorator: ``fn`` handles jobs of ``kind`` (see ``add``); bad settings raise
+    ValueError at once."""
+    _check(kind, max_attempts, backoff_base_seconds, backoff_max_seconds)
+
+    def decorate(fn: Handler) -> Handler:
+        add(HandlerSpec(kind, fn, max_attempts, backoff_base_seconds, backoff_max_seconds,
+                        validate))
+        return fn
+
+    return decorate
+
+
+def _check(kind: str, max_attempts: int | None, backoff_base_seconds: float,
+           backoff_max_seconds: float) -> None:
     if not valid_kind(kind):
         raise ValueError(f"job kind {kind!r} must be dotted lowercase words, "
                          "e.g. 'certificates.issue'")
@@ -77,18 +83,17 @@ def register_handler(kind: str, *, max_attempts: int | None = None,
     if not 0 < backoff_base_seconds <= backoff_max_seconds:
         raise ValueError("need 0 < backoff_base_seconds <= backoff_max_seconds")
 
-    def decorate(fn: Handler) -> Handler:
-        spec = HandlerSpec(kind, fn, max_attempts, backoff_base_seconds, backoff_max_seconds,
-                           validate)
-        with _lock:
-            existing = _handlers.get(kind)
-            if existing is not None and _qualname(existing.fn) != _qualname(fn):
-                raise ValueError(f"job kind {kind!r} is already handled by "
-                                 f"{_qualname(existing.fn)}")
-            _handlers[kind] = spec
-        return fn
 
-    return decorate
+def add(spec: HandlerSpec) -> None:
+    """Register ``spec.fn`` for jobs of ``spec.kind``. Registering a kind twice with two
+    different functions is an error (two modules would fight over it)."""
+    _check(spec.kind, spec.max_attempts, spec.backoff_base_seconds, spec.backoff_max_seconds)
+    with _lock:
+        existing = _handlers.get(spec.kind)
+        if existing is not None and _qualname(existing.fn) != _qualname(spec.fn):
+            raise ValueError(f"job kind {spec.kind!r} is already handled by "
+                             f"{_qualname(existing.fn)}")
+        _handlers[spec.kind] = spec
 
 
 def _qualname(fn: Callable[..., Any]) -> str:
@@ -105,10 +110,11 @@ def registered_kinds() -> list[str]:
         return sorted(_handlers)
 
 
-def load_handlers(extra: tuple[str, ...] | list[str] = ()) -> list[str]:
-    """Import every handler module (``HANDLER_MODULES`` then ``extra``); return the
-    kinds registered. An import error stops the worker at start, naming the module."""
-    for name in [*HANDLER_MODULES, *extra]:
+def load_modules(names: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Import each module of ``names`` (``CAP_EXTRA_HANDLER_MODULES``), which registers
+    its kinds; return every kind registered. An import error stops the worker at start,
+    naming the module."""
+    for name in names:
         if name in _loaded:
             continue
         try:

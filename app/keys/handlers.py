@@ -1,4 +1,5 @@
-"""Job handler ``kek.rotation_step``: one step of the running KEK rotation.
+"""Job handler ``kek.rotation_step``: one step of the running KEK rotation (listed in
+``app.handlers``).
 
 The scheduler leader enqueues it every 10 s (``scheduler/timed.py``); with no rotation
 running it returns at once. Its batches commit through ``ctx.transaction`` (fenced by the
@@ -17,7 +18,7 @@ import socket
 from typing import Any
 
 from app.audit import system_actor
-from app.jobs import JobContext, register_handler
+from app.jobs import JobContext
 from app.keys import rotation
 from app.keys.errors import KeyUnavailable
 from app.keys.keyring import get_keyring
@@ -25,7 +26,6 @@ from app.keys.keyring import get_keyring
 log = logging.getLogger(__name__)
 
 
-@register_handler(rotation.STEP_KIND, max_attempts=3)
 def rotation_step(ctx: JobContext) -> dict[str, Any]:
     """Re-wrap the next batches of DEKs of the running rotation, for up to 8 s."""
     running = rotation.running_rotation(ctx.db)

@@ -114,7 +114,7 @@ def percentile(values: list[float], q: float) -> float:
 def bench_ours(pebble: Pebble, workdir: Path, count: int, workers: int) -> dict[str, Any]:
     import requests
 
-    from app.domain import accounts, certificates, projects
+    from app.domain import accounts, certificates, projects, renewal
     from app.migrations import migrate
 
     port = embedded.free_port()
@@ -169,7 +169,7 @@ def bench_ours(pebble: Pebble, workdir: Path, count: int, workers: int) -> dict[
 
         def run_phase(label: str, issue_count: int) -> float:
             started = time.perf_counter()
-            scanned = certificates.renewal_scan(db)
+            scanned = renewal.renewal_scan(db)
             log(f"{label}: scan enqueued {scanned['enqueued']} in "
                 f"{time.perf_counter() - started:.2f} s ({scanned['batches']} batches)")
             if scanned["enqueued"] != count:

@@ -4,8 +4,9 @@ running the renewal scan.
 
 - Issue and renew EC, RSA and a 10-name certificate; the api process answers the CA.
 - kill -9 the worker right after the order URL is stored, and again right after a
-  challenge is answered (test hook CAP_TEST_CRASH_AT): a peer resumes the same order;
-  ``orders`` and Pebble's log show one order for the attempt; the certificate is issued.
+  challenge is answered (tests/helpers/crash_points.py, CAP_TEST_CRASH_AT): a peer
+  resumes the same order; ``orders`` and Pebble's log show one order for the attempt;
+  the certificate is issued.
 """
 
 from __future__ import annotations
@@ -166,7 +167,9 @@ def test_kill9_worker_then_a_peer_resumes_the_same_order(setup, procs, pebble, c
                                            settings=s)
     orders_before = pebble.log().count("Added order")
 
-    doomed = procs.worker({**env, "CAP_TEST_CRASH_AT": point}, name="doomed")
+    doomed = procs.worker({**env, "CAP_TEST_CRASH_AT": point,
+                           "CAP_EXTRA_HANDLER_MODULES": "tests.helpers.crash_points"},
+                          name="doomed")
     job = certificates.request_issuance(db, cert["_id"], ACTOR, "initial")
     wait_for(lambda: not doomed.alive(), timeout=60, message=f"worker killed at {point}")
     assert doomed.popen.returncode == -9

@@ -3,8 +3,9 @@ succeeds (badNonce is retried at once with a fresh nonce)."""
 
 from __future__ import annotations
 
-from app.acme.issuance import LocalFence, run_issuance
 from app.domain import accounts, certificates
+from app.domain.issuance import run_issuance
+from tests.helpers.fences import LocalFence
 from tests.helpers.pebble import start_pebble
 from tests.integration.test_acme_helpers import ACTOR, acme_settings, make_project, responder
 

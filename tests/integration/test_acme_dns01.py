@@ -23,9 +23,10 @@ import dns.rdatatype
 import pytest
 from cryptography import x509
 
-from app.acme.issuance import LocalFence, run_issuance
 from app.domain import accounts, certificates
+from app.domain.issuance import run_issuance
 from devstack.embedded import free_port
+from tests.helpers.fences import LocalFence
 from tests.helpers.pebble import write_tls_cert
 from tests.integration.test_acme_helpers import ACTOR, make_project
 

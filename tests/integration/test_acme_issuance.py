@@ -10,9 +10,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from app import db as dbm
-from app.acme.issuance import IssuanceFailed, LocalFence, run_issuance
-from app.domain import certificates, orders
+from app.domain import certificates, orders, revocation
+from app.domain.issuance import IssuanceFailed, run_issuance
 from app.keys import open_private_key
+from tests.helpers.fences import LocalFence
 from tests.integration.test_acme_helpers import (
     ACTOR,
     acme_settings,
@@ -200,16 +201,16 @@ def test_revoke_stops_renewals_and_a_new_issuance_restores(env, pebble):
     cert = certificates.create_certificate(db, project_id, {"names": ["revoke.test"]}, ACTOR,
                                            settings=s)
     with pytest.raises(Conflict, match="not been issued"):
-        certificates.revoke_certificate(db, cert["_id"], ACTOR, settings=s)
+        revocation.revoke_certificate(db, cert["_id"], ACTOR, settings=s)
     _issue(db, s, cert["_id"], "job-revoke-1")
     with pytest.raises(ValidationFailed):
-        certificates.revoke_certificate(db, cert["_id"], ACTOR, reason_code=7, settings=s)
+        revocation.revoke_certificate(db, cert["_id"], ACTOR, reason_code=7, settings=s)
     before = pebble.log().count("POST /revoke-cert")
-    revoked = certificates.revoke_certificate(db, cert["_id"], ACTOR, reason_code=4, settings=s)
+    revoked = revocation.revoke_certificate(db, cert["_id"], ACTOR, reason_code=4, settings=s)
     assert revoked["status"] == "revoked" and revoked["next_renewal_at"] is None
     assert pebble.log().count("POST /revoke-cert") == before + 1
     with pytest.raises(Conflict, match="already revoked"):
-        certificates.revoke_certificate(db, cert["_id"], ACTOR, settings=s)
+        revocation.revoke_certificate(db, cert["_id"], ACTOR, settings=s)
     # the scan leaves it alone; a scheduled renewal job is skipped; a manual one reissues
     assert _issue(db, s, cert["_id"], "job-revoke-2", reason="renewal")["outcome"] == "skipped"
     assert _issue(db, s, cert["_id"], "job-revoke-3", reason="manual")["outcome"] == "issued"

@@ -7,6 +7,7 @@ import pytest
 from app import create_app
 from app import db as dbm
 from app.acme import solvers
+from app.domain import challenges
 
 
 @pytest.fixture
@@ -21,23 +22,27 @@ def _challenge(token):
                              order_id="ord_1", certificate_id="crt_1", project_id="prj_1")
 
 
+def _provision(db, challenge):
+    solvers.Http01Solver(challenges.Http01Records(db)).provision(challenge)
+
+
 def test_known_token_is_answered_then_removed_after_use(client, migrated_db):
     token = "AbC-_09xyz" * 4
-    solvers.Http01Solver().provision(migrated_db, _challenge(token))
+    _provision(migrated_db, _challenge(token))
     response = client.get(f"/.well-known/acme-challenge/{token}")
     assert response.status_code == 200
     assert response.get_data(as_text=True) == f"{token}.thumbprint"
     assert response.headers["Content-Type"].startswith("text/plain")
     record = migrated_db[dbm.CHALLENGES].find_one({"_id": token})
     assert record["expires_at"] > record["created_at"]  # TTL index removes stale ones
-    assert solvers.cleanup_order(migrated_db, "ord_1") == 1
+    assert challenges.remove_for_order(migrated_db, "ord_1") == 1
     assert migrated_db[dbm.CHALLENGES].count_documents({}) == 0
 
 
 def test_not_found_is_not_remembered(client, migrated_db):
     token = "written-a-moment-later"
     assert client.get(f"/.well-known/acme-challenge/{token}").status_code == 404
-    solvers.Http01Solver().provision(migrated_db, _challenge(token))
+    _provision(migrated_db, _challenge(token))
     assert client.get(f"/.well-known/acme-challenge/{token}").status_code == 200
 
 
@@ -47,7 +52,7 @@ def test_concurrent_requests_for_one_token_share_a_read(client, migrated_db):
     from pymongo import monitoring
 
     token = "three-vantage-points"
-    solvers.Http01Solver().provision(migrated_db, _challenge(token))
+    _provision(migrated_db, _challenge(token))
     reads = []
 
     class Count(monitoring.CommandListener):
@@ -96,6 +101,6 @@ def test_unknown_or_malformed_tokens_are_404(client, path):
 
 
 def test_no_authentication_needed(client, migrated_db):
-    solvers.Http01Solver().provision(migrated_db, _challenge("open-token"))
+    _provision(migrated_db, _challenge("open-token"))
     assert client.get("/.well-known/acme-challenge/open-token",
                       headers={"Authorization": "Bearer nonsense"}).status_code == 200

@@ -60,8 +60,9 @@ class World:
 
     def issued_certificate(self) -> str:
         """A certificate really issued by Pebble (revocation talks to the CA)."""
-        from app.acme.issuance import LocalFence, run_issuance
         from app.domain import certificates
+        from app.domain.issuance import run_issuance
+        from tests.helpers.fences import LocalFence
 
         project_id = self.project()
         make_account(self.db, project_id, self.settings)

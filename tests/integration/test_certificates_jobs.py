@@ -9,7 +9,8 @@ from datetime import timedelta
 import pytest
 
 from app import db as dbm
-from app.domain import certificates
+from app.domain import certificates, renewal
+from app.handlers import load_handlers
 from app.jobs.runner import run_job
 from tests.integration.test_acme_helpers import (
     ACTOR,
@@ -27,7 +28,7 @@ def env(migrated_db, settings, pebble, monkeypatch):
     monkeypatch.setenv("CAP_ACME_CA_BUNDLE", str(pebble.ca_cert))
     project_id = make_project(migrated_db)
     make_account(migrated_db, project_id, s)
-    import app.acme.handlers  # noqa: F401 - registers the job kinds
+    load_handlers()
 
     with responder(s, pebble.http_port):
         yield migrated_db, s, project_id
@@ -70,7 +71,7 @@ def test_renewal_scan_enqueues_only_due_certificates_in_batches(env):
             "next_renewal_at": now + timedelta(days=30)}})
     before = {c["_id"]: c for c in db[dbm.CERTIFICATES].find()}
 
-    result = certificates.renewal_scan(db, batch_size=2)
+    result = renewal.renewal_scan(db, batch_size=2)
     assert result == {"enqueued": 3, "batches": 2}
     jobs = list(db[dbm.JOBS].find({"kind": "certificates.issue"}))
     assert sorted(j["payload"]["certificate_id"] for j in jobs) == sorted(c["_id"] for c in due)
@@ -85,7 +86,7 @@ def test_renewal_scan_enqueues_only_due_certificates_in_batches(env):
     # due again while their jobs are still queued: no second job
     db[dbm.CERTIFICATES].update_many({"_id": {"$in": [c["_id"] for c in due]}},
                                      {"$set": {"next_renewal_at": now}})
-    assert certificates.renewal_scan(db)["enqueued"] == 0
+    assert renewal.renewal_scan(db)["enqueued"] == 0
     assert db[dbm.JOBS].count_documents({"kind": "certificates.issue"}) == 3
 
 
@@ -105,9 +106,9 @@ def test_scan_job_then_renewal_job_renews(env):
     scan = enqueue(db, "certificates.renewal_scan", {}, publish=False)
     assert _run(db, s, scan["_id"]) == "succeeded"
     assert db[dbm.JOBS].find_one({"_id": scan["_id"]})["result"]["enqueued"] == 1
-    renewal = db[dbm.JOBS].find_one({"kind": "certificates.issue", "state": "queued"})
-    assert renewal["payload"] == {"certificate_id": cert["_id"], "reason": "renewal"}
-    assert _run(db, s, renewal["_id"]) == "succeeded"
+    renewal_job = db[dbm.JOBS].find_one({"kind": "certificates.issue", "state": "queued"})
+    assert renewal_job["payload"] == {"certificate_id": cert["_id"], "reason": "renewal"}
+    assert _run(db, s, renewal_job["_id"]) == "succeeded"
     renewed = certificates.get_certificate(db, cert["_id"])
     assert renewed["serial"] != issued["serial"] and renewed["issue_count"] == 2
     assert renewed["next_renewal_at"] > dbm.server_now(db) + timedelta(days=365)

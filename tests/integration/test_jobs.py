@@ -393,8 +393,8 @@ def test_draining_releases_the_lease_of_an_abandoned_job(jdb, jsettings):
 STUCK_HANDLER = """
 import sys, threading, time
 from app.jobs import runner
-from app.jobs.registry import load_handlers
-load_handlers(("tests.helpers.job_kinds",))
+from app.jobs.registry import load_modules
+load_modules(("tests.helpers.job_kinds",))
 runner.STUCK_HANDLER_EXIT_SECONDS = 1.0
 threading.Thread(target=runner.run_job, args=(sys.argv[1],), daemon=True).start()
 while not runner.running_jobs():

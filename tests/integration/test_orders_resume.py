@@ -1,7 +1,8 @@
 """Orders survive an interrupted worker: a second run of the same job resumes the stored
 order by URL (one order at the CA per attempt), and finalize is fenced by the job's lease
-token. Interruptions here are in-process (the crash hook raises instead of killing the
-process); tests/e2e/test_acme_kill9.py does the same with kill -9 on real workers."""
+token. Interruptions here are in-process (the crash points of tests/helpers/crash_points.py
+raise instead of killing the process); tests/e2e/test_acme_e2e.py does the same with
+kill -9 on real workers."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import time
 import pytest
 
 from app import db as dbm
-from app.acme import testhooks
-from app.acme.handlers import _JobFence
-from app.acme.issuance import LocalFence, run_issuance
 from app.config import load_settings
 from app.domain import accounts, certificates, orders
+from app.domain.issuance import run_issuance
 from app.jobs import LeaseLost, enqueue
-from app.jobs import store as job_store
+from app.jobs import lifecycle as job_store
 from app.jobs.context import JobContext
+from tests.helpers import crash_points
+from tests.helpers.fences import LocalFence
 from tests.integration.test_acme_helpers import (
     ACTOR,
     acme_settings,
@@ -42,7 +43,7 @@ def env(migrated_db, settings, pebble):
 
 @pytest.fixture
 def crash_at(monkeypatch):
-    """Make the crash hook raise at one point, once (like the marker of the real hook)."""
+    """Make the issuance raise at one crash point, once (like the marker of the kill)."""
     fired = []
 
     def arm(point):
@@ -51,7 +52,7 @@ def crash_at(monkeypatch):
                 fired.append(name)
                 raise SimulatedCrash(name)
 
-        monkeypatch.setattr(testhooks, "crash_point", crash)
+        crash_points.install(crash, monkeypatch.setattr)
         return fired
 
     return arm
@@ -123,7 +124,7 @@ def test_finalize_is_fenced_by_the_lease_token(env, pebble, crash_at):
     ctx_a = JobContext(db, claimed_a, worker="worker-a", lease_seconds=60, settings=settings)
     crash_at("challenge_answered")
     with pytest.raises(SimulatedCrash):
-        run_issuance(db, _JobFence(ctx_a), cert["_id"], reason="initial", settings=settings)
+        run_issuance(db, ctx_a, cert["_id"], reason="initial", settings=settings)
 
     lapse = claimed_a["lease"]["expires_at"] - dbm.server_now(db)
     time.sleep(max(0.0, lapse.total_seconds()) + 0.5)  # A's lease lapses (server clock)
@@ -134,12 +135,12 @@ def test_finalize_is_fenced_by_the_lease_token(env, pebble, crash_at):
     finalizes = _finalize_posts(pebble)
     # A wakes up and carries on: its fenced 'finalizing' write is refused, no finalize sent
     with pytest.raises(LeaseLost):
-        run_issuance(db, _JobFence(ctx_a), cert["_id"], reason="initial", settings=settings)
+        run_issuance(db, ctx_a, cert["_id"], reason="initial", settings=settings)
     assert _finalize_posts(pebble) == finalizes
     order = db[dbm.ORDERS].find_one({"job_id": job["_id"]})
     assert order["state"] in ("pending", "ready") and order["fence"] is None
 
-    result = run_issuance(db, _JobFence(ctx_b), cert["_id"], reason="initial",
+    result = run_issuance(db, ctx_b, cert["_id"], reason="initial",
                           settings=settings)
     assert result["outcome"] == "issued"
     order = orders.get(db, result["order_id"])

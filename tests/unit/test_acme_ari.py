@@ -1,4 +1,5 @@
-"""ARI (RFC 9773): CertID, window selection and Retry-After handling, replayed from the
+"""ARI (RFC 9773): CertID (app.acme.ari), window selection and Retry-After handling
+(app.domain.renewal), replayed from the
 recorded renewalInfo answers in tests/testdata/ari (Pebble 2.4 has no ARI)."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from cryptography.x509.oid import NameOID
 from app.acme import ari
 from app.acme.client import parse_retry_after
 from app.acme.errors import AcmeProtocolError
+from app.domain import renewal
 
 DATA = Path(__file__).resolve().parent.parent / "testdata" / "ari"
 UTC = dt.UTC
@@ -28,9 +30,10 @@ def recorded(name: str) -> tuple[dict, float | None, dict]:
     return answer["body"], answer["headers"].get("Retry-After"), answer
 
 
-def decide(name: str, now: dt.datetime, seed: int = 1) -> ari.AriDecision:
+def decide(name: str, now: dt.datetime, seed: int = 1) -> renewal.AriDecision:
     body, retry_after, _ = recorded(name)
-    return ari.decide(body, parse_retry_after(retry_after, now=now), now, random.Random(seed))
+    return renewal.decide_ari(body, parse_retry_after(retry_after, now=now), now,
+                              random.Random(seed))
 
 
 def _cert(serial: int, aki: bytes) -> x509.Certificate:

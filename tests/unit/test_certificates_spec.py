@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from app.config import load_settings
-from app.domain import certificates
+from app.domain import certspec, issued, renewal
 from app.errors import ValidationFailed
 
 
 def test_defaults():
-    spec = certificates.validate_spec({"names": ["Example.com"]})
+    spec = certspec.validate_spec({"names": ["Example.com"]})
     assert spec["names"] == ["example.com"]
     assert spec["key_type"] == "ec256"
     assert spec["challenge"] == {"type": "http-01"}
@@ -23,14 +23,14 @@ def test_defaults():
 
 @pytest.mark.parametrize("key_type", ["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"])
 def test_every_key_type_is_accepted(key_type):
-    assert certificates.validate_spec({"names": ["a.example"], "key_type": key_type})[
+    assert certspec.validate_spec({"names": ["a.example"], "key_type": key_type})[
         "key_type"] == key_type
 
 
 @pytest.mark.parametrize("key_type", ["rsa1024", "ed25519", "EC256", "", None, 256])
 def test_unknown_key_types_are_refused(key_type):
     with pytest.raises(ValidationFailed) as info:
-        certificates.validate_spec({"names": ["a.example"], "key_type": key_type})
+        certspec.validate_spec({"names": ["a.example"], "key_type": key_type})
     assert "key_type" in info.value.errors
 
 
@@ -53,12 +53,12 @@ def test_unknown_key_types_are_refused(key_type):
 ])
 def test_bad_specs_name_the_field(spec, field):
     with pytest.raises(ValidationFailed) as info:
-        certificates.validate_spec(spec)
+        certspec.validate_spec(spec)
     assert field in info.value.errors
 
 
 def test_dns01_allows_wildcards_and_keeps_no_secret():
-    spec = certificates.validate_spec({
+    spec = certspec.validate_spec({
         "names": ["*.a.example", "a.example"],
         "challenge": {"type": "dns-01", "provider": "rfc2136", "server": "127.0.0.1",
                       "port": 5353, "zone": "a.example.", "tsig_key_name": "cap-key",
@@ -67,22 +67,22 @@ def test_dns01_allows_wildcards_and_keeps_no_secret():
     assert spec["challenge"]["zone"] == "a.example"
     assert spec["challenge"]["tsig_secret_env"] == "CAP_DNS_TSIG_SECRET"
     with pytest.raises(ValidationFailed, match="tsig_secret_env"):
-        certificates.validate_spec({"names": ["a.example"], "challenge": {
+        certspec.validate_spec({"names": ["a.example"], "challenge": {
             "type": "dns-01", "provider": "rfc2136", "server": "127.0.0.1", "zone": "a.example",
             "tsig_key_name": "k", "tsig_secret_env": "c2VjcmV0IGtleQ=="}})
 
 
 def test_partial_update_merges_with_current():
-    current = certificates.validate_spec({"names": ["a.example"], "key_type": "rsa2048"})
-    merged = certificates.validate_spec({"names": ["b.example"]}, current={
-        k: current[k] for k in certificates.SPEC_FIELDS})
+    current = certspec.validate_spec({"names": ["a.example"], "key_type": "rsa2048"})
+    merged = certspec.validate_spec({"names": ["b.example"]}, current={
+        k: current[k] for k in certspec.SPEC_FIELDS})
     assert merged["names"] == ["b.example"] and merged["key_type"] == "rsa2048"
 
 
 def test_default_renewal_at_two_thirds_with_bounded_jitter():
     nb = datetime(2026, 1, 1, tzinfo=UTC)
     na = nb + timedelta(days=90)
-    times = [certificates.default_renewal_time(nb, na, random.Random(i)) for i in range(300)]
+    times = [renewal.default_renewal_time(nb, na, random.Random(i)) for i in range(300)]
     two_thirds = nb + timedelta(days=60)
     assert all(abs(t - two_thirds) <= timedelta(hours=12) for t in times)
     assert max(times) - min(times) > timedelta(hours=12)  # spread, not a constant
@@ -91,25 +91,25 @@ def test_default_renewal_at_two_thirds_with_bounded_jitter():
 def test_short_lifetimes_renew_at_half():
     nb = datetime(2026, 1, 1, tzinfo=UTC)
     na = nb + timedelta(days=6)
-    times = [certificates.default_renewal_time(nb, na, random.Random(i)) for i in range(100)]
+    times = [renewal.default_renewal_time(nb, na, random.Random(i)) for i in range(100)]
     half = nb + timedelta(days=3)
     assert all(abs(t - half) <= timedelta(days=6) / 30 for t in times)
-    ten = certificates.default_renewal_time(nb, nb + timedelta(days=10), random.Random(0))
+    ten = renewal.default_renewal_time(nb, nb + timedelta(days=10), random.Random(0))
     assert abs(ten - (nb + timedelta(days=10) * 2 / 3)) <= timedelta(hours=8)
 
 
 def test_override_renews_that_many_days_before_expiry():
     na = datetime(2026, 4, 1, tzinfo=UTC)
-    at = certificates.override_renewal_time(na, 14, random.Random(3))
+    at = renewal.override_renewal_time(na, 14, random.Random(3))
     assert na - timedelta(days=14, hours=4) <= at <= na - timedelta(days=14)
 
 
 def test_backoff_doubles_from_one_hour_to_thirty_two():
     settings = load_settings({})
-    hours = [certificates.backoff_delay(n, settings) / timedelta(hours=1) for n in range(1, 9)]
+    hours = [renewal.backoff_delay(n, settings) / timedelta(hours=1) for n in range(1, 9)]
     assert hours == [1, 2, 4, 8, 16, 32, 32, 32]
     fast = settings.with_overrides(renewal_backoff_seconds=10, renewal_backoff_max_seconds=40)
-    assert [certificates.backoff_delay(n, fast).total_seconds() for n in (1, 2, 3, 4)] == [
+    assert [renewal.backoff_delay(n, fast).total_seconds() for n in (1, 2, 3, 4)] == [
         10, 20, 40, 40]
 
 
@@ -132,7 +132,7 @@ def test_describe_issued_splits_the_chain(tmp_path):
     k1, k2 = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     leaf, inter = make("leaf", k2, k1), make("inter", k2, k2)
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, inter)).decode()
-    info = certificates.describe_issued(pem)
+    info = issued.describe_issued(pem)
     assert info["serial"] == "abc"
     assert info["certificate_pem"] == leaf.public_bytes(serialization.Encoding.PEM).decode()
     assert info["chain_pem"] == inter.public_bytes(serialization.Encoding.PEM).decode()

@@ -7,9 +7,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from app.config import ConfigError, load_settings
+from app.handlers import load_handlers
 from app.jobs import RetryLater, register_handler
 from app.jobs.broker import BROKER_APPNAME, broker_url, celery_config
-from app.jobs.registry import get_handler, load_handlers, valid_kind
+from app.jobs.registry import get_handler, valid_kind
 from app.jobs.store import backoff_seconds, valid_job_id
 
 

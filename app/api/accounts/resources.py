@@ -6,7 +6,6 @@ from typing import Any
 
 from flask.views import MethodView
 
-from app import current_db
 from app import db as dbm
 from app.api.accounts.schemas import (
     AccountCreateSchema,
@@ -19,6 +18,7 @@ from app.api.auth import READ, WRITE, scope
 from app.api.common import (
     API_PREFIX,
     Blueprint,
+    current_db,
     paginate,
     principal,
     required_project,

@@ -8,11 +8,10 @@ from typing import Any
 
 from flask.views import MethodView
 
-from app import current_db
 from app import db as dbm
 from app.api.audit.schemas import AuditPageSchema, AuditQueryArgsSchema
 from app.api.auth import READ, scope
-from app.api.common import API_PREFIX, Blueprint, paginate, scoped_query
+from app.api.common import API_PREFIX, Blueprint, current_db, paginate, scoped_query
 
 blp = Blueprint("audit", __name__, url_prefix=f"{API_PREFIX}/audit",
                 description="The tamper-evident audit log (read only).")

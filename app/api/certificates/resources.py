@@ -15,7 +15,6 @@ from flask import Response
 from flask.views import MethodView
 from pymongo.client_session import ClientSession
 
-from app import current_db
 from app import db as dbm
 from app.api.auth import KEYS_EXPORT, READ, WRITE, scope
 from app.api.certificates.schemas import (
@@ -34,6 +33,7 @@ from app.api.common import (
     IF_NONE_MATCH_PARAM,
     Blueprint,
     check_if_match,
+    current_db,
     ensure_visible,
     etag_of,
     not_modified,
@@ -43,7 +43,7 @@ from app.api.common import (
     required_project,
 )
 from app.audit import record
-from app.domain import certificates
+from app.domain import certificates, revocation
 from app.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class Revoke(MethodView):
         """Revoke the issued certificate at its CA (renewals stop)."""
         current = _load(certificate_id)
         check_if_match(_etag(current))
-        doc = certificates.revoke_certificate(current_db(), certificate_id, principal().actor,
+        doc = revocation.revoke_certificate(current_db(), certificate_id, principal().actor,
                                               data["reason_code"],
                                               project_id=current["project_id"])
         return doc, {"ETag": _etag(doc)}

@@ -4,7 +4,8 @@ from marshmallow import Schema, fields, validate
 
 from app.api.common import JsonValue, PageArgsSchema, page_schema
 from app.api.jobs.schemas import JobSchema
-from app.domain.certificates import CHALLENGE_TYPES, KEY_TYPES, REVOCATION_REASONS
+from app.domain.certspec import CHALLENGE_TYPES, KEY_TYPES
+from app.domain.revocation import REVOCATION_REASONS
 
 STATUSES = ("pending", "issued", "failed", "revoked")
 

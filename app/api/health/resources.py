@@ -4,8 +4,7 @@ from typing import Any
 
 from flask.views import MethodView
 
-from app import current_db
-from app.api.common import Blueprint
+from app.api.common import Blueprint, current_db
 from app.api.health.schemas import HealthSchema, ReadinessSchema
 from app.health import readiness
 

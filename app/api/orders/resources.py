@@ -6,10 +6,9 @@ from typing import Any
 
 from flask.views import MethodView
 
-from app import current_db
 from app import db as dbm
 from app.api.auth import READ, scope
-from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, scoped_query
+from app.api.common import API_PREFIX, Blueprint, current_db, ensure_visible, paginate, scoped_query
 from app.api.orders.schemas import OrderListArgsSchema, OrderPageSchema, OrderSchema
 from app.domain import orders
 from app.errors import NotFound

@@ -4,10 +4,9 @@ from typing import Any
 
 from flask.views import MethodView
 
-from app import current_db
 from app import db as dbm
 from app.api.auth import ADMIN, READ, WRITE, scope
-from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, principal
+from app.api.common import API_PREFIX, Blueprint, current_db, ensure_visible, paginate, principal
 from app.api.projects.schemas import (
     ProjectCreateSchema,
     ProjectListArgsSchema,

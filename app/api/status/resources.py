@@ -8,10 +8,9 @@ from typing import Any
 from flask.views import MethodView
 from marshmallow import fields, validate
 
-from app import current_db
 from app import db as dbm
 from app.api.auth import READ, scope
-from app.api.common import API_PREFIX, Blueprint, StrictQuery, principal
+from app.api.common import API_PREFIX, Blueprint, StrictQuery, current_db, principal
 from app.api.status.schemas import SchedulerStatusSchema, WorkersStatusSchema
 
 blp = Blueprint("status", __name__, url_prefix=f"{API_PREFIX}/status",

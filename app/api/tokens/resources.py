@@ -6,10 +6,17 @@ from typing import Any
 from flask import g
 from flask.views import MethodView
 
-from app import current_db
 from app import db as dbm
 from app.api.auth import READ, WRITE, scope
-from app.api.common import API_PREFIX, Blueprint, ensure_visible, paginate, principal, scoped_query
+from app.api.common import (
+    API_PREFIX,
+    Blueprint,
+    current_db,
+    ensure_visible,
+    paginate,
+    principal,
+    scoped_query,
+)
 from app.api.tokens.schemas import (
     CreatedTokenSchema,
     TokenCreateSchema,

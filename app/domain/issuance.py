@@ -1,6 +1,10 @@
 """Issue or renew one certificate: drive an ACME order, resuming it after any crash.
 
-``run_issuance()`` is what the ``certificates.issue`` job runs. Each step is saved in
+``run_issuance()`` is what the ``certificates.issue`` job runs (``issue_handler``): ensure
+the account is registered, persist a new order, answer its challenges, finalize, and store
+the certificate, talking to the CA through ``app.acme`` and storing every result through
+the domain modules (``accounts``, ``orders``, ``certificates``, ``challenges``; when to
+renew next comes from ``renewal``). Each step is saved in
 ``orders`` before the next (see ``app.domain.orders``): the order URL the moment newOrder
 answers, each challenge once answered, the lease-fenced ``finalizing`` state before the
 finalize request, the certificate URL, the downloaded chain, and finally the certificate
@@ -15,6 +19,13 @@ validation or a refused request is recorded on the certificate with the CA's pro
 detail and backs off exponentially (``IssuanceFailed``); ``rateLimited`` and
 ``Retry-After`` surface as ``AcmeProblem`` with ``retry_after`` for the job to reschedule;
 ``badNonce`` never leaves the client.
+
+The ``certificates.issue`` job's outcomes: issued (the job completes in the same
+transaction that stores the certificate); ``rateLimited`` or any ``Retry-After`` →
+``RetryLater`` at that time; a failed validation or refused request → recorded on the
+certificate with the CA's problem and backed off (1 h → 32 h), the job fails permanently
+with the problem as its error; a missing KEK → ``RetryLater``; anything else (CA
+unreachable, timeouts, 5xx) → the job's own retry with backoff.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 from acme import crypto_util
@@ -31,8 +42,7 @@ from pymongo.client_session import ClientSession
 from pymongo.database import Database
 
 from app import audit
-from app import db as dbm
-from app.acme import ari, solvers, testhooks
+from app.acme import ari, solvers
 from app.acme.client import AcmeClient, OrderState, PollSchedule, poll
 from app.acme.errors import (
     AcmeError,
@@ -44,17 +54,20 @@ from app.acme.errors import (
     classify,
 )
 from app.config import Settings
-from app.domain import accounts, certificates, orders
+from app.db import Doc
+from app.domain import accounts, certificates, challenges, orders, renewal
+from app.domain.issued import describe_issued
+from app.domain.projects import now_ms
+from app.jobs import JobContext, PermanentFailure, RetryLater
+from app.keys import KeyUnavailable, generate_private_key, open_private_key, seal_private_key
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Doc = dict[str, Any]
 
 # A run creates at most this many orders (each replaces an expired one) before giving up.
 MAX_ORDERS_PER_RUN = 3
-# ARI: a renewal time this close counts as due now.
-ARI_DUE_SLACK = timedelta(minutes=1)
+DEFAULT_RATE_LIMIT_DELAY = 3600.0
 
 
 class Fence(Protocol):
@@ -70,29 +83,6 @@ class Fence(Protocol):
 
     def transaction(self, fn: Callable[[ClientSession], T], *,
                     complete: bool = False) -> T: ...
-
-
-class LocalFence:
-    """Run outside a job (CLI, tests): no lease, plain transactions."""
-
-    def __init__(self, db: Database[Doc], job_id: str | None = None) -> None:
-        self.db = db
-        self._job_id = job_id
-
-    @property
-    def job_id(self) -> str | None:
-        return self._job_id
-
-    @property
-    def lease_token(self) -> str | None:
-        return None
-
-    def check_lease(self) -> None:
-        return None
-
-    def transaction(self, fn: Callable[[ClientSession], T], *,
-                    complete: bool = False) -> T:
-        return dbm.transaction(self.db, fn, what="issuance step")
 
 
 class IssuanceFailed(AcmeError):
@@ -117,16 +107,11 @@ class AccountReset(AcmeError):
     code = "acme_account_reset"
 
 
-def _now() -> datetime:
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
 def _parse_expires(value: object) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        return ari._parse_time(value, "expires")
+        return ari.parse_time(value, "expires")
     except AcmeProtocolError:
         return None
 
@@ -201,36 +186,15 @@ class IssuanceRun:
     def _ari_gate(self, cert: Doc, client: AcmeClient) -> Doc | None:
         """A scheduled renewal asks the CA's renewalInfo first; if the window moved later,
         reschedule instead of ordering."""
-        renewal = cert.get("renewal") or {}
-        if not (cert.get("certificate_pem") and cert.get("ari_cert_id")
-                and renewal.get("use_ari", True) and client.has_renewal_info()):
+        now = now_ms()
+        decision = renewal.ari_postpones(cert, client, now)
+        if decision is None:
             return None
-        now = _now()
-        try:
-            body, retry_after = client.renewal_info(cert["ari_cert_id"])
-            decision = ari.decide(body, retry_after, now)
-        except AcmeError as exc:
-            log.warning("renewalInfo unavailable; renewing as scheduled",
-                        extra={"certificate_id": cert["_id"], "error": str(exc)[:200]})
-            return None
-        if decision.renew_at <= now + ARI_DUE_SLACK:
-            return None
-        next_at = min(decision.renew_at, decision.next_check_at)
-
         result = {"outcome": "not_due", "certificate_id": cert["_id"],
-                  "next_renewal_at": next_at.isoformat()}
+                  "next_renewal_at": decision.next_renewal_at.isoformat()}
 
         def save(session: ClientSession) -> Doc:
-            self.db[dbm.CERTIFICATES].update_one(
-                {"_id": cert["_id"]},
-                {"$set": {"ari": decision.as_doc(now), "next_renewal_at": next_at,
-                          "renewal_source": "ari", "updated_at": now}}, session=session)
-            audit.record(self.db, session, actor=self.actor,
-                         action="certificate.renewal_rescheduled",
-                         target=f"certificate:{cert['_id']}", project_id=cert["project_id"],
-                         details={"source": "ari", "next_renewal_at": next_at,
-                                  "window_start": decision.window.start,
-                                  "window_end": decision.window.end})
+            renewal.record_postponement(self.db, session, cert, decision, now, self.actor)
             return result
 
         return self.fence.transaction(save, complete=True)
@@ -238,8 +202,6 @@ class IssuanceRun:
     # ------------------------------------------------------------ order creation
     def _create_order(self, cert: Doc, account: Doc, client: AcmeClient,
                       previous: Doc | None = None) -> Doc:
-        from app.keys import generate_private_key, open_private_key, seal_private_key
-
         if self.orders_created >= MAX_ORDERS_PER_RUN:
             raise AcmeProtocolError(f"{self.orders_created} orders expired in one attempt")
         self.orders_created += 1
@@ -304,7 +266,6 @@ class IssuanceRun:
             "ca_status": state.status,
             "replaces": order.get("replaces"),
         })
-        testhooks.crash_point(self.db, "order_stored")
         return state
 
     # ------------------------------------------------------------ the state machine
@@ -403,7 +364,7 @@ class IssuanceRun:
 
     def _authorize(self, order: Doc, state: OrderState, client: AcmeClient) -> OrderState:
         challenge_type = order["challenge"]["type"]
-        solver = solvers.solver_for(order["challenge"])
+        solver = self._solver(order)
         saved = {a.get("url"): a for a in order.get("authorizations") or []}
         for url in list(state.body.get("authorizations", [])):
             body, _ = client.get_authorization(url)
@@ -433,7 +394,7 @@ class IssuanceRun:
                 self._save_authorization(order, url, {
                     "url": url, "identifier": identifier, "status": "provisioning",
                     "challenge": challenge_doc})
-            solver.provision(self.db, solvers.Challenge(
+            solver.provision(solvers.Challenge(
                 type=challenge_type, token=token, identifier=identifier,
                 key_authorization=key_authorization, dns_value=dns_value,
                 order_id=order["_id"], certificate_id=order["certificate_id"],
@@ -444,9 +405,8 @@ class IssuanceRun:
                 client.answer_challenge(str(chall["url"]), challenge_type)
             answered = {"url": url, "identifier": identifier, "status": "answered",
                         "challenge": challenge_doc,
-                        "answered_at": entry.get("answered_at") or _now()}
+                        "answered_at": entry.get("answered_at") or now_ms()}
             self._save_authorization(order, url, answered)
-            testhooks.crash_point(self.db, "challenge_answered")
         # 'ready' is not saved: finalizing (fenced, next) is the step that matters
         return self._poll_order(client, str(order["order_url"]), "pending", "validation")
 
@@ -469,7 +429,7 @@ class IssuanceRun:
 
         def fence_step(session: ClientSession) -> None:
             orders.transition(self.db, order, orders.FINALIZING, session=session, fields={
-                "fence": {"lease_token": token, "job_id": self.fence.job_id, "at": _now()},
+                "fence": {"lease_token": token, "job_id": self.fence.job_id, "at": now_ms()},
                 "ca_status": "ready"})
 
         self.fence.transaction(fence_step)
@@ -505,7 +465,7 @@ class IssuanceRun:
                 "certificate_url": certificate_url, "ca_status": "valid",
                 "fullchain_pem": fullchain})
         fullchain = str(order["fullchain_pem"])
-        issued = certificates.describe_issued(fullchain)
+        issued = describe_issued(fullchain)
         current = cert
         for _ in range(5):
             try:
@@ -523,9 +483,10 @@ class IssuanceRun:
     def _store(self, order: Doc, current: Doc, issued: Doc, client: AcmeClient) -> Doc:
         """Store the result on the certificate, complete the order and the job, in one
         fenced transaction; conditional on the certificate's version this run read."""
-        now = _now()
+        now = now_ms()
         deleted = bool(current.get("deleted_at"))
-        schedule = self._renewal_schedule(current, issued, client, now) if not deleted else {}
+        schedule = renewal.schedule_after_issue(current, issued, client, now) \
+            if not deleted else {}
         is_renewal = bool(current.get("certificate_pem"))
         if current.get("names") != order["names"] or \
                 current.get("key_type") != order["key_type"]:
@@ -539,14 +500,9 @@ class IssuanceRun:
             updates["revoked_at"] = None
 
         def save(session: ClientSession) -> Doc:
-            if not deleted:
-                result = self.db[dbm.CERTIFICATES].update_one(
-                    {"_id": current["_id"], "version": current.get("version"),
-                     "deleted_at": None},
-                    {"$set": updates, "$inc": {"version": 1, "issue_count": 1}},
-                    session=session)
-                if not result.matched_count:
-                    raise _CertificateMoved()
+            if not deleted and not certificates.store_issued(self.db, session, current,
+                                                             updates):
+                raise _CertificateMoved()
             orders.transition(self.db, order, orders.COMPLETED, session=session,
                               fields={"serial": issued["serial"],
                                       "not_after": issued["not_after"]})
@@ -568,51 +524,21 @@ class IssuanceRun:
         # The certificate, the order's completion and the job's completion commit together.
         return self.fence.transaction(save, complete=True)
 
-    def _renewal_schedule(self, cert: Doc, issued: Doc, client: AcmeClient,
-                          now: datetime) -> Doc:
-        renewal = cert.get("renewal") or {}
-        ari_cert_id = None
-        try:
-            ari_cert_id = ari.cert_id_from_pem(issued["certificate_pem"])
-        except AcmeError:
-            ari_cert_id = None
-        schedule: Doc = {"ari_cert_id": ari_cert_id, "ari": None}
-        if renewal.get("renew_before_days"):
-            schedule["next_renewal_at"] = certificates.override_renewal_time(
-                issued["not_after"], float(renewal["renew_before_days"]))
-            schedule["renewal_source"] = "override"
-            return schedule
-        if renewal.get("use_ari", True) and ari_cert_id:
-            try:
-                if client.has_renewal_info():
-                    body, retry_after = client.renewal_info(ari_cert_id)
-                    decision = ari.decide(body, retry_after, now)
-                    schedule["ari"] = decision.as_doc(now)
-                    schedule["next_renewal_at"] = min(decision.renew_at,
-                                                      decision.next_check_at)
-                    schedule["renewal_source"] = "ari"
-                    return schedule
-            except AcmeError as exc:
-                log.warning("renewalInfo unavailable after issuance; using the lifetime",
-                            extra={"certificate_id": cert["_id"], "error": str(exc)[:200]})
-        schedule["next_renewal_at"] = certificates.default_renewal_time(
-            issued["not_before"], issued["not_after"])
-        schedule["renewal_source"] = "lifetime"
-        return schedule
-
     def _abandon(self, order: Doc | None, why: str) -> None:
         if order is not None and order["state"] not in orders.TERMINAL:
             orders.transition(self.db, order, orders.ABANDONED,
                               fields={"error": {"detail": why}})
             self._cleanup(order)
 
+    def _solver(self, order: Doc) -> solvers.Solver:
+        return solvers.solver_for(order["challenge"], challenges.Http01Records(self.db))
+
     def _cleanup(self, order: Doc) -> None:
         try:
             if order["challenge"]["type"] == "http-01":
-                solvers.cleanup_order(self.db, order["_id"])
+                challenges.remove_for_order(self.db, order["_id"])
             else:
-                solver = solvers.solver_for(order["challenge"])
-                solver.cleanup(self.db, [
+                self._solver(order).cleanup([
                     solvers.Challenge(type=a["challenge"]["type"], token=a["challenge"]["token"],
                                       identifier=a["identifier"], key_authorization="",
                                       dns_value=a["challenge"].get("dns_value"),
@@ -640,8 +566,8 @@ class IssuanceRun:
                         problem: AcmeProblem) -> IssuanceFailed:
         current = certificates.get_certificate(self.db, cert["_id"], include_deleted=True)
         failures = int((current.get("failure") or {}).get("count", 0)) + 1
-        now = _now()
-        next_at = now + certificates.backoff_delay(failures, self.settings)
+        now = now_ms()
+        next_at = now + renewal.backoff_delay(failures, self.settings)
         failure = {"count": failures, "last_error": problem.as_doc(), "last_failed_at": now,
                    "next_attempt_at": next_at,
                    "order_id": order["_id"] if order else None}
@@ -653,11 +579,8 @@ class IssuanceRun:
             if order is not None and order["state"] not in orders.TERMINAL:
                 orders.transition(self.db, order, orders.INVALID, session=session,
                                   fields={"error": problem.as_doc()})
-            self.db[dbm.CERTIFICATES].update_one(
-                {"_id": cert["_id"], "deleted_at": None},
-                {"$set": {"failure": failure, "status": status, "next_renewal_at": next_at,
-                          "renewal_source": "backoff", "updated_at": now},
-                 "$inc": {"version": 1}}, session=session)
+            certificates.store_failure(self.db, session, cert["_id"], failure=failure,
+                                       status=str(status), now=now)
             audit.record(self.db, session, actor=self.actor, action="certificate.issue_failed",
                          target=f"certificate:{cert['_id']}", project_id=cert["project_id"],
                          details={"problem": problem.as_doc(), "failures": failures,
@@ -682,3 +605,36 @@ def run_issuance(db: Database[Doc], fence: Fence, certificate_id: str, *, reason
     result = run.run()
     result["run_seconds"] = round(time.monotonic() - started, 4)
     return result
+
+
+def validate_issue_payload(payload: dict[str, Any]) -> None:
+    certificate_id = payload.get("certificate_id")
+    if not isinstance(certificate_id, str) or not certificate_id or len(certificate_id) > 100:
+        raise ValueError("certificate_id must be a certificate id")
+    if payload.get("reason", "manual") not in certificates.ISSUE_REASONS:
+        raise ValueError(f"reason must be one of {', '.join(certificates.ISSUE_REASONS)}")
+
+
+def issue_handler(ctx: JobContext) -> dict[str, Any] | None:
+    """The ``certificates.issue`` job (payload ``{certificate_id, reason}``, dedupe key per
+    certificate): issue or renew one certificate, resuming this job's order if it has one;
+    the job's context is the issuance's fence."""
+    payload = ctx.payload
+    try:
+        return run_issuance(ctx.db, ctx, payload["certificate_id"],
+                            reason=str(payload.get("reason", "manual")),
+                            settings=ctx.settings, actor=audit.system_actor("worker"))
+    except IssuanceFailed as exc:
+        raise PermanentFailure(str(exc)) from None
+    except AccountReset as exc:
+        raise RetryLater(1, str(exc)) from None
+    except accounts.AccountNotRegistrable as exc:
+        raise PermanentFailure(str(exc)) from None
+    except KeyUnavailable as exc:
+        raise RetryLater(exc.retry_after or 30, f"key unavailable: {exc}") from None
+    except AcmeProblem as problem:
+        if classify(problem) is Decision.RETRY_AFTER:
+            delay = problem.retry_after if problem.retry_after is not None else \
+                DEFAULT_RATE_LIMIT_DELAY
+            raise RetryLater(max(1.0, delay), str(problem)) from None
+        raise

@@ -1,0 +1,39 @@
+"""Every job kind of the application and its handler, listed in one place.
+
+``load_handlers`` adds them to the job registry (``app.jobs.registry``) and then imports
+the ``CAP_EXTRA_HANDLER_MODULES``; the worker calls it at start (``tasks/worker.py``), as
+does any process that runs jobs itself. Nothing registers a kind by being imported.
+Add a kind here: its handler, attempts and backoff between attempts (see
+``app.jobs.registry.register_handler`` for what each setting means).
+"""
+
+from __future__ import annotations
+
+from app.audit import jobs as audit_jobs
+from app.domain import issuance, renewal
+from app.domain.certificates import ISSUE_JOB_KIND
+from app.jobs import handlers as job_handlers
+from app.jobs import registry
+from app.jobs.registry import HandlerSpec
+from app.keys import handlers as key_handlers
+from app.keys.rotation import STEP_KIND
+
+HANDLERS: tuple[HandlerSpec, ...] = (
+    HandlerSpec("jobs.reap", job_handlers.reap_job, max_attempts=1),
+    HandlerSpec(ISSUE_JOB_KIND, issuance.issue_handler, max_attempts=10,
+                backoff_base_seconds=15, backoff_max_seconds=1800,
+                validate=issuance.validate_issue_payload),
+    HandlerSpec(renewal.SCAN_JOB_KIND, renewal.scan_handler, max_attempts=3,
+                backoff_base_seconds=5, backoff_max_seconds=30),
+    HandlerSpec(STEP_KIND, key_handlers.rotation_step, max_attempts=3),
+    HandlerSpec(audit_jobs.KIND, audit_jobs.forward, max_attempts=3,
+                backoff_base_seconds=2.0, backoff_max_seconds=10.0),
+)
+
+
+def load_handlers(extra: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """Register ``HANDLERS``, then import the ``extra`` modules (which register their own
+    kinds); return every kind registered."""
+    for spec in HANDLERS:
+        registry.add(spec)
+    return registry.load_modules(extra)
