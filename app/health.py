@@ -1,4 +1,6 @@
-"""Readiness checks: the database, plus checks other modules register (the KEK canary).
+"""Readiness checks, listed in one place (``CHECKS``): the database, the audit sinks
+(never fails: reports ``degraded``) and the KEK (keyring, canaries, no key sealed under a
+missing version).
 
 ``readiness(db)`` runs each check and returns ``(ready, detail)``; ``/readyz`` and
 ``certautopilot health`` both use it, so they can never disagree.
@@ -13,20 +15,17 @@ from typing import Any
 from pymongo.database import Database
 
 from app import db as dbm
+from app.audit.status import readiness_check as audit_sinks_check
+from app.db import Doc
 from app.errors import CertAutoPilotError
+from app.keys.health import kek_check
 
+# A check returns (ok, detail) and should not raise.
 CheckResult = tuple[bool, dict[str, Any]]
-Check = Callable[[Database[dict[str, Any]]], CheckResult]
-
-_checks: dict[str, Check] = {}
+Check = Callable[[Database[Doc]], CheckResult]
 
 
-def register_check(name: str, check: Check) -> None:
-    """Add a readiness check; it returns (ok, detail) and should not raise."""
-    _checks[name] = check
-
-
-def _database(db: Database[dict[str, Any]]) -> CheckResult:
+def _database(db: Database[Doc]) -> CheckResult:
     started = time.monotonic()
     try:
         dbm.ping(db)
@@ -37,13 +36,17 @@ def _database(db: Database[dict[str, Any]]) -> CheckResult:
     return True, {"latency_ms": round((time.monotonic() - started) * 1000, 1)}
 
 
-register_check("database", _database)
+CHECKS: dict[str, Check] = {
+    "database": _database,
+    "audit_sinks": audit_sinks_check,
+    "kek": kek_check,
+}
 
 
-def readiness(db: Database[dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
+def readiness(db: Database[Doc]) -> tuple[bool, dict[str, Any]]:
     detail: dict[str, Any] = {}
     ready = True
-    for name, check in _checks.items():
+    for name, check in CHECKS.items():
         try:
             ok, info = check(db)
         except Exception as exc:  # noqa: BLE001
@@ -52,8 +55,3 @@ def readiness(db: Database[dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
         ready = ready and ok
     return ready, detail
 
-
-# Checks other modules register, imported here so every process that asks for readiness
-# (/readyz, `certautopilot health`) has them. The cycle is safe: register_check is defined.
-import app.audit.status  # noqa: E402,F401
-import app.keys.health  # noqa: E402,F401

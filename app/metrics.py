@@ -77,15 +77,9 @@ HTTP_REQUEST_DURATION = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 
-# Extra scrape-time collectors other parts may add (called with the database, must
-# yield Metric objects and not raise for a missing collection).
+# A scrape-time collector of another package (called with the database, must yield
+# Metric objects and not raise for a missing collection); the /metrics view lists them.
 ScrapeFn = Callable[[Any], Iterable[Metric]]
-_scrape_extensions: dict[str, ScrapeFn] = {}
-
-
-def register_scrape(name: str, fn: ScrapeFn) -> None:
-    """Add a scrape-time collector (e.g. the jobs package's queue-depth gauges)."""
-    _scrape_extensions[name] = fn
 
 
 def _ts(value: Any) -> float | None:
@@ -176,8 +170,9 @@ def scheduler_metrics(db: Any) -> Iterator[Metric]:
 class DatabaseCollector(Collector):
     """Reads state metrics from MongoDB at scrape time."""
 
-    def __init__(self, get_db: Callable[[], Any]) -> None:
+    def __init__(self, get_db: Callable[[], Any], scrapes: Iterable[ScrapeFn] = ()) -> None:
         self._get_db = get_db
+        self._scrapes = (certificate_metrics, job_metrics, scheduler_metrics, *scrapes)
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("certautopilot_database_up",
@@ -185,8 +180,7 @@ class DatabaseCollector(Collector):
         try:
             db = self._get_db()
             families: list[Metric] = []
-            for fn in (certificate_metrics, job_metrics, scheduler_metrics,
-                       *_scrape_extensions.values()):
+            for fn in self._scrapes:
                 families.extend(fn(db))
         except Exception as exc:  # noqa: BLE001 - a scrape reports, never fails
             log.warning("metrics scrape could not read the database",
@@ -215,9 +209,10 @@ def multiprocess_enabled() -> bool:
     return bool(path) and os.path.isdir(str(path))
 
 
-def build_registry(get_db: Callable[[], Any] | None) -> CollectorRegistry:
+def build_registry(get_db: Callable[[], Any] | None,
+                   scrapes: Iterable[ScrapeFn] = ()) -> CollectorRegistry:
     """The registry ``/metrics`` renders: process metrics (merged across gunicorn
-    workers in multiprocess mode) plus the database collector."""
+    workers in multiprocess mode) plus the database collector (with ``scrapes``)."""
     from prometheus_client import REGISTRY
 
     if multiprocess_enabled():
@@ -229,7 +224,7 @@ def build_registry(get_db: Callable[[], Any] | None) -> CollectorRegistry:
         registry = CollectorRegistry()
         registry.register(_Delegate(REGISTRY))
     if get_db is not None:
-        registry.register(DatabaseCollector(get_db))
+        registry.register(DatabaseCollector(get_db, scrapes))
     return registry
 
 

@@ -22,20 +22,15 @@ from pymongo.database import Database
 from app import db as dbm
 from app.audit.forward import SINKS
 from app.audit.log import CHAIN_ID
-from app.config.audit_sinks import SinkSpec
-from app.health import register_check
-from app.metrics import register_scrape
+from app.config import ConfigError
+from app.config.audit_sinks import SinkSpec, parse_sinks
+from app.db import Doc
 
 FAILING_AFTER_SECONDS = 300.0
 STALLED_AFTER_SECONDS = 120.0
 
-Doc = dict[str, Any]
-
 
 def _configured() -> tuple[SinkSpec, ...]:
-    from app.config import ConfigError
-    from app.config.audit_sinks import parse_sinks
-
     try:
         return parse_sinks()
     except ConfigError:
@@ -129,8 +124,3 @@ def audit_metrics(db: Any) -> Iterator[Any]:
         delivered.add_metric(name, float(sink["delivered"]))
     yield from (up, failing, lag, failures, delivered)
 
-
-# Registered on import; app.health imports this module at its end (like the KEK check),
-# so every process that answers readiness or serves /metrics has both.
-register_check("audit_sinks", readiness_check)
-register_scrape("audit", audit_metrics)

@@ -33,7 +33,6 @@ from app.jobs.errors import (
     PermanentFailure,
     RetryLater,
 )
-from app.jobs.metrics import register_with_api_metrics
 from app.jobs.reaper import reap
 from app.jobs.registry import load_modules, register_handler
 from app.jobs.store import (
@@ -54,8 +53,6 @@ from app.jobs.store import (
     retry_dead,
     retry_later,
 )
-
-register_with_api_metrics()
 
 __all__ = [
     "ACTIVE_STATES", "STATES", "InvalidJob", "JobContext", "JobNotFound",

@@ -4,8 +4,8 @@
 - ``certautopilot_jobs_oldest_queued_age_seconds``: how long the oldest due queued job
   has waited (0 when none waits): the signal to scale workers on.
 
-Registered with ``app.metrics.register_scrape`` when ``app.jobs`` is imported, so the
-API's ``/metrics`` reports them; ``QueueDepthCollector`` serves any other registry.
+Listed with the API's other scrape-time metrics in ``app/api/metrics/resources.py``;
+``QueueDepthCollector`` serves any other registry.
 """
 
 from __future__ import annotations
@@ -43,10 +43,3 @@ class QueueDepthCollector(Collector):
     def describe(self) -> Iterator[Metric]:
         return iter(())
 
-
-def register_with_api_metrics() -> None:
-    try:
-        from app.metrics import register_scrape
-    except ImportError:  # pragma: no cover - the API's metrics module is optional here
-        return
-    register_scrape("jobs_queue_depth", queue_depth_metrics)

@@ -12,7 +12,13 @@ from typing import Any
 from pymongo.database import Database
 from pymongo.errors import PyMongoError
 
-from app.health import CheckResult, register_check
+from app import db as dbm
+from app.db import Doc
+from app.errors import CertAutoPilotError
+from app.keys import canary
+from app.keys.keyring import current_settings, get_keyring
+from app.keys.rotation import retired_versions
+from app.keys.store import active_version
 
 # How old a keyring the probe may use: files are cheap to re-read; a KEK command (Vault,
 # a KMS CLI) is not run on every probe.
@@ -20,16 +26,8 @@ READINESS_CACHE_SECONDS = 5.0
 READINESS_COMMAND_CACHE_SECONDS = 60.0
 
 
-def kek_check(db: Database[dict[str, Any]]) -> CheckResult:
-    # Imported here: app.health imports this module at its end, and the key store imports
-    # app.audit, which registers its own check with app.health (an import cycle otherwise).
-    from app import db as dbm
-    from app.errors import CertAutoPilotError
-    from app.keys import canary
-    from app.keys.keyring import current_settings, get_keyring
-    from app.keys.rotation import retired_versions
-    from app.keys.store import active_version
-
+def kek_check(db: Database[Doc]) -> tuple[bool, dict[str, Any]]:
+    """Listed in ``app.health.CHECKS``."""
     settings = current_settings()
     max_age = READINESS_COMMAND_CACHE_SECONDS if settings.kek_command \
         else READINESS_CACHE_SECONDS
@@ -74,5 +72,3 @@ def kek_check(db: Database[dict[str, Any]]) -> CheckResult:
         detail["no_canary_yet"] = unverified
     return True, detail
 
-
-register_check("kek", kek_check)

@@ -5,19 +5,19 @@ across gunicorn workers in multiprocess mode; certificate, job and scheduler sta
 read from the database at scrape time (see ``app/metrics.py``).
 """
 
-from flask import Response, current_app
+from flask import Response
 from flask.views import MethodView
 
-from app.api.common import Blueprint
-from app.metrics import build_registry, render
+from app.api.common import Blueprint, current_db
+from app.audit.status import audit_metrics
+from app.jobs.metrics import queue_depth_metrics
+from app.metrics import ScrapeFn, build_registry, render
 
 blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 
-
-def _db() -> object:
-    from app import db as dbm
-
-    return dbm.get_db(current_app.extensions["cap_settings"])
+# State read from the database at scrape time, besides app.metrics' own (certificates,
+# jobs by state, the scheduler lease).
+SCRAPES: tuple[ScrapeFn, ...] = (queue_depth_metrics, audit_metrics)
 
 
 @blp.route("/metrics")
@@ -26,8 +26,7 @@ class Metrics(MethodView):
                   description="Prometheus text exposition format 0.0.4")
     def get(self) -> Response:
         """Prometheus metrics: certificates, ACME requests, jobs, scheduler, HTTP."""
-        import app.jobs  # noqa: F401 - registers the queue-depth gauges on import
-        body, content_type = render(build_registry(_db))
+        body, content_type = render(build_registry(current_db, SCRAPES))
         response = Response(body, mimetype=None)
         response.headers["Content-Type"] = content_type
         response.headers["Cache-Control"] = "no-store"
