@@ -147,7 +147,7 @@ def job_metrics(db: Any) -> Iterator[Metric]:
 
 def scheduler_metrics(db: Any) -> Iterator[Metric]:
     """The scheduler's leader lease: who leads (1 while the lease is held), its term."""
-    from app.scheduling_status import lease_status
+    from app.db.schedule import lease_status
 
     status = lease_status(db)
     leader = GaugeMetricFamily(

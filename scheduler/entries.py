@@ -24,9 +24,8 @@ from celery.schedules import crontab
 from celery.schedules import schedule as interval_schedule
 
 from app.config import Settings
+from app.db import Doc
 from scheduler.timed import TIMED_WORK, TimedWork
-
-Doc = dict[str, Any]
 
 CRON_FIELDS = ("minute", "hour", "day_of_week", "day_of_month", "month_of_year")
 MIN_EVERY_SECONDS = 0.1

@@ -1,6 +1,8 @@
 """The scheduler's leader lease: one document in ``leases``, acquired, renewed, released.
 
-Each step is a single ``find_one_and_update`` with a majority write. Expiry is decided on
+It is ``app.db.lease``'s primitive with the term as its token; this module adds the
+local proof and the ending of a lapsed holder's session. Each step is a single
+``find_one_and_update`` with a majority write. Expiry is decided on
 the database server's clock: ``now`` is read from the server (``hello.localTime``) and
 compared with plain query operators, never ``$$NOW`` in expressions (DESIGN.md,
 Environments). ``term`` rises at every acquisition, so each reign has its own number;
@@ -30,24 +32,28 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from functools import partial
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from bson import Binary
-from pymongo import ReturnDocument
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError, ExecutionTimeout, OperationFailure
+from pymongo.errors import ExecutionTimeout, OperationFailure
 
 from app import db as dbm
 from app.config import Settings
-from app.scheduling_status import SCHEDULER_LEASE_ID
+from app.db import Doc
+from app.db.lease import Lease as DbLease
+from app.db.lease import LeaseSchema, NotHeld
+from app.db.names import SCHEDULER_LEASE_ID
 
 log = logging.getLogger("certautopilot.scheduler.lease")
 
-Doc = dict[str, Any]
+# The scheduler's lease document: top-level fields, and a counter token, the term, that
+# rises at every acquisition (so each reign has its own number).
+SCHEDULER_LEASE = LeaseSchema(holder="holder", expires_at="expires_at", token="term",
+                              counter=True)
 
 _PROCESS_IDENTITY: str | None = None
 
@@ -108,8 +114,10 @@ class LeaseConfig:
         return min(1.0, 0.1 * self.lease_seconds)
 
 
-class Lease:
-    """A leader lease on ``leases/<config.name>`` held under ``holder``.
+class Lease(DbLease):
+    """The leader lease on ``leases/<config.name>`` held under ``holder``: the
+    ``app.db.lease`` primitive, whose token is the term, plus the local proof and the
+    ending of a lapsed holder's session.
 
     ``acquire``, ``renew`` and ``release`` return whether they succeeded; a database that
     cannot be reached raises ``app.errors.DatabaseUnavailable`` (the caller must then
@@ -120,18 +128,27 @@ class Lease:
                  *, clock: Callable[[], float] = time.monotonic) -> None:
         self.db = dbm.primary(db)
         self.config = config
-        self.holder = holder or process_identity()
         self.clock = clock
-        # The term we hold, or None. Kept after a failed renewal (the database may come
-        # back before the server-side expiry); cleared when the lease is known lost.
-        self.term: int | None = None
         self.valid_until = 0.0  # local monotonic deadline of our proof
-        self.expires_at: datetime | None = None  # server-side expiry of our lease
         self.renewed_at: datetime | None = None
+        super().__init__(self.db[dbm.LEASES], {"_id": config.name},
+                         holder or process_identity(), config.lease_seconds,
+                         schema=SCHEDULER_LEASE, upsert=True, what="scheduler lease")
 
     @property
-    def collection(self) -> Any:
-        return self.db[dbm.LEASES]
+    def db(self) -> Database[Doc]:
+        return self._db
+
+    @db.setter
+    def db(self, db: Database[Doc]) -> None:
+        self._db = db
+        self.collection = db[dbm.LEASES]
+
+    @property
+    def term(self) -> int | None:
+        """The term we hold, or None. Kept after a failed renewal (the database may come
+        back before the server-side expiry); cleared when the lease is known lost."""
+        return None if self.token is None else int(self.token)
 
     def held(self) -> bool:
         """Whether we can prove, right now, that we hold the lease."""
@@ -141,21 +158,15 @@ class Lease:
         return max(0.0, self.valid_until - self.clock()) if self.term is not None else 0.0
 
     def _prove(self, doc: Doc, started: float) -> None:
-        self.term = int(doc["term"])
-        self.expires_at = doc["expires_at"]
         self.renewed_at = doc.get("renewed_at")
         self.valid_until = started + self.config.lease_seconds - self.config.safety_seconds
 
     def forget(self) -> None:
         """Drop our claim locally (lost, deposed or released)."""
-        self.term = None
+        super().forget()
         self.valid_until = 0.0
-        self.expires_at = None
 
-    def _expiry(self, now: datetime) -> datetime:
-        return now + timedelta(seconds=self.config.lease_seconds)
-
-    def acquire(self, session_id: Mapping[str, Any] | None = None) -> bool:
+    def acquire(self, session_id: Mapping[str, Any] | None = None) -> bool:  # type: ignore[override]
         """Take the lease if it is free, released, expired on the server's clock, or
         already ours; a new term every time. False when someone else holds it.
 
@@ -164,10 +175,12 @@ class Lease:
         holder's unfinished transaction, that holder's session is ended first."""
         for _ in range(2):
             started = self.clock()
-            now = dbm.server_now(self.db)
+            now = self.now()
             try:
-                doc = dbm.retry(partial(self._acquire_once, now, session_id),
-                                what="acquire scheduler lease")
+                doc = super().acquire(
+                    now=now, max_time_ms=self.config.acquire_wait_ms,
+                    also={"renewed_at": now, "lease_seconds": self.config.lease_seconds,
+                          "holder_lsid": session_id})
             except ExecutionTimeout:
                 # Locked by an unfinished transaction: the holder's, in the middle of a
                 # fenced write (normal), or a paused/dead holder's (fence it off).
@@ -175,31 +188,12 @@ class Lease:
                     continue
                 self.forget()
                 return False
-            if doc is None or doc.get("holder") != self.holder:
-                self.forget()
+            if doc is None:
                 return False
             self._prove(doc, started)
             return True
         self.forget()
         return False
-
-    def _acquire_once(self, now: datetime, session_id: Mapping[str, Any] | None) -> Doc | None:
-        try:
-            doc: Doc | None = self.collection.find_one_and_update(
-                {"_id": self.config.name,
-                 "$or": [{"holder": None}, {"expires_at": {"$lte": now}},
-                         {"holder": self.holder}]},
-                {"$set": {"holder": self.holder, "expires_at": self._expiry(now),
-                          "renewed_at": now, "acquired_at": now,
-                          "lease_seconds": self.config.lease_seconds,
-                          "holder_lsid": session_id},
-                 "$inc": {"term": 1}},
-                upsert=True, return_document=ReturnDocument.AFTER,
-                maxTimeMS=self.config.acquire_wait_ms,
-            )
-        except DuplicateKeyError:
-            return None  # the document exists and its holder is alive: contended
-        return doc
 
     def fence_off_lapsed_holder(self) -> bool:
         """If the lease has expired (server clock) under another holder, end that
@@ -228,64 +222,33 @@ class Lease:
                     extra={"lapsed_holder": doc.get("holder"), "term": doc.get("term")})
         return True
 
-    def renew(self) -> bool:
+    def renew(self) -> bool:  # type: ignore[override]
         """Extend our lease if it is still ours, under our term and unexpired on the
         server's clock. False (and the claim dropped) when it is not."""
         if self.term is None:
             return False
         started = self.clock()
-        now = dbm.server_now(self.db)
-        term = self.term
-        doc: Doc | None = dbm.retry(lambda: self.collection.find_one_and_update(
-            {"_id": self.config.name, "holder": self.holder, "term": term,
-             "expires_at": {"$gt": now}},
-            {"$set": {"expires_at": self._expiry(now), "renewed_at": now}},
-            return_document=ReturnDocument.AFTER, maxTimeMS=self.config.wait_ms,
-        ), what="renew scheduler lease")
+        doc = super().renew(max_time_ms=self.config.wait_ms)
         if doc is None:
-            self.forget()
             return False
         self._prove(doc, started)
         return True
 
-    def release(self) -> bool:
+    def release(self) -> bool:  # type: ignore[override]
         """Give the lease up at once so a standby can take it (SIGTERM, close)."""
         if self.term is None:
             return False
-        term = self.term
-        self.forget()
-        now = dbm.server_now(self.db)
-        doc = dbm.retry(lambda: self.collection.find_one_and_update(
-            {"_id": self.config.name, "holder": self.holder, "term": term},
-            {"$set": {"holder": None, "expires_at": now, "released_at": now,
-                      "released_by": self.holder, "holder_lsid": None}},
-            maxTimeMS=self.config.wait_ms,
-        ), what="release scheduler lease", attempts=3)
-        return doc is not None
+        return super().release(
+            also={"released_at": self.now(), "released_by": self.holder, "holder_lsid": None},
+            max_time_ms=self.config.wait_ms)
 
-    def fence(self, session: ClientSession, now: datetime) -> None:
+    def fence(self, session: ClientSession, now: datetime | None = None) -> None:
         """Inside a transaction: prove the lease is ours under our term and unexpired at
-        ``now`` (server clock), or raise ``Deposed``.
-
-        This *writes* the lease document rather than only reading it: a transaction's
-        reads do not conflict with a concurrent acquisition, but its writes do, so a
-        standby that takes the lease meanwhile aborts this transaction (WriteConflict;
-        the retry then fails this check) or waits for it to commit first.
-        """
+        ``now`` (server clock), or raise ``Deposed`` (see ``app.db.lease.Lease.fence``)."""
         if self.term is None:
             raise Deposed(self.holder, None, "no lease held")
-        result = self.collection.update_one(
-            {"_id": self.config.name, "holder": self.holder, "term": self.term,
-             "expires_at": {"$gt": now}},
-            {"$set": {"fenced_at": now}}, session=session,
-        )
-        if result.matched_count != 1:
+        try:
+            super().fence(session, now)
+        except NotHeld:
             raise Deposed(self.holder, self.term,
-                          "the lease has another holder, a newer term, or expired")
-
-    def read(self) -> Doc | None:
-        """The lease document as stored (for logs, the banner and status)."""
-        doc: Doc | None = dbm.retry(
-            lambda: self.collection.find_one({"_id": self.config.name}),
-            what="read scheduler lease", attempts=2)
-        return doc
+                          "the lease has another holder, a newer term, or expired") from None

@@ -31,23 +31,21 @@ from typing import Any, TypeVar
 
 from celery import Celery
 from celery.beat import Scheduler
-from pymongo import ReadPreference
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
-from pymongo.read_concern import ReadConcern
 
 from app import db as dbm
 from app.config import Settings, load_or_exit
+from app.db import Doc, txn
+from app.db.names import FIRES
 from app.errors import DatabaseUnavailable
 from app.jobs import enqueue, publish_wakeup
-from app.scheduling_status import FIRES
 from scheduler.entries import EntryDefinition, EntryError, slot_key, static_entries
 from scheduler.lease import Deposed, Lease, LeaseConfig, process_identity
 
 log = logging.getLogger("certautopilot.scheduler")
 
-Doc = dict[str, Any]
 T = TypeVar("T")
 
 # Database trouble: the lease cannot be proven while these happen.
@@ -298,45 +296,15 @@ class MongoLeaseScheduler(Scheduler):
 
     def _fenced(self, body: Callable[[ClientSession, datetime], T], what: str) -> T:
         """Run ``body(session, now)`` in a majority transaction on the lease's session,
-        after proving the lease inside it. Transient errors retry the whole transaction,
-        but only while the lease can still be proven locally (at most 10 s)."""
+        after proving the lease inside it (``app.db.txn.run`` with the lease as fence).
+        Transient errors retry the whole transaction, but only while the lease can still
+        be proven locally (at most 10 s)."""
         lease = self.lease
-        session = self._fence_session()
         deadline = time.monotonic() + max(1.0, min(10.0, lease.seconds_left()))
-        attempt = 0
-        while True:
-            session.start_transaction(read_concern=ReadConcern("majority"),
-                                      write_concern=dbm.MAJORITY,
-                                      read_preference=ReadPreference.PRIMARY,
-                                      max_commit_time_ms=5000)
-            try:
-                now = dbm.server_now(self.db)
-                lease.fence(session, now)
-                result = body(session, now)
-                self._commit(session, deadline)
-                return result
-            except BaseException as exc:
-                self._abort(session)
-                if (isinstance(exc, PyMongoError)
-                        and exc.has_error_label("TransientTransactionError")
-                        and time.monotonic() < deadline):
-                    time.sleep(dbm.backoff_delay(attempt))
-                    attempt += 1
-                    log.info("retrying %s after a transient error: %s", what, exc)
-                    continue
-                raise
-
-    @staticmethod
-    def _commit(session: ClientSession, deadline: float) -> None:
-        while True:
-            try:
-                session.commit_transaction()
-                return
-            except PyMongoError as exc:
-                if exc.has_error_label("UnknownTransactionCommitResult") \
-                        and time.monotonic() < deadline:
-                    continue  # committing again is safe: same transaction number
-                raise
+        return txn.run(self.db, lambda session: body(session, dbm.server_now(self.db)),
+                       fence=lease.fence, session=self._fence_session(), attempts=1,
+                       retry_while=lambda: time.monotonic() < deadline, what=what,
+                       max_commit_time_ms=5000)
 
     def _sync_static(self) -> None:
         """Write the static schedule (definitions only; run metadata is kept) and delete

@@ -155,15 +155,15 @@ def migrated_db(db: object) -> object:
 @pytest.fixture
 def jenv(cap_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """cap_env for durable-jobs tests: short leases and the test job kinds loaded."""
-    from app.jobs import broker, runner
-    from tests.helpers.jobs import JOB_ENV
+    from app.jobs import broker
+    from tests.helpers.jobs import JOB_ENV, reset_drain
 
     for key, value in JOB_ENV.items():
         monkeypatch.setenv(key, value)
     cap_env.update(JOB_ENV)
     yield cap_env
     broker.close_publishers()
-    runner.reset_drain()
+    reset_drain()
 
 
 @pytest.fixture(scope="session")

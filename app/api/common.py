@@ -25,6 +25,7 @@ from pymongo.collection import Collection
 from webargs.flaskparser import FlaskParser
 
 from app import db as dbm
+from app.db import Doc
 from app.domain.tokens import Principal
 from app.errors import CertAutoPilotError, NotFound, PreconditionFailed
 
@@ -32,7 +33,6 @@ API_PREFIX = "/api/v1"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
-Doc = dict[str, Any]
 
 
 class BadRequest(CertAutoPilotError):

@@ -8,7 +8,9 @@ that record for 24 hours (TTL index). Then:
 
 - the same key and the same request: the stored answer is returned, with
   ``Idempotent-Replayed: true``; nothing runs again (no second enqueue, no second audit);
-- the same key and another request: 422;
+- the same key and another request: 409 (the key's stored request conflicts with this
+  one; not a 422: the request itself is well formed, and only the server's state makes
+  it wrong, so clients and fuzzers reading the schema agree with the server);
 - the same key while the first request is still running: 409 with ``Retry-After``;
 - a first request that ended in a 5xx releases its key, so the client can retry it.
 
@@ -35,10 +37,10 @@ from pymongo.errors import DuplicateKeyError
 
 from app import db as dbm
 from app.api.common import BadRequest
+from app.db.names import IDEMPOTENCY
 from app.domain.projects import now_ms
-from app.errors import Conflict, ValidationFailed
+from app.errors import Conflict
 
-IDEMPOTENCY = "api_idempotency"
 HEADER = "Idempotency-Key"
 TTL = timedelta(hours=24)
 LEASE_SECONDS = 120
@@ -49,8 +51,12 @@ HEADER_PARAM = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 255,
                "pattern": "^[\\x21-\\x7e]+$"},
     "description": "Makes the POST safe to retry: a repeat with the same key returns "
-                   "the first answer (24 h); the same key with another body is 422.",
+                   "the first answer (24 h); the same key with another request is 409.",
 }
+
+
+class IdempotencyKeyReused(Conflict):
+    code = "idempotency_key_reused"
 
 
 def fingerprint() -> str:
@@ -105,7 +111,7 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
         if doc is None:
             continue  # expired between our insert and read: try again
         if doc.get("fingerprint") != wanted:
-            raise ValidationFailed(
+            raise IdempotencyKeyReused(
                 f"this {HEADER} was already used with a different request; use a new key",
                 errors={"headers": {HEADER: ["reused with a different request"]}})
         if doc.get("state") == "done":

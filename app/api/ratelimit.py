@@ -23,9 +23,8 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from app import db as dbm
+from app.db.names import RATE_LIMITS
 from app.errors import RateLimited
-
-RATE_LIMITS = "api_rate_limits"
 
 
 @dataclass

@@ -26,7 +26,6 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
 
 from pymongo import ReturnDocument
 from pymongo.database import Database
@@ -35,16 +34,20 @@ from pymongo.errors import DuplicateKeyError
 from app import db as dbm
 from app.audit.sinks import Sink, SinkError, open_sink
 from app.config.audit_sinks import SinkSpec
+from app.db.lease import Lease, LeaseSchema
+from app.db.names import SINKS, Doc
 
 log = logging.getLogger(__name__)
 
-SINKS = "audit_sinks"
 LEASE_SECONDS = 60.0
 BACKOFF_BASE_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 60.0
 
-Doc = dict[str, Any]
 SinkFactory = Callable[[SinkSpec], Sink]
+
+# The forwarding lease, in the top-level ``lease_*`` fields of the sink's state document.
+SINK_LEASE = LeaseSchema(holder="lease_owner", expires_at="lease_expires_at",
+                         token="lease_token", acquired_at=None, renewed_at=None)
 
 
 def backoff_seconds(failures: int) -> float:
@@ -73,19 +76,10 @@ def ensure_state(db: Database[Doc], spec: SinkSpec) -> Doc:
     return doc
 
 
-def _acquire(db: Database[Doc], name: str, owner: str, now: datetime) -> Doc | None:
-    return db[SINKS].find_one_and_update(
-        {"_id": name, "$or": [{"lease_owner": None}, {"lease_owner": owner},
-                              {"lease_expires_at": {"$lt": now}}]},
-        {"$set": {"lease_owner": owner,
-                  "lease_expires_at": now + timedelta(seconds=LEASE_SECONDS),
-                  "last_attempt_at": now}},
-        return_document=ReturnDocument.AFTER)
-
-
-def _release(db: Database[Doc], name: str, owner: str) -> None:
-    db[SINKS].update_one({"_id": name, "lease_owner": owner},
-                         {"$set": {"lease_owner": None, "lease_expires_at": None}})
+def sink_lease(db: Database[Doc], name: str, owner: str) -> Lease:
+    """The forwarding lease of sink ``name`` (in its state document)."""
+    return Lease(db[SINKS], {"_id": name}, owner, LEASE_SECONDS, schema=SINK_LEASE,
+                 what="audit sink lease")
 
 
 def forward_sink(db: Database[Doc], spec: SinkSpec, *, owner: str, deadline: float,
@@ -100,7 +94,8 @@ def forward_sink(db: Database[Doc], spec: SinkSpec, *, owner: str, deadline: flo
     if isinstance(next_attempt, datetime) and next_attempt > now:
         return {"skipped": "backoff", "cursor": state.get("cursor", 0),
                 "retry_in_s": round((next_attempt - now).total_seconds(), 1)}
-    state = _acquire(db, spec.name, owner, now) or {}
+    lease = sink_lease(db, spec.name, owner)
+    state = lease.acquire(also={"last_attempt_at": now}, now=now) or {}
     if not state:
         return {"skipped": "another forwarder holds this sink"}
     cursor = int(state.get("cursor", 0))
@@ -119,12 +114,12 @@ def forward_sink(db: Database[Doc], spec: SinkSpec, *, owner: str, deadline: flo
             sink.send(batch)
             last = int(batch[-1]["seq"])
             now = dbm.server_now(db)
+            # Fenced by the lease's token, which the same write renews.
             moved = db[SINKS].update_one(
-                {"_id": spec.name, "lease_owner": owner, "cursor": cursor},
+                {"_id": spec.name, **lease.owned(), "cursor": cursor},
                 {"$set": {"cursor": last, "last_success_at": now, "consecutive_failures": 0,
                           "failing_since": None, "last_error": None,
-                          "next_attempt_at": None,
-                          "lease_expires_at": now + timedelta(seconds=LEASE_SECONDS)},
+                          "next_attempt_at": None, **lease.renewal(now)},
                  "$inc": {"delivered": len(batch)}})
             if moved.matched_count == 0:
                 log.warning("audit sink lease lost; stopping", extra={"sink": spec.name})
@@ -132,7 +127,7 @@ def forward_sink(db: Database[Doc], spec: SinkSpec, *, owner: str, deadline: flo
             delivered += len(batch)
             cursor = last
         if delivered == 0:
-            db[SINKS].update_one({"_id": spec.name, "lease_owner": owner},
+            db[SINKS].update_one({"_id": spec.name, **lease.owned()},
                                  {"$set": {"last_success_at": dbm.server_now(db),
                                            "consecutive_failures": 0, "failing_since": None,
                                            "last_error": None}})
@@ -145,7 +140,7 @@ def forward_sink(db: Database[Doc], spec: SinkSpec, *, owner: str, deadline: flo
     finally:
         if sink is not None:
             sink.close()
-        _release(db, spec.name, owner)
+        lease.release()
 
 
 def _failed(db: Database[Doc], spec: SinkSpec, owner: str, cursor: int, delivered: int,

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from app.audit.log import _iso, _json_default
 from app.config.audit_sinks import SinkSpec
+from app.db import Doc
 
 if TYPE_CHECKING:
     import requests
 
-Doc = dict[str, Any]
 
 # SD-ID with the IANA example enterprise number (RFC 5612): CertAutoPilot has no PEN.
 SD_ID = "certautopilot@32473"

@@ -26,8 +26,7 @@ from pymongo.database import Database
 
 from app import db as dbm
 from app.audit.log import ALG_HMAC, CHAIN_ID, GENESIS_HASH, _json_default, hmac_key
-
-Doc = dict[str, Any]
+from app.db import Doc
 
 EDITED, DELETED, INSERTED, REORDERED = "edited", "deleted", "inserted", "reordered"
 UNKEYED, KEY_MISSING, MALFORMED = "unkeyed", "key-missing", "malformed"

@@ -17,12 +17,15 @@ only wakes a worker. Public API::
         ctx.transaction(fn, complete=True)   # ... and the job completes in the same txn
     raise RetryLater(delay_seconds, reason) | PermanentFailure(reason)
 
-    claim / heartbeat / complete / fail (fenced by the lease token), reap(db),
-    queue_depth(db), get_job / list_jobs / retry_dead / cancel (operator actions).
+    claim / heartbeat / complete / fail (fenced by the lease token)   # app.jobs.lifecycle
+    get_job / list_jobs / retry_dead / cancel (operator actions)     # app.jobs.actions
+    queue_depth(db)                                                  # app.jobs.stats
+    reap(db)                                                         # app.jobs.reaper
 
 The application's job kinds are listed in ``app.handlers`` (nothing registers by import).
 """
 
+from app.jobs.actions import cancel, get_job, list_jobs, retry_dead
 from app.jobs.context import JobContext
 from app.jobs.dedupe import active_dedupe_keys
 from app.jobs.errors import (
@@ -33,26 +36,22 @@ from app.jobs.errors import (
     PermanentFailure,
     RetryLater,
 )
-from app.jobs.reaper import reap
-from app.jobs.registry import load_modules, register_handler
-from app.jobs.store import (
+from app.jobs.lifecycle import (
     ACTIVE_STATES,
     STATES,
-    cancel,
     claim,
     complete,
     enqueue,
     fail,
     fenced_transaction,
-    get_job,
     heartbeat,
-    list_jobs,
     publish_wakeup,
-    queue_depth,
     release,
-    retry_dead,
     retry_later,
 )
+from app.jobs.reaper import reap
+from app.jobs.registry import load_modules, register_handler
+from app.jobs.stats import queue_depth
 
 __all__ = [
     "ACTIVE_STATES", "STATES", "InvalidJob", "JobContext", "JobNotFound",

@@ -21,14 +21,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from celery import Celery
 
 from app.config import Settings, load_settings
+from app.db.names import MESSAGES_COLLECTION
 
 log = logging.getLogger(__name__)
 
 # The task a wake-up names, and the queue it goes to.
 RUN_JOB_TASK = "certautopilot.run_job"
 QUEUE = "certautopilot"
-# kombu's collection of queued messages in the broker database.
-MESSAGES_COLLECTION = "messages"
 # pymongo appname of the broker's client: it tells the broker's traffic apart from the
 # application's ("certautopilot") in server logs and failpoints.
 BROKER_APPNAME = "certautopilot-broker"

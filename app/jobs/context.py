@@ -21,13 +21,13 @@ from pymongo.client_session import ClientSession
 from pymongo.database import Database
 
 from app.config import Settings
-from app.jobs import store
+from app.db import Doc
+from app.jobs import lifecycle
 from app.jobs.errors import LeaseLost
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Doc = dict[str, Any]
 
 
 class JobContext:
@@ -107,7 +107,7 @@ class JobContext:
         """
         self.check_lease()
         try:
-            value = store.fenced_transaction(self.db, self.job_id, self.lease_token, fn,
+            value = lifecycle.fenced_transaction(self.db, self.job_id, self.lease_token, fn,
                                              complete=complete, worker=self.worker,
                                              retry_while=self.lease_valid)
         except LeaseLost:
@@ -154,7 +154,7 @@ class LeaseKeeper:
                          "database unreachable)")
                 return
             try:
-                expires = store.heartbeat(ctx.db, ctx.job_id, ctx.lease_token,
+                expires = lifecycle.heartbeat(ctx.db, ctx.job_id, ctx.lease_token,
                                           lease_seconds=ctx.lease_seconds,
                                           settings=ctx.settings)
             except Exception as exc:  # noqa: BLE001 - retried until the lease would lapse

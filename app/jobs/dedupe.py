@@ -10,7 +10,7 @@ from pymongo.database import Database
 
 from app import db as dbm
 from app.db import Doc
-from app.jobs.store import ACTIVE_STATES
+from app.jobs.lifecycle import ACTIVE_STATES
 
 
 def active_dedupe_keys(db: Database[Doc], keys: Iterable[str], *,

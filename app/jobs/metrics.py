@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 
 def queue_depth_metrics(db: Any) -> Iterator[Metric]:
-    from app.jobs.store import queue_depth
+    from app.jobs.stats import queue_depth
 
     depth = queue_depth(db)
     queued = GaugeMetricFamily("certautopilot_jobs_queued",

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
-from typing import Any
 
 from pymongo.database import Database
 
 from app import db as dbm
 from app.config import Settings, load_settings
+from app.db import Doc, txn
+from app.db.clock import server_now
 from app.errors import DatabaseUnavailable
-from app.jobs import broker, store, txn
-from app.jobs.clock import server_now
+from app.jobs import broker, lifecycle
+from app.jobs.lifecycle import JOB_LEASE
 
 log = logging.getLogger("certautopilot.jobs.reaper")
-
-Doc = dict[str, Any]
 BATCH = 500
 
 
@@ -44,13 +43,13 @@ def reap(db: Database[Doc], *, settings: Settings | None = None,
     now = server_now(db)
     counts = {"requeued": 0, "dead": 0, "republished": 0, "stale": 0}
 
-    lapsed = list(jobs.find({"state": store.RUNNING, "lease.expires_at": {"$lt": now}},
+    lapsed = list(jobs.find({"state": lifecycle.RUNNING, **JOB_LEASE.lapsed(now)},
                             {"attempts": 1, "max_attempts": 1, "lease": 1, "kind": 1})
                   .limit(limit))
     for job in lapsed:
         lease = job.get("lease") or {}
-        fence = {"_id": job["_id"], "state": store.RUNNING, "lease.token": lease.get("token"),
-                 "lease.expires_at": {"$lt": now}}
+        fence = {"_id": job["_id"], "state": lifecycle.RUNNING,
+                 **JOB_LEASE.owned(lease.get("token")), **JOB_LEASE.lapsed(now)}
         attempts = int(job.get("attempts") or 0)
         limit_attempts = int(job.get("max_attempts") or settings.job_max_attempts)
         if attempts >= limit_attempts:
@@ -58,19 +57,19 @@ def reap(db: Database[Doc], *, settings: Settings | None = None,
                      f"{lease.get('owner')} lapsed (the worker stopped or lost the "
                      "database) and no attempts are left")
             if _write(db, fence, {
-                    "$set": {"state": store.DEAD, "finished_at": now, "updated_at": now,
-                             "last_error": error, "expire_at": now + store.DEAD_RETENTION},
-                    "$push": {"history": store._history(now, "dead", error=error)}}):
+                    "$set": {"state": lifecycle.DEAD, "finished_at": now, "updated_at": now,
+                             "last_error": error, "expire_at": now + lifecycle.DEAD_RETENTION},
+                    "$push": {"history": lifecycle._history(now, "dead", error=error)}}):
                 counts["dead"] += 1
                 log.error("job dead: its lease lapsed on the last attempt",
                           extra={"job_id": job["_id"], "kind": job.get("kind"),
                                  "event": "job.dead"})
             continue
         if _write(db, fence, {
-                "$set": {"state": store.QUEUED, "lease": None, "run_after": now,
+                "$set": {"state": lifecycle.QUEUED, "lease": None, "run_after": now,
                          "wake_at": now, "updated_at": now,
                          "last_error": f"the lease held by {lease.get('owner')} lapsed"},
-                "$push": {"history": store._history(now, "requeued", reason="lease lapsed",
+                "$push": {"history": lifecycle._history(now, "requeued", reason="lease lapsed",
                                                     previous_owner=lease.get("owner"))}}):
             counts["requeued"] += 1
             log.warning("requeued a job whose lease lapsed",
@@ -79,7 +78,7 @@ def reap(db: Database[Doc], *, settings: Settings | None = None,
             broker.publish_wakeup(job["_id"], settings=settings)
 
     cutoff = now - timedelta(seconds=settings.reaper_republish_seconds)
-    stale = list(jobs.find({"state": store.QUEUED, "wake_at": {"$lte": cutoff}},
+    stale = list(jobs.find({"state": lifecycle.QUEUED, "wake_at": {"$lte": cutoff}},
                            {"_id": 1}).sort("wake_at", 1).limit(limit))
     counts["stale"] = len(stale)
     if stale:
@@ -89,7 +88,7 @@ def reap(db: Database[Doc], *, settings: Settings | None = None,
         backlog = broker.broker_backlog(settings)
         wanted = len(stale) if backlog is None else max(0, len(stale) - backlog)
         for doc in stale[:wanted]:
-            if _write(db, {"_id": doc["_id"], "state": store.QUEUED,
+            if _write(db, {"_id": doc["_id"], "state": lifecycle.QUEUED,
                            "wake_at": {"$lte": cutoff}}, {"$set": {"wake_at": now}}) \
                     and broker.publish_wakeup(doc["_id"], settings=settings):
                 counts["republished"] += 1

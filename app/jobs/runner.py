@@ -31,15 +31,14 @@ from pymongo.database import Database
 
 from app import db as dbm
 from app.config import Settings, load_settings
-from app.jobs import broker, store
+from app.db import Doc
+from app.jobs import broker, lifecycle
 from app.jobs.context import JobContext, LeaseKeeper
 from app.jobs.errors import LeaseLost, PermanentFailure, RetryLater
 from app.jobs.registry import HandlerSpec, get_handler, registered_kinds, valid_kind
 from app.logs import redact, request_id_var
 
 log = logging.getLogger("certautopilot.jobs")
-
-Doc = dict[str, Any]
 
 _running: dict[str, JobContext] = {}
 _running_lock = threading.Lock()
@@ -75,7 +74,7 @@ def run_job(job_id: object, *, db: Database[Doc] | None = None,
             settings: Settings | None = None, worker: str | None = None) -> str:
     """Handle one wake-up. Returns the outcome: succeeded, retry, retry_later, dead,
     lease_lost, skipped (nothing to claim), deferred (draining), invalid, db_unavailable."""
-    if not store.valid_job_id(job_id):
+    if not lifecycle.valid_job_id(job_id):
         log.error("ignoring a wake-up with a malformed job id",
                   extra={"job_id": repr(job_id)[:100], "event": "job.invalid_wakeup"})
         return "invalid"
@@ -87,7 +86,7 @@ def run_job(job_id: object, *, db: Database[Doc] | None = None,
         broker.publish_wakeup(job_id, settings=settings)
         return "deferred"
     try:
-        job = store.claim(db, job_id, worker, settings=settings)
+        job = lifecycle.claim(db, job_id, worker, settings=settings)
     except Exception as exc:  # noqa: BLE001 - the job stays queued; the reaper re-publishes
         log.error("could not claim a job; it stays for the reaper",
                   extra={"job_id": job_id, "error": f"{exc.__class__.__name__}: {exc}"[:300]})
@@ -115,7 +114,7 @@ def _execute(db: Database[Doc], job: Doc, settings: Settings, worker: str) -> st
 
     def record_failure(error: str, permanent: bool) -> str:
         try:
-            state = store.fail(
+            state = lifecycle.fail(
                 db, job_id, token, error, attempts=attempts, max_attempts=max_attempts,
                 permanent=permanent,
                 backoff_base_seconds=spec.backoff_base_seconds if spec else 5.0,
@@ -126,7 +125,7 @@ def _execute(db: Database[Doc], job: Doc, settings: Settings, worker: str) -> st
                       extra={"job_id": job_id, "error": str(exc)[:300]})
             _observe(kind, "error", started)
             return "db_unavailable"
-        outcome = {None: "lease_lost", store.DEAD: "dead", store.QUEUED: "retry"}[state]
+        outcome = {None: "lease_lost", lifecycle.DEAD: "dead", lifecycle.QUEUED: "retry"}[state]
         (log.error if outcome == "dead" else log.warning)(
             "job %s (%s) failed on attempt %s of %s (%s): %s", job_id, kind, attempts,
             max_attempts, outcome, error[:300],
@@ -188,7 +187,7 @@ def _call(db: Database[Doc], ctx: JobContext, spec: HandlerSpec, started: float,
             _observe(kind, "lease_lost", started)
             return "lease_lost"
         try:
-            ok = store.retry_later(db, job_id, ctx.lease_token, exc.delay_seconds, exc.reason,
+            ok = lifecycle.retry_later(db, job_id, ctx.lease_token, exc.delay_seconds, exc.reason,
                                    worker=ctx.worker, settings=ctx.settings)
         except Exception as err:  # noqa: BLE001
             log.error("could not reschedule a job", extra={"job_id": job_id,
@@ -225,7 +224,7 @@ def _call(db: Database[Doc], ctx: JobContext, spec: HandlerSpec, started: float,
         return "lease_lost"
     keeper.stop()  # no renewal of ours races the completion
     try:
-        done = store.complete(db, job_id, ctx.lease_token, result, worker=ctx.worker,
+        done = lifecycle.complete(db, job_id, ctx.lease_token, result, worker=ctx.worker,
                               plain=ctx.may_write_plainly())
     except Exception as exc:  # noqa: BLE001 - the lease lapses; a peer re-runs the job
         log.error("could not record a job's completion; the lease will lapse",
@@ -286,7 +285,7 @@ def _abandon_running(exit_after: bool = True) -> int:
     for ctx in contexts:
         ctx.lose("the worker is shutting down and its grace period is over")
         try:
-            released = store.release(ctx.db, ctx.job_id, ctx.lease_token,
+            released = lifecycle.release(ctx.db, ctx.job_id, ctx.lease_token,
                                      "worker shut down before the job finished",
                                      worker=ctx.worker, settings=ctx.settings)
         except Exception as exc:  # noqa: BLE001 - the lease then lapses on its own
@@ -306,15 +305,3 @@ def _abandon_running(exit_after: bool = True) -> int:
         _stuck_timer.daemon = True
         _stuck_timer.start()
     return len(contexts)
-
-
-def reset_drain() -> None:
-    """For tests: leave the draining state."""
-    global _drain_timer, _stuck_timer
-    if _drain_timer is not None:
-        _drain_timer.cancel()
-        _drain_timer = None
-    if _stuck_timer is not None:
-        _stuck_timer.cancel()
-        _stuck_timer = None
-    _draining.clear()

@@ -18,17 +18,15 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from importlib import metadata
-from typing import Any
 
 from pymongo.database import Database
 
 from app import db as dbm
 from app.config import Settings
-from app.jobs.clock import server_now
+from app.db import Doc
+from app.db.clock import server_now
 
 log = logging.getLogger("certautopilot.jobs.workers")
-
-Doc = dict[str, Any]
 FORGET_AFTER = timedelta(days=1)
 
 

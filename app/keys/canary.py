@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 from datetime import UTC, datetime
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -23,16 +22,15 @@ from pymongo.errors import DuplicateKeyError
 
 from app import audit
 from app import db as dbm
+from app.db.names import KEK_VERSIONS, Doc
 from app.keys import envelope
 from app.keys.errors import KeyUnavailable
 from app.keys.keyring import Keyring
 
 log = logging.getLogger(__name__)
 
-KEK_VERSIONS = "kek_versions"
 CANARY_PLAINTEXT = b"certautopilot KEK canary"
 
-Doc = dict[str, Any]
 
 # (database, KEK version) pairs whose canary this process has opened, with the cipher
 # object that did it (a reloaded keyring has new objects and is checked again).

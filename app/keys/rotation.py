@@ -31,16 +31,16 @@ from pymongo.errors import DuplicateKeyError
 
 from app import audit
 from app import db as dbm
+from app.db import KEK_ROTATIONS, KEK_VERSIONS, Doc
+from app.db.lease import Lease, LeaseSchema
 from app.errors import ValidationFailed
 from app.keys import canary, envelope
-from app.keys.canary import KEK_VERSIONS
 from app.keys.errors import KeyIntegrityError, KeyUnavailable, RotationConflict
 from app.keys.keyring import Keyring
-from app.keys.store import KEK_ROTATIONS, active_version, sealed_of
+from app.keys.store import active_version, sealed_of
 
 log = logging.getLogger(__name__)
 
-Doc = dict[str, Any]
 T = TypeVar("T")
 RunTxn = Callable[[Callable[[ClientSession], Any]], Any]
 
@@ -50,6 +50,10 @@ STEP_BUDGET_SECONDS = 8.0
 BATCH_SIZE = 200
 BACKOFF_BASE_SECONDS = 10.0
 BACKOFF_MAX_SECONDS = 120.0
+
+# The rotation's step lease: the ``step_lease`` sub-document of the rotation.
+STEP_LEASE = LeaseSchema(within="step_lease", holder="owner", token="token",
+                         acquired_at=None, renewed_at=None)
 
 _RECORD_FIELDS = {"_id": 1, "project_id": 1, "kek_version": 1, "dek_nonce": 1,
                   "wrapped_dek": 1, "nonce": 1, "ciphertext": 1}
@@ -161,22 +165,11 @@ def start_rotation(db: Database[Doc], to_version: int, *, keyring: Keyring,
     return doc
 
 
-def _take_step_lease(db: Database[Doc], rotation_id: str, owner: str,
-                     lease_seconds: float) -> Doc | None:
-    now = dbm.server_now(db)
-    return dbm.retry(lambda: db[KEK_ROTATIONS].find_one_and_update(
-        {"_id": rotation_id, "state": "running",
-         "$or": [{"step_lease": None}, {"step_lease.expires_at": {"$lt": now}},
-                 {"step_lease.owner": owner}]},
-        {"$set": {"step_lease": {"owner": owner,
-                                 "expires_at": now + timedelta(seconds=lease_seconds)}}},
-        return_document=ReturnDocument.AFTER), what="take KEK rotation step lease")
-
-
-def _release_step_lease(db: Database[Doc], rotation_id: str, owner: str) -> None:
-    dbm.retry(lambda: db[KEK_ROTATIONS].update_one(
-        {"_id": rotation_id, "step_lease.owner": owner}, {"$set": {"step_lease": None}}),
-        what="release KEK rotation step lease")
+def step_lease(db: Database[Doc], rotation_id: str, owner: str,
+               lease_seconds: float) -> Lease:
+    """The step lease of rotation ``rotation_id`` (``acquire`` it only while running)."""
+    return Lease(db[KEK_ROTATIONS], {"_id": rotation_id}, owner, lease_seconds,
+                 schema=STEP_LEASE, what="KEK rotation step lease")
 
 
 def note_blocked(db: Database[Doc], rotation_id: str, message: str) -> float:
@@ -235,8 +228,8 @@ class StepLeaseLost(Exception):
 
 
 def _write_batch(db: Database[Doc], session: ClientSession, *, rotation_id: str, target: int,
-                 updates: list[UpdateOne], broken: list[tuple[Doc, str]],
-                 lease_seconds: float, owner: str, actor: audit.Actor) -> tuple[int, int]:
+                 updates: list[UpdateOne], broken: list[tuple[Doc, str]], lease: Lease,
+                 actor: audit.Actor) -> tuple[int, int]:
     rewrapped = 0
     if updates:
         rewrapped = db[dbm.KEYS].bulk_write(updates, ordered=False,
@@ -249,12 +242,12 @@ def _write_batch(db: Database[Doc], session: ClientSession, *, rotation_id: str,
              "wrapped_dek": record["wrapped_dek"]},
             {"$set": {"rewrap_error": {"rotation_id": rotation_id, "reason": reason,
                                        "at": now}}}, session=session).modified_count
+    # Fenced by the step lease's token, which the same write renews.
     progress = db[KEK_ROTATIONS].update_one(
-        {"_id": rotation_id, "state": "running", "step_lease.owner": owner},
+        {"_id": rotation_id, "state": "running", **lease.owned()},
         {"$inc": {"rewrapped": rewrapped, "failed": failed, "batches": 1},
          "$set": {"last_step_at": now, "last_error": None, "error_count": 0,
-                  "not_before": None,
-                  "step_lease.expires_at": now + timedelta(seconds=lease_seconds)}},
+                  "not_before": None, **lease.renewal(now)}},
         session=session)
     if progress.matched_count != 1:
         raise StepLeaseLost(rotation_id)
@@ -283,7 +276,8 @@ def run_step(db: Database[Doc], keyring: Keyring, *, owner: str,
     if not_before is not None and not_before > dbm.server_now(db):
         return {"state": "backing_off", "rotation_id": rotation_id,
                 "until": not_before.isoformat(), "reason": rotation.get("last_error")}
-    if _take_step_lease(db, rotation_id, owner, lease_seconds) is None:
+    lease = step_lease(db, rotation_id, owner, lease_seconds)
+    if lease.acquire(when={"state": "running"}) is None:
         return {"state": "busy", "rotation_id": rotation_id}
     summary: Doc = {"state": "running", "rotation_id": rotation_id, "target_version": target,
                     "rewrapped": 0, "failed": 0, "batches": 0}
@@ -340,8 +334,8 @@ def run_step(db: Database[Doc], keyring: Keyring, *, owner: str,
                      "$inc": {"rewrap_count": 1}}))
             try:
                 counts = txn(partial(_write_batch, db, rotation_id=rotation_id, target=target,
-                                     updates=updates, broken=broken,
-                                     lease_seconds=lease_seconds, owner=owner, actor=actor))
+                                     updates=updates, broken=broken, lease=lease,
+                                     actor=actor))
             except StepLeaseLost:
                 summary["state"] = "lease_lost"
                 break
@@ -351,7 +345,7 @@ def run_step(db: Database[Doc], keyring: Keyring, *, owner: str,
             if time.monotonic() >= deadline:
                 break
     finally:
-        _release_step_lease(db, rotation_id, owner)
+        lease.release()
     return summary
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 from bson import Binary
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -20,15 +19,12 @@ from pymongo.database import Database
 
 from app import audit
 from app import db as dbm
+from app.db.names import KEK_ROTATIONS, Doc
 from app.errors import ValidationFailed
 from app.keys import canary, envelope
 from app.keys.errors import KeyIntegrityError, KeyNotFound
 from app.keys.keygen import key_type_of, load_private_key, public_key_sha256
 from app.keys.keyring import Keyring, get_keyring
-
-Doc = dict[str, Any]
-
-KEK_ROTATIONS = "kek_rotations"
 
 # Fields of a key record that are safe to show (no ciphertext, no wrapped DEK).
 PUBLIC_FIELDS = ("project_id", "purpose", "key_type", "public_key_sha256", "kek_version",

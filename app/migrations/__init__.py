@@ -2,8 +2,9 @@
 
 Each migration is a module ``mNNNN_<name>.py`` in this package with ``VERSION`` (int),
 ``DESCRIPTION`` (str) and ``apply(db)``; ``apply`` must be safe to run again. The runner
-takes a lock document in ``leases`` so that migrate processes started together apply each
-migration exactly once, and records each applied version in ``migrations``.
+holds a lease (``app.db.lease``) on a lock document in ``leases`` so that migrate
+processes started together apply each migration exactly once, and records each applied
+version in ``migrations``.
 """
 
 from __future__ import annotations
@@ -16,19 +17,17 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
 from types import ModuleType
-from typing import Any
 
-from pymongo import ReturnDocument
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
 
 from app import db as dbm
+from app.db import MIGRATIONS_LOCK_ID, Doc
+from app.db.lease import Lease
 
 log = logging.getLogger(__name__)
 
-LOCK_ID = "migrations"
+LOCK_ID = MIGRATIONS_LOCK_ID
 LOCK_SECONDS = 120.0
 
 
@@ -38,7 +37,7 @@ class Migration:
     description: str
     module: ModuleType
 
-    def apply(self, db: Database[dict[str, Any]]) -> None:
+    def apply(self, db: Database[Doc]) -> None:
         self.module.apply(db)
 
 
@@ -56,7 +55,7 @@ def discover() -> list[Migration]:
     return found
 
 
-def status(db: Database[dict[str, Any]]) -> list[dict[str, Any]]:
+def status(db: Database[Doc]) -> list[Doc]:
     applied = {d["_id"]: d for d in dbm.primary(db)[dbm.MIGRATIONS].find()}
     return [
         {"version": m.version, "description": m.description,
@@ -65,39 +64,19 @@ def status(db: Database[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-class _Lock:
-    """A lease on one document, compared on the server's clock."""
-
-    def __init__(self, db: Database[dict[str, Any]]) -> None:
-        self.db = db
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-    def try_acquire(self) -> bool:
-        now = dbm.server_now(self.db)
-        try:
-            doc = self.db[dbm.LEASES].find_one_and_update(
-                {"_id": LOCK_ID, "$or": [{"holder": None}, {"expires_at": {"$lt": now}},
-                                         {"holder": self.owner}]},
-                {"$set": {"holder": self.owner,
-                          "expires_at": now + timedelta(seconds=LOCK_SECONDS),
-                          "acquired_at": now}},
-                upsert=True, return_document=ReturnDocument.AFTER,
-            )
-        except DuplicateKeyError:
-            return False
-        return doc is not None and doc.get("holder") == self.owner
-
-    def release(self) -> None:
-        self.db[dbm.LEASES].update_one({"_id": LOCK_ID, "holder": self.owner},
-                                       {"$set": {"holder": None, "expires_at": None}})
+def migrations_lock(db: Database[Doc]) -> Lease:
+    """The lease that lets one migrate process at a time apply migrations."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return Lease(db[dbm.LEASES], {"_id": LOCK_ID}, owner, LOCK_SECONDS, upsert=True,
+                 what="migrations lock")
 
 
-def migrate(db: Database[dict[str, Any]], *, wait_seconds: float = 300.0) -> list[int]:
+def migrate(db: Database[Doc], *, wait_seconds: float = 300.0) -> list[int]:
     """Apply every missing migration in order; return the versions this call applied."""
     db = dbm.primary(db)
-    lock = _Lock(db)
+    lock = migrations_lock(db)
     deadline = time.monotonic() + wait_seconds
-    while not dbm.retry(lock.try_acquire, what="take migrations lock"):
+    while lock.acquire() is None:
         if time.monotonic() > deadline:
             raise TimeoutError("another migrate process holds the migrations lock")
         time.sleep(0.2)
@@ -112,8 +91,8 @@ def migrate(db: Database[dict[str, Any]], *, wait_seconds: float = 300.0) -> lis
             migration.apply(db)
             db[dbm.MIGRATIONS].insert_one({
                 "_id": migration.version, "description": migration.description,
-                "applied_at": dbm.server_now(db), "applied_by": lock.owner})
+                "applied_at": dbm.server_now(db), "applied_by": lock.holder})
             applied_now.append(migration.version)
     finally:
-        dbm.retry(lock.release, what="release migrations lock")
+        lock.release()
     return applied_now

@@ -39,7 +39,7 @@ def apply(db: Database[dict[str, Any]]) -> None:
                    partialFilterExpression={"state": "queued"}),
         IndexModel([("lease.expires_at", ASCENDING)], name="running_lease_expiry",
                    partialFilterExpression={"state": "running"}),
-        # Finished jobs carry expire_at (app.jobs.store: 7 days, 30 when dead).
+        # Finished jobs carry expire_at (app.jobs.lifecycle: 7 days, 30 when dead).
         IndexModel([("expire_at", ASCENDING)], expireAfterSeconds=0, name="ttl_expire_at"),
     ])
     present = set(jobs.index_information())

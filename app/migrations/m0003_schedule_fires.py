@@ -1,4 +1,4 @@
-"""The scheduler's per-slot fire log (see app/scheduling_status.py)."""
+"""The scheduler's per-slot fire log (see app/db/schedule.py)."""
 
 from typing import Any
 
@@ -6,7 +6,8 @@ from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.database import Database
 
 from app import db as dbm
-from app.scheduling_status import FIRES, FIRES_TTL_SECONDS
+from app.db.names import FIRES
+from app.db.schedule import FIRES_TTL_SECONDS
 
 VERSION = 3
 DESCRIPTION = "schedule_fires: one document per fired slot, unique per entry and slot"

@@ -5,11 +5,10 @@ from typing import Any
 from pymongo import ASCENDING, IndexModel
 from pymongo.database import Database
 
+from app.db.names import KEK_ROTATIONS, KEK_VERSIONS
+
 VERSION = 4
 DESCRIPTION = "KEK rotations: one running at a time (partial unique index), ordered by seq"
-
-KEK_ROTATIONS = "kek_rotations"
-KEK_VERSIONS = "kek_versions"
 
 INDEXES: dict[str, list[IndexModel]] = {
     KEK_ROTATIONS: [

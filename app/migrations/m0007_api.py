@@ -6,17 +6,14 @@ from typing import Any
 from pymongo import ASCENDING, IndexModel
 from pymongo.database import Database
 
-# Same names as app.api.idempotency.IDEMPOTENCY and app.api.ratelimit.RATE_LIMITS
-# (kept literal so migrate does not import the web stack).
-IDEMPOTENCY = "api_idempotency"
-RATE_LIMITS = "api_rate_limits"
+from app.db.names import CERTIFICATES, IDEMPOTENCY, RATE_LIMITS
 
 VERSION = 7
 DESCRIPTION = "api: idempotency keys and rate-limit windows (TTL); certificate list order"
 
 INDEXES: dict[str, list[IndexModel]] = {
     # The API lists a project's certificates in creation order (cursor pagination).
-    "certificates": [IndexModel([("project_id", ASCENDING), ("created_at", ASCENDING),
+    CERTIFICATES: [IndexModel([("project_id", ASCENDING), ("created_at", ASCENDING),
                                  ("_id", ASCENDING)], name="project_created")],
     IDEMPOTENCY: [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0,
                              name="ttl_expires_at")],

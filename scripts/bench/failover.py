@@ -184,7 +184,7 @@ class Ours(System):
         return dict(self._env)
 
     def enqueues(self) -> list[Enqueue]:
-        from app.scheduling_status import FIRES
+        from app.db.names import FIRES
 
         docs = self.db[FIRES].find({"entry": ENTRY}, {"fired_at": 1, "holder": 1, "slot": 1})
         return [Enqueue(d["fired_at"].timestamp(), int(d["holder"].split(":")[-2]),
@@ -197,7 +197,7 @@ class Ours(System):
 
     def slot_duplicates(self) -> int:
         from app import db as dbm
-        from app.scheduling_status import FIRES
+        from app.db.names import FIRES
 
         jobs = Counter(d["dedupe_key"] for d in self.db[dbm.JOBS].find(
             {"kind": ENTRY}, {"dedupe_key": 1}))

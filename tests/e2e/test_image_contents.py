@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from app import db as dbm
-from app.scheduling_status import SCHEDULER_LEASE_ID
+from app.db.names import SCHEDULER_LEASE_ID
 from devstack.embedded import free_port
 from tests.helpers import wait_for
 

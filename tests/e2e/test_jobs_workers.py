@@ -14,8 +14,8 @@ import pytest
 import tests.helpers.job_kinds as kinds
 from app import db as dbm
 from app import jobs
+from app.db.clock import CLOCK
 from app.jobs import broker
-from app.jobs.clock import CLOCK
 from tests.helpers import wait_for
 from tests.helpers.jobs import failpoint, failpoint_off
 
@@ -115,7 +115,7 @@ def test_a_paused_worker_past_its_lease_is_refused_and_the_effect_happens_once(j
 
 def test_a_deleted_wakeup_message_still_runs_via_the_reaper(jdb, jenv, procs):
     item = jobs.enqueue(jdb, "test.noop", {})
-    messages = jdb.client[jenv["CAP_BROKER_DB"]][broker.MESSAGES_COLLECTION]
+    messages = jdb.client[jenv["CAP_BROKER_DB"]][dbm.MESSAGES_COLLECTION]
     assert messages.delete_many({}).deleted_count == 1
     procs.worker(jenv, concurrency=1)
     done = wait_state(jdb, item["_id"], "succeeded", timeout=60)
@@ -176,7 +176,7 @@ def test_step_down_and_failpoints_during_claims_and_completes_lose_and_repeat_no
     assert all(p.alive() for p in procs.procs)
     # The chaos reached the workers' claims and completions, which retried through it.
     logs = "".join(p.log() for p in procs.procs)
-    assert "jobs.txn_retry" in logs or "transient database error" in logs
+    assert "db.txn_retry" in logs or "transient database error" in logs
 
 
 def _count_ok(db, ids):
@@ -205,7 +205,7 @@ def test_malformed_and_unknown_jobs_fail_clearly_and_the_worker_keeps_running(jd
                                                                               procs):
     worker = procs.worker(jenv, concurrency=1)
     wait_ready(jdb, 1)
-    from app.jobs.clock import server_now
+    from app.db.clock import server_now
 
     now = server_now(jdb)
     bad = {"a" * 24: {"kind": 7, "payload": {}}, "b" * 24: {"kind": "test.noop",

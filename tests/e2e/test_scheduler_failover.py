@@ -15,7 +15,7 @@ from datetime import timedelta
 import pytest
 
 from app import db as dbm
-from app.scheduling_status import FIRES, SCHEDULER_LEASE_ID
+from app.db.names import FIRES, SCHEDULER_LEASE_ID
 from tests.helpers import wait_for
 
 ENTRY = "test.tick"

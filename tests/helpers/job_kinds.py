@@ -27,7 +27,7 @@ from typing import Any
 
 from pymongo.client_session import ClientSession
 
-from app.jobs import JobContext, PermanentFailure, RetryLater, register_handler, store
+from app.jobs import JobContext, PermanentFailure, RetryLater, lifecycle, register_handler
 
 LEDGER = "ledger"
 MARKERS = "job_markers"
@@ -78,7 +78,7 @@ def sleep(ctx: JobContext) -> dict[str, Any] | None:
         return {"slept": seconds}
 
     if unchecked:
-        return store.fenced_transaction(ctx.db, ctx.job_id, ctx.lease_token, write,
+        return lifecycle.fenced_transaction(ctx.db, ctx.job_id, ctx.lease_token, write,
                                         complete=True, worker=ctx.worker)
     return ctx.transaction(write, complete=True)
 

@@ -1,4 +1,5 @@
-"""Helpers for the durable-jobs tests: the environment, broker inspection, failpoints."""
+"""Helpers for the durable-jobs tests: the environment, broker inspection, failpoints, and
+leaving the worker's draining state between tests."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from typing import Any
 
 from pymongo import MongoClient
 
-from app.jobs import broker
+from app.db.names import MESSAGES_COLLECTION
+from app.jobs import broker, runner
 
 JOB_ENV = {
     "CAP_EXTRA_HANDLER_MODULES": "tests.helpers.job_kinds",
@@ -22,7 +24,7 @@ JOB_ENV = {
 def broker_messages(client: MongoClient[dict[str, Any]], broker_db: str) -> list[dict[str, Any]]:
     """The wake-ups waiting in kombu's collection, decoded: [{task, args, eta}]."""
     out = []
-    for doc in client[broker_db][broker.MESSAGES_COLLECTION].find({"queue": broker.QUEUE}):
+    for doc in client[broker_db][MESSAGES_COLLECTION].find({"queue": broker.QUEUE}):
         message = json.loads(doc["payload"])
         body = json.loads(base64.b64decode(message["body"]))
         out.append({"task": message["headers"]["task"], "args": body[0], "kwargs": body[1],
@@ -44,3 +46,14 @@ def failpoint(client: MongoClient[dict[str, Any]], commands: list[str], *, times
 
 def failpoint_off(client: MongoClient[dict[str, Any]]) -> None:
     client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
+
+
+def reset_drain() -> None:
+    """Leave the draining state ``runner.begin_drain`` entered (the process keeps running
+    jobs in the next test): cancel its timers and clear the flag."""
+    for name in ("_drain_timer", "_stuck_timer"):
+        timer = getattr(runner, name)
+        if timer is not None:
+            timer.cancel()
+            setattr(runner, name, None)
+    runner._draining.clear()

@@ -18,8 +18,9 @@ from app import db as dbm
 from app import jobs
 from app.audit import system_actor
 from app.config import load_settings
-from app.jobs import broker, runner, store
-from app.jobs.clock import server_now
+from app.db.clock import server_now
+from app.db.lease import new_token
+from app.jobs import broker, lifecycle, runner
 from app.jobs.context import JobContext, LeaseKeeper
 from app.jobs.metrics import QueueDepthCollector
 from tests.helpers.jobs import broker_messages
@@ -113,7 +114,7 @@ def test_a_delayed_job_is_not_claimed_before_it_is_due(jdb, jsettings):
     job = jobs.enqueue(jdb, "test.noop", {}, run_after=server_now(jdb) + timedelta(seconds=30))
     [message] = broker_messages(jdb.client, jsettings.broker_db)
     assert message["eta"] is not None  # published with a countdown
-    jdb.client[jsettings.broker_db][broker.MESSAGES_COLLECTION].delete_many({})
+    jdb.client[jsettings.broker_db][dbm.MESSAGES_COLLECTION].delete_many({})
     assert jobs.claim(jdb, job["_id"], "w") is None
     # The early wake-up was answered by one for when the job is due.
     [again] = broker_messages(jdb.client, jsettings.broker_db)
@@ -310,7 +311,7 @@ def test_permanent_failure_is_dead_at_once(jdb, jsettings):
 def test_malformed_or_unknown_jobs_fail_with_a_clear_error(jdb, jsettings, doc, outcome,
                                                            state, message):
     now = server_now(jdb)
-    job_id = store.new_token()[:24]
+    job_id = new_token()[:24]
     jdb[dbm.JOBS].insert_one({"_id": job_id, "state": "queued", "attempts": 0,
                               "run_after": now, "wake_at": now, **doc})
     assert _run(jdb, jsettings, job_id) == outcome
@@ -429,7 +430,7 @@ def test_reaper_requeues_lapsed_jobs_and_kills_exhausted_ones(jdb, jsettings):
     jdb[dbm.JOBS].update_one({"_id": spent["_id"]}, {"$set": {"attempts": 5}})
     _expire_lease(jdb, lapsed["_id"])
     _expire_lease(jdb, spent["_id"])
-    jdb.client[jsettings.broker_db][broker.MESSAGES_COLLECTION].delete_many({})
+    jdb.client[jsettings.broker_db][dbm.MESSAGES_COLLECTION].delete_many({})
     counts = jobs.reap(jdb)
     assert counts["requeued"] == 1 and counts["dead"] == 1
     assert _job(jdb, alive["_id"])["state"] == "running"
@@ -447,7 +448,7 @@ def test_reaper_republishes_lost_wakeups_but_not_those_still_in_the_broker(jdb, 
     # Every wake-up still waits in the broker: a slow queue, nothing lost.
     assert jobs.reap(jdb) == {"requeued": 0, "dead": 0, "republished": 0, "stale": 5}
     # Two wake-ups lost (e.g. prefetched by a worker that was killed).
-    messages = jdb.client[jsettings.broker_db][broker.MESSAGES_COLLECTION]
+    messages = jdb.client[jsettings.broker_db][dbm.MESSAGES_COLLECTION]
     for doc in list(messages.find().limit(2)):
         messages.delete_one({"_id": doc["_id"]})
     assert jobs.reap(jdb)["republished"] == 2
@@ -594,8 +595,8 @@ def test_finished_jobs_expire_and_a_retried_one_does_not(jdb, jsettings):
     _run(jdb, jsettings, done["_id"])
     _run(jdb, jsettings, dead["_id"])
     finished, died = _job(jdb, done["_id"]), _job(jdb, dead["_id"])
-    assert finished["expire_at"] - finished["finished_at"] == store.FINISHED_RETENTION
-    assert died["expire_at"] - died["finished_at"] == store.DEAD_RETENTION
+    assert finished["expire_at"] - finished["finished_at"] == lifecycle.FINISHED_RETENTION
+    assert died["expire_at"] - died["finished_at"] == lifecycle.DEAD_RETENTION
     assert jdb[dbm.JOBS].index_information()["ttl_expire_at"]["expireAfterSeconds"] == 0
     jobs.retry_dead(jdb, dead["_id"], actor=system_actor("cli"))
     assert "expire_at" not in _job(jdb, dead["_id"])

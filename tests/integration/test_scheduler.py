@@ -14,7 +14,7 @@ from celery import Celery
 from click.testing import CliRunner
 
 from app import db as dbm
-from app.scheduling_status import FIRES, SCHEDULER_LEASE_ID
+from app.db.names import FIRES, SCHEDULER_LEASE_ID
 from devstack import embedded
 from scheduler.entries import slot_key
 from scheduler.schedulers import MongoLeaseScheduler
@@ -148,6 +148,7 @@ def test_a_deposed_leader_is_refused_before_it_can_enqueue(
     # a still believes in its lease (as a paused process would on waking) and the entry
     # is due again: a tries to fire, and the server refuses it inside the transaction.
     assert a.lease.held()
+    a._next_renew = time.monotonic() + 60  # not due to renew: it goes straight to firing
     time.sleep(0.25)
     before = {f["slot"] for f in fires(db)}
     with caplog.at_level(logging.WARNING, logger="certautopilot.scheduler"):

@@ -14,8 +14,9 @@ import pymongo
 import pytest
 
 from app import db as dbm
+from app.db.names import SCHEDULER_LEASE_ID
+from app.db.schedule import lease_status
 from app.errors import DatabaseUnavailable
-from app.scheduling_status import SCHEDULER_LEASE_ID, lease_status
 from devstack import embedded
 from scheduler.lease import Deposed, Lease, LeaseConfig, process_identity
 

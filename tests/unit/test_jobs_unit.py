@@ -10,8 +10,8 @@ from app.config import ConfigError, load_settings
 from app.handlers import load_handlers
 from app.jobs import RetryLater, register_handler
 from app.jobs.broker import BROKER_APPNAME, broker_url, celery_config
+from app.jobs.lifecycle import backoff_seconds, valid_job_id
 from app.jobs.registry import get_handler, valid_kind
-from app.jobs.store import backoff_seconds, valid_job_id
 
 
 def test_register_handler_validates_kind_and_refuses_a_second_owner() -> None:

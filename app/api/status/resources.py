@@ -32,7 +32,7 @@ class SchedulerStatus(MethodView):
     @blp.response(200, SchedulerStatusSchema)
     def get(self, args: dict[str, Any]) -> dict[str, Any]:
         """Scheduler: the leader lease (holder, term, expiry) and every timed entry."""
-        from app.scheduling_status import status
+        from app.db.schedule import status
 
         return status(current_db(), fires=args["fires"])
 

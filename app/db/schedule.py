@@ -1,6 +1,8 @@
-"""What the scheduler leaves in the database, read back for operators.
+"""The scheduler's storage contract: what it leaves in the database, read back for
+operators (``certautopilot scheduler status``, ``/api/v1/status``, metrics).
 
-The scheduler (``scheduler/``, which ``app/`` never imports) keeps three things here:
+The scheduler (``scheduler/``, which ``app/`` never imports) writes, and this module
+reads, three things:
 
 - ``leases/scheduler``: the leader lease — ``holder``, ``term`` (rises at every change of
   holder), ``expires_at``, ``renewed_at``, ``acquired_at``, ``released_at``.
@@ -17,16 +19,18 @@ The scheduler (``scheduler/``, which ``app/`` never imports) keeps three things 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from pymongo.database import Database
 
-from app import db as dbm
+from app.db.client import primary, retry
+from app.db.clock import server_now
+from app.db.names import FIRES, LEASES, SCHEDULE, SCHEDULER_LEASE_ID, Doc
 
-Doc = dict[str, Any]
+__all__ = ["FIRES", "FIRES_TTL_SECONDS", "SCHEDULER_LEASE_ID", "entries_status",
+           "lease_status", "recent_fires", "status"]
 
-SCHEDULER_LEASE_ID = "scheduler"
-FIRES = "schedule_fires"
+# How long a fired slot is kept (TTL index, m0003): the window in which a slot cannot
+# fire twice, and the history operators see.
 FIRES_TTL_SECONDS = 7 * 86400
 
 
@@ -39,9 +43,9 @@ def _seconds(later: datetime | None, earlier: datetime) -> float | None:
 def lease_status(db: Database[Doc], now: datetime | None = None) -> Doc:
     """The scheduler lease as an operator reads it: who leads, under which term, until
     when (``state`` is ``held``, ``expired``, ``released`` or ``never taken``)."""
-    db = dbm.primary(db)
-    now = now or dbm.server_now(db)
-    doc = dbm.retry(lambda: db[dbm.LEASES].find_one({"_id": SCHEDULER_LEASE_ID}),
+    db = primary(db)
+    now = now or server_now(db)
+    doc = retry(lambda: db[LEASES].find_one({"_id": SCHEDULER_LEASE_ID}),
                     what="read scheduler lease")
     if doc is None:
         return {"state": "never taken", "holder": None, "term": 0, "expires_at": None,
@@ -70,9 +74,9 @@ def lease_status(db: Database[Doc], now: datetime | None = None) -> Doc:
 
 def entries_status(db: Database[Doc], now: datetime | None = None) -> list[Doc]:
     """Every schedule entry with its definition, last and next run (soonest first)."""
-    db = dbm.primary(db)
-    now = now or dbm.server_now(db)
-    docs = dbm.retry(lambda: list(db[dbm.SCHEDULE].find().sort([("next_run_at", 1),
+    db = primary(db)
+    now = now or server_now(db)
+    docs = retry(lambda: list(db[SCHEDULE].find().sort([("next_run_at", 1),
                                                                  ("_id", 1)])),
                      what="read schedule")
     rows = []
@@ -97,14 +101,14 @@ def entries_status(db: Database[Doc], now: datetime | None = None) -> list[Doc]:
 
 def recent_fires(db: Database[Doc], limit: int = 10) -> list[Doc]:
     """The last ``limit`` fired slots, newest first."""
-    db = dbm.primary(db)
-    return dbm.retry(lambda: list(db[FIRES].find({}, {"_id": 0}).sort("fired_at", -1)
+    db = primary(db)
+    return retry(lambda: list(db[FIRES].find({}, {"_id": 0}).sort("fired_at", -1)
                                   .limit(limit)), what="read schedule fires")
 
 
 def status(db: Database[Doc], *, fires: int = 0) -> Doc:
     """Lease, entries and (optionally) the last ``fires`` fired slots."""
-    now = dbm.server_now(db)
+    now = server_now(db)
     result: Doc = {"lease": lease_status(db, now), "entries": entries_status(db, now)}
     if fires:
         result["recent_fires"] = recent_fires(db, fires)

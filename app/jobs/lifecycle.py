@@ -1,4 +1,5 @@
-"""The job documents: enqueue, claim, heartbeat, complete, fail, release, operator actions.
+"""A job's life: enqueue, claim, heartbeat, complete, fail, retry later, release, and the
+transactions fenced by its lease.
 
 A job is one document in ``jobs`` (DESIGN.md, invariant 1)::
 
@@ -21,8 +22,10 @@ A job is one document in ``jobs`` (DESIGN.md, invariant 1)::
 Every transition out of ``running`` is fenced: its filter names the holder's lease token
 and requires the lease to be unexpired on the server's clock, so a worker whose lease
 lapsed (killed, paused, partitioned) can never complete, fail or release a job a peer
-has re-claimed. Times are the server's (``app.jobs.clock``), compared with plain query
-operators.
+has re-claimed. The lease is ``app.db.lease``'s primitive in the ``lease`` sub-document
+(``JOB_LEASE``); times are the server's (``app.db.clock``), compared with plain query
+operators. Operator actions are in ``app.jobs.actions``, queue statistics in
+``app.jobs.stats``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-import secrets
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -38,7 +40,6 @@ from typing import Any, TypeVar
 
 import bson
 from bson import ObjectId
-from pymongo import DESCENDING, ReturnDocument
 from pymongo.client_session import ClientSession
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -46,15 +47,20 @@ from pymongo.errors import DuplicateKeyError
 
 from app import db as dbm
 from app.config import Settings, load_settings
-from app.jobs import broker, txn
-from app.jobs.clock import server_now
+from app.db import Doc, txn
+from app.db.clock import server_now
+from app.db.lease import LeaseSchema
+from app.jobs import broker
 from app.jobs.errors import InvalidJob, JobNotFound, JobStateConflict, LeaseLost
 from app.jobs.registry import get_handler, valid_kind
 
 log = logging.getLogger(__name__)
 
-Doc = dict[str, Any]
 T = TypeVar("T")
+
+# The job's lease: the ``lease`` sub-document, its token random at every claim.
+JOB_LEASE = LeaseSchema(within="lease", holder="owner", token="token",
+                        acquired_at="claimed_at", renewed_at="renewed_at")
 
 QUEUED, RUNNING, SUCCEEDED, DEAD, CANCELLED = (
     "queued", "running", "succeeded", "dead", "cancelled")
@@ -177,7 +183,7 @@ def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
                 dbm.retry(lambda: jobs.insert_one(insert), what="enqueue job")
             else:
                 # In a transaction: a killed enqueuer's open transaction holding the same
-                # key then conflicts at once instead of stalling the server (app.jobs.txn).
+                # key then conflicts at once instead of stalling the server (app.db.txn).
                 txn.run(db, insert_in_txn, what="enqueue job")
         except DuplicateKeyError:
             # Our own insert retried after a lost reply, or an active job with this key.
@@ -230,10 +236,6 @@ def publish_wakeup(job_id: str) -> bool:
 # ------------------------------------------------------------------------------ claim
 
 
-def new_token() -> str:
-    return secrets.token_hex(16)
-
-
 def claim(db: Database[Doc], job_id: str, worker: str, *, lease_seconds: float | None = None,
           settings: Settings | None = None) -> Doc | None:
     """Claim a job for ``worker``: in one transaction, a queued job that is due (or a
@@ -269,7 +271,7 @@ def claim(db: Database[Doc], job_id: str, worker: str, *, lease_seconds: float |
             return None
     elif state == RUNNING:
         expires = old_lease.get("expires_at")
-        if isinstance(expires, datetime) and expires >= now:
+        if isinstance(expires, datetime) and expires > now:
             return None  # a live lease: someone is on it
     else:
         return None  # finished or cancelled
@@ -279,7 +281,7 @@ def claim(db: Database[Doc], job_id: str, worker: str, *, lease_seconds: float |
     # ... and still claimable: a renewal since the read keeps the token but moves the
     # expiry; a reschedule keeps the state but moves run_after.
     if state == RUNNING:
-        as_seen["lease.expires_at"] = {"$lt": now}
+        as_seen.update(JOB_LEASE.lapsed(now))
     else:
         as_seen["run_after"] = {"$lte": now}
     if state == RUNNING:
@@ -288,11 +290,10 @@ def claim(db: Database[Doc], job_id: str, worker: str, *, lease_seconds: float |
             txn.run(db, lambda session: _mark_lapsed_dead(jobs, seen, as_seen, now, session),
                     attempts=3, what="claim job")
             return None
-    token = new_token()
-    new_lease = {"owner": worker, "token": token,
-                 "expires_at": now + timedelta(seconds=lease), "claimed_at": now}
-    update = {"$set": {"state": RUNNING, "lease": new_lease, "started_at": now,
-                       "updated_at": now, "attempts": attempts + 1},
+    granted = JOB_LEASE.grant(worker, lease, now)["$set"]
+    new_lease = granted["lease"]
+    update = {"$set": {**granted, "state": RUNNING, "started_at": now, "updated_at": now,
+                       "attempts": attempts + 1},
               "$push": {"history": _history(now, "claimed", worker=worker)}}
     # Few attempts: a claim that keeps conflicting is someone else's business (a peer's
     # claim, or a killed worker's open transaction); the reaper wakes the job again.
@@ -320,8 +321,7 @@ def _mark_lapsed_dead(jobs: Collection[Doc], seen: Doc, as_seen: Doc, now: datet
 
 
 def _fence(job_id: str, token: str, now: datetime) -> Doc:
-    return {"_id": job_id, "state": RUNNING, "lease.token": token,
-            "lease.expires_at": {"$gt": now}}
+    return {"_id": job_id, "state": RUNNING, **JOB_LEASE.held(token, now)}
 
 
 def heartbeat(db: Database[Doc], job_id: str, token: str, *,
@@ -331,11 +331,10 @@ def heartbeat(db: Database[Doc], job_id: str, token: str, *,
     Returns the new expiry, or None when the lease is gone (lapsed or re-claimed)."""
     lease = lease_seconds or _settings(settings).job_lease_seconds
     now = server_now(db)
-    expires = now + timedelta(seconds=lease)
-    renewed = txn.update_one(db, _fence(job_id, token, now),
-                             {"$set": {"lease.expires_at": expires, "lease.renewed_at": now}},
+    renewal = JOB_LEASE.renewal(lease, now)
+    renewed = txn.update_one(db, _fence(job_id, token, now), {"$set": renewal},
                              attempts=3, what="renew job lease")
-    return expires if renewed else None
+    return renewal["lease.expires_at"] if renewed else None
 
 
 def _finished_by(db: Database[Doc], job_id: str, token: str, state: str) -> bool:
@@ -353,7 +352,7 @@ def _note_refused(db: Database[Doc], job_id: str, worker: str | None, event: str
     a plain write (see ``complete``), which nobody else's transaction may be holding up."""
     try:
         txn.update_one(db, {"_id": job_id, "$or": [{"state": {"$ne": RUNNING}},
-                                                   {"lease.expires_at": {"$lt": now}}]},
+                                                   JOB_LEASE.lapsed(now)]},
                        {"$push": {"history": _history(now, event, worker=worker)}},
                        attempts=1)
     except Exception:  # noqa: BLE001 - informational only
@@ -370,7 +369,7 @@ def complete(db: Database[Doc], job_id: str, token: str,
     a holder that knows its lease is live with time to spare and that left no
     transaction of its own unresolved: then no other process can have a transaction
     open on the job (every other writer's filter needs a lapsed lease or another token,
-    see ``app.jobs.txn``), so the plain write cannot wait on one."""
+    see ``app.db.txn``), so the plain write cannot wait on one."""
     now = server_now(db)
     update = {"$set": {"state": SUCCEEDED, "result": result, "finished_at": now,
                        "updated_at": now, "expire_at": now + FINISHED_RETENTION},
@@ -464,8 +463,8 @@ def release(db: Database[Doc], job_id: str, token: str, reason: str, *,
               "$push": {"history": _history(now, "released", worker=worker,
                                             reason=reason[:500])}}
     # No expiry in the filter: releasing a lapsed lease that nobody re-claimed is fine.
-    if not txn.update_one(db, {"_id": job_id, "state": RUNNING, "lease.token": token}, update,
-                          attempts=3, what="release job"):
+    if not txn.update_one(db, {"_id": job_id, "state": RUNNING, **JOB_LEASE.owned(token)},
+                          update, attempts=3, what="release job"):
         return False
     broker.publish_wakeup(job_id, settings=settings)
     return True
@@ -536,139 +535,3 @@ def fenced_transaction(db: Database[Doc], job_id: str, token: str,
                            "worker": worker})
         _note_refused(db, job_id, worker, "transaction_refused", server_now(db))
         raise
-
-
-# ------------------------------------------------------------------ operator actions
-
-
-def get_job(db: Database[Doc], job_id: str) -> Doc:
-    job = _jobs(db).find_one({"_id": _check_id(job_id)})
-    if job is None:
-        raise JobNotFound(job_id)
-    return job
-
-
-def list_jobs(db: Database[Doc], *, state: str | None = None, kind: str | None = None,
-              project_id: str | None = None, limit: int = 50) -> list[Doc]:
-    """Newest first."""
-    query: Doc = {}
-    if state is not None:
-        if state not in STATES:
-            raise InvalidJob(f"state must be one of {', '.join(STATES)}")
-        query["state"] = state
-    if kind is not None:
-        query["kind"] = kind
-    if project_id is not None:
-        query["project_id"] = project_id
-    limit = max(1, min(int(limit), 1000))
-    return list(_jobs(db).find(query, {"history": 0}).sort("_id", DESCENDING).limit(limit))
-
-
-def retry_dead(db: Database[Doc], job_id: str, *, actor: Any,
-               settings: Settings | None = None) -> Doc:
-    """Operator action: put a dead job back in the queue with a fresh attempt budget
-    (audited). Refused for any other state, or when another active job holds its
-    dedupe key."""
-    from app import audit
-
-    job_id = _check_id(job_id)
-    settings = _settings(settings)
-    now = server_now(db)
-    jobs = db[dbm.JOBS]
-
-    def run(session: ClientSession) -> Doc:
-        job = jobs.find_one({"_id": job_id}, session=session)
-        if job is None:
-            raise JobNotFound(job_id)
-        if job.get("state") != DEAD:
-            raise JobStateConflict(job_id, str(job.get("state")),
-                                   "only a dead job can be retried")
-        try:
-            updated = jobs.find_one_and_update(
-                {"_id": job_id, "state": DEAD},
-                {"$set": {"state": QUEUED, "attempts": 0, "run_after": now, "wake_at": now,
-                          "lease": None, "finished_at": None, "updated_at": now},
-                 "$unset": {"expire_at": ""},
-                 "$push": {"history": _history(now, "retried", actor=actor.id)}},
-                session=session, return_document=ReturnDocument.AFTER)
-        except DuplicateKeyError:
-            raise JobStateConflict(job_id, DEAD, "another active job holds its dedupe key "
-                                   f"{job.get('dedupe_key')!r}") from None
-        audit.record(db, session, actor=actor, action="job.retry", target=f"job:{job_id}",
-                     project_id=job.get("project_id"),
-                     details={"kind": job.get("kind"), "attempts": job.get("attempts"),
-                              "last_error": str(job.get("last_error") or "")[:300]})
-        assert updated is not None
-        return updated
-
-    updated = txn.run(db, run, what="retry dead job")
-    broker.publish_wakeup(job_id, settings=settings)
-    return updated
-
-
-def cancel(db: Database[Doc], job_id: str, *, actor: Any, reason: str = "") -> Doc:
-    """Operator action: cancel a queued job (audited). A running job cannot be cancelled
-    here: its handler holds the lease."""
-    from app import audit
-
-    job_id = _check_id(job_id)
-    now = server_now(db)
-    jobs = db[dbm.JOBS]
-
-    def run(session: ClientSession) -> Doc:
-        job = jobs.find_one_and_update(
-            {"_id": job_id, "state": QUEUED},
-            {"$set": {"state": CANCELLED, "finished_at": now, "updated_at": now,
-                      "expire_at": now + FINISHED_RETENTION},
-             "$push": {"history": _history(now, "cancelled", actor=actor.id,
-                                           reason=reason[:500])}},
-            session=session, return_document=ReturnDocument.AFTER)
-        if job is None:
-            current = jobs.find_one({"_id": job_id}, {"state": 1}, session=session)
-            if current is None:
-                raise JobNotFound(job_id)
-            raise JobStateConflict(job_id, str(current.get("state")),
-                                   "only a queued job can be cancelled")
-        audit.record(db, session, actor=actor, action="job.cancel", target=f"job:{job_id}",
-                     project_id=job.get("project_id"),
-                     details={"kind": job.get("kind"), "reason": reason[:300]})
-        return job
-
-    return txn.run(db, run, what="cancel job")
-
-
-# ------------------------------------------------------------------------ queue depth
-
-
-def queue_depth(db: Database[Doc]) -> dict[str, Any]:
-    """Queued jobs by kind (delayed ones included), how many of them are due, and the
-    age of the oldest due one (seconds since it became due; 0 when none waits)."""
-    jobs = _jobs(db)
-    now = server_now(db)
-    by_kind: dict[str, int] = {}
-    due_by_kind: dict[str, int] = {}
-    oldest_by_kind: dict[str, float] = {}
-    is_due = {"$lte": ["$run_after", now]}
-    pipeline: list[Doc] = [
-        {"$match": {"state": QUEUED}},
-        {"$group": {"_id": "$kind", "n": {"$sum": 1},
-                    "due": {"$sum": {"$cond": [is_due, 1, 0]}},
-                    "oldest": {"$min": {"$cond": [is_due, "$run_after", None]}}}},
-    ]
-    for row in jobs.aggregate(pipeline):
-        kind = str(row["_id"])
-        by_kind[kind] = int(row["n"])
-        due_by_kind[kind] = int(row["due"])
-        oldest = row.get("oldest")
-        if isinstance(oldest, datetime):
-            oldest_by_kind[kind] = max(0.0, (now - oldest).total_seconds())
-    oldest_doc = jobs.find_one({"state": QUEUED, "run_after": {"$lte": now}},
-                               {"run_after": 1}, sort=[("run_after", 1)])
-    oldest_age = 0.0
-    if oldest_doc is not None and isinstance(oldest_doc.get("run_after"), datetime):
-        oldest_age = max(0.0, (now - oldest_doc["run_after"]).total_seconds())
-    running = jobs.count_documents({"state": RUNNING})
-    return {"queued": sum(by_kind.values()), "due": sum(due_by_kind.values()),
-            "by_kind": by_kind, "due_by_kind": due_by_kind,
-            "oldest_queued_age_seconds": oldest_age,
-            "oldest_queued_age_seconds_by_kind": oldest_by_kind, "running": running}

@@ -1,10 +1,11 @@
-"""MongoDB access: the one client factory, collection names, retries and transactions.
+"""The one MongoDB client factory, and retries of transient errors.
 
 Writes are always ``w=majority`` (even when the URI omits it). Reads that decide
 correctness (claims, leases) go to the primary through ``primary()``. Transient errors
 (a step-down, a dropped connection, a transaction labelled transient) are retried with
-bounded, jittered backoff by ``retry()`` and ``transaction()``; an unreachable database
-surfaces as ``DatabaseUnavailable`` within the server-selection timeout, never a hang.
+bounded, jittered backoff by ``retry()`` (and ``app.db.txn`` for transactions); an
+unreachable database surfaces as ``DatabaseUnavailable`` within the server-selection
+timeout, never a hang.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pymongo import MongoClient, ReadPreference, WriteConcern
-from pymongo.client_session import ClientSession
 from pymongo.database import Database
 from pymongo.errors import (
     AutoReconnect,
@@ -30,31 +29,14 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
     WTimeoutError,
 )
-from pymongo.read_concern import ReadConcern
 
 from app.config import Settings, load_settings
+from app.db.names import Doc
 from app.errors import DatabaseUnavailable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("app.db")
 
 T = TypeVar("T")
-Doc = dict[str, Any]
-
-# Collection names (DESIGN.md, "Collections").
-PROJECTS = "projects"
-API_TOKENS = "api_tokens"
-ACME_ACCOUNTS = "acme_accounts"
-CERTIFICATES = "certificates"
-ORDERS = "orders"
-KEYS = "keys"
-CHALLENGES = "challenges"
-JOBS = "jobs"
-LEASES = "leases"
-SCHEDULE = "schedule"
-AUDIT = "audit"
-WORKERS = "workers"
-MIGRATIONS = "migrations"
-COUNTERS = "counters"
 
 MAJORITY = WriteConcern(w="majority")
 
@@ -104,6 +86,7 @@ def primary(db: Database[Doc]) -> Database[Doc]:
 
 
 def close_clients() -> None:
+    """Close every client of this process (tests and shutdown)."""
     with _clients_lock:
         for client in _clients.values():
             client.close()
@@ -163,38 +146,7 @@ def retry(fn: Callable[[], T], *, attempts: int = 6, base: float = 0.05, cap: fl
     raise AssertionError("unreachable")
 
 
-def transaction(db: Database[Doc], fn: Callable[[ClientSession], T], *,
-                what: str = "transaction", attempts: int = 6) -> T:
-    """Run ``fn(session)`` in a majority transaction on the primary; retry as a whole on
-    transient errors (pymongo's ``with_transaction`` retries labelled errors; ``retry``
-    covers the session start and connection errors around it)."""
-
-    def run() -> T:
-        with db.client.start_session() as session:
-            return session.with_transaction(
-                fn,
-                read_concern=ReadConcern("majority"),
-                write_concern=MAJORITY,
-                read_preference=ReadPreference.PRIMARY,
-                max_commit_time_ms=10_000,
-            )
-
-    return retry(run, what=what, attempts=attempts)
-
-
-def server_now(db: Database[Doc]) -> datetime:
-    """The database server's clock (``hello.localTime``), timezone-aware UTC.
-
-    Leases compare against this instead of the process's clock. On the embedded server
-    ``$$NOW`` cannot be compared with stored dates in expressions (DESIGN.md), so lease
-    code reads this value and uses plain query operators.
-    """
-    reply = retry(lambda: db.client.admin.command("hello"), what="read server clock")
-    now = reply["localTime"]
-    assert isinstance(now, datetime)
-    # command() decodes with default codec options (naive datetimes); the value is UTC.
-    return now if now.tzinfo else now.replace(tzinfo=UTC)
-
 
 def ping(db: Database[Doc]) -> None:
+    """Raise ``DatabaseUnavailable`` unless the database answers."""
     retry(lambda: db.command("ping"), what="ping", attempts=2)

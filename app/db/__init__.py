@@ -1,0 +1,63 @@
+"""MongoDB primitives: the client, collection names, the server clock, the transaction
+runner and the lease. Everything else reaches the database through these.
+
+- ``app.db.names``: every collection name, and ``Doc``.
+- ``app.db.client``: the one client per process (majority writes), ``primary()``,
+  ``retry()`` of transient errors with jittered backoff, ``ping()``.
+- ``app.db.clock``: the server's clock (``server_now``), which every lease and schedule
+  decision uses instead of the process's.
+- ``app.db.txn``: the one transaction runner (``run``; ``transaction`` for API and domain
+  writes), retried as a whole, optionally fenced by a lease.
+- ``app.db.lease``: the one lease primitive (acquire, renew, release, fencing token).
+
+``from app import db as dbm`` and ``dbm.<name>`` reach all of the common names.
+"""
+
+from app.db.client import (
+    MAJORITY,
+    backoff_delay,
+    close_clients,
+    get_client,
+    get_db,
+    is_transient,
+    ping,
+    primary,
+    retry,
+)
+from app.db.clock import server_now
+from app.db.names import (
+    ACME_ACCOUNTS,
+    API_TOKENS,
+    AUDIT,
+    CERTIFICATES,
+    CHALLENGES,
+    COUNTERS,
+    FIRES,
+    IDEMPOTENCY,
+    JOBS,
+    KEK_ROTATIONS,
+    KEK_VERSIONS,
+    KEYS,
+    LEASES,
+    MESSAGES_COLLECTION,
+    MIGRATIONS,
+    MIGRATIONS_LOCK_ID,
+    ORDERS,
+    PROJECTS,
+    RATE_LIMITS,
+    SCHEDULE,
+    SCHEDULER_LEASE_ID,
+    SINKS,
+    WORKERS,
+    Doc,
+)
+from app.db.txn import transaction
+
+__all__ = [
+    "ACME_ACCOUNTS", "API_TOKENS", "AUDIT", "CERTIFICATES", "CHALLENGES", "COUNTERS",
+    "FIRES", "IDEMPOTENCY", "JOBS", "KEK_ROTATIONS", "KEK_VERSIONS", "KEYS", "LEASES",
+    "MAJORITY", "MESSAGES_COLLECTION", "MIGRATIONS", "MIGRATIONS_LOCK_ID", "ORDERS",
+    "PROJECTS", "RATE_LIMITS", "SCHEDULE", "SCHEDULER_LEASE_ID", "SINKS", "WORKERS", "Doc",
+    "backoff_delay", "close_clients", "get_client", "get_db", "is_transient", "ping",
+    "primary", "retry", "server_now", "transaction",
+]

@@ -1,0 +1,52 @@
+"""Every collection name, in one place (DESIGN.md, "Collections"), and ``Doc``.
+
+A module that reads or writes a collection names it from here, so a newcomer finds
+every collection the service owns, and who uses it, with one search.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# A MongoDB document as the driver hands it over.
+Doc = dict[str, Any]
+
+# Core documents.
+PROJECTS = "projects"
+API_TOKENS = "api_tokens"
+ACME_ACCOUNTS = "acme_accounts"
+CERTIFICATES = "certificates"
+ORDERS = "orders"
+KEYS = "keys"
+CHALLENGES = "challenges"
+COUNTERS = "counters"
+
+# Background work: durable jobs, worker heartbeats, leader leases, the beat schedule and
+# its per-slot fire log (unique per entry and slot: the proof that a slot ran once).
+JOBS = "jobs"
+WORKERS = "workers"
+LEASES = "leases"
+SCHEDULE = "schedule"
+FIRES = "schedule_fires"
+
+# Audit log and the forwarding state of each SIEM sink.
+AUDIT = "audit"
+SINKS = "audit_sinks"
+
+# KEK bookkeeping: the canary of each version, and the rotations.
+KEK_VERSIONS = "kek_versions"
+KEK_ROTATIONS = "kek_rotations"
+
+# The API's own: idempotency keys and rate-limit windows (both expire by TTL index).
+IDEMPOTENCY = "api_idempotency"
+RATE_LIMITS = "api_rate_limits"
+
+# Applied schema migrations.
+MIGRATIONS = "migrations"
+
+# kombu's collection of queued Celery messages, in the broker database (CAP_BROKER_DB).
+MESSAGES_COLLECTION = "messages"
+
+# Documents in ``leases``: the scheduler's leader lease and the migrations lock.
+SCHEDULER_LEASE_ID = "scheduler"
+MIGRATIONS_LOCK_ID = "migrations"

@@ -1,0 +1,48 @@
+"""Queue statistics: queued jobs by kind, how many are due, how long the oldest has
+waited (the signal to scale workers on: ``app.jobs.metrics``, ``certautopilot jobs
+depth``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pymongo.database import Database
+
+from app.db import Doc
+from app.db.clock import server_now
+from app.jobs.lifecycle import QUEUED, RUNNING, _jobs
+
+
+def queue_depth(db: Database[Doc]) -> dict[str, Any]:
+    """Queued jobs by kind (delayed ones included), how many of them are due, and the
+    age of the oldest due one (seconds since it became due; 0 when none waits)."""
+    jobs = _jobs(db)
+    now = server_now(db)
+    by_kind: dict[str, int] = {}
+    due_by_kind: dict[str, int] = {}
+    oldest_by_kind: dict[str, float] = {}
+    is_due = {"$lte": ["$run_after", now]}
+    pipeline: list[Doc] = [
+        {"$match": {"state": QUEUED}},
+        {"$group": {"_id": "$kind", "n": {"$sum": 1},
+                    "due": {"$sum": {"$cond": [is_due, 1, 0]}},
+                    "oldest": {"$min": {"$cond": [is_due, "$run_after", None]}}}},
+    ]
+    for row in jobs.aggregate(pipeline):
+        kind = str(row["_id"])
+        by_kind[kind] = int(row["n"])
+        due_by_kind[kind] = int(row["due"])
+        oldest = row.get("oldest")
+        if isinstance(oldest, datetime):
+            oldest_by_kind[kind] = max(0.0, (now - oldest).total_seconds())
+    oldest_doc = jobs.find_one({"state": QUEUED, "run_after": {"$lte": now}},
+                               {"run_after": 1}, sort=[("run_after", 1)])
+    oldest_age = 0.0
+    if oldest_doc is not None and isinstance(oldest_doc.get("run_after"), datetime):
+        oldest_age = max(0.0, (now - oldest_doc["run_after"]).total_seconds())
+    running = jobs.count_documents({"state": RUNNING})
+    return {"queued": sum(by_kind.values()), "due": sum(due_by_kind.values()),
+            "by_kind": by_kind, "due_by_kind": due_by_kind,
+            "oldest_queued_age_seconds": oldest_age,
+            "oldest_queued_age_seconds_by_kind": oldest_by_kind, "running": running}
