@@ -16,9 +16,11 @@ import pkgutil
 import socket
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
 
+from pymongo import IndexModel
 from pymongo.database import Database
 
 from app import db as dbm
@@ -53,6 +55,16 @@ def discover() -> list[Migration]:
     if len(set(versions)) != len(versions):
         raise RuntimeError(f"duplicate migration versions: {versions}")
     return found
+
+
+def create_indexes(db: Database[Doc], indexes: Mapping[str, list[IndexModel]]) -> None:
+    """Create each collection (if missing) and its indexes: both are no-ops when they
+    exist already, so a migration built on this can run again."""
+    existing = set(db.list_collection_names())
+    for name, models in indexes.items():
+        if name not in existing:
+            db.create_collection(name)
+        db[name].create_indexes(models)
 
 
 def status(db: Database[Doc]) -> list[Doc]:

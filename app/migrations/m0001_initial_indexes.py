@@ -1,11 +1,11 @@
 """Every index of DESIGN.md's collection table."""
 
-from typing import Any
-
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.database import Database
 
 from app import db as dbm
+from app.db import Doc
+from app.migrations import create_indexes
 
 VERSION = 1
 DESCRIPTION = "create the indexes of every collection"
@@ -66,9 +66,5 @@ INDEXES: dict[str, list[IndexModel]] = {
 }
 
 
-def apply(db: Database[dict[str, Any]]) -> None:
-    existing = set(db.list_collection_names())
-    for name, indexes in INDEXES.items():
-        if name not in existing:
-            db.create_collection(name)
-        db[name].create_indexes(indexes)
+def apply(db: Database[Doc]) -> None:
+    create_indexes(db, INDEXES)

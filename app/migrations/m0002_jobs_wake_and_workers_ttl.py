@@ -12,12 +12,11 @@ goes too (no query of the queue needs it; listings page through ``_id`` or
 does not grow without bound.
 """
 
-from typing import Any
-
 from pymongo import ASCENDING, IndexModel
 from pymongo.database import Database
 
 from app import db as dbm
+from app.db import Doc
 
 VERSION = 2
 DESCRIPTION = ("jobs: partial queue indexes (run_after, wake_at, lease expiry), TTL on "
@@ -26,7 +25,7 @@ DESCRIPTION = ("jobs: partial queue indexes (run_after, wake_at, lease expiry), 
 REPLACED = ("state_run_after", "state_lease_expiry", "state_wake_at", "kind_state")
 
 
-def apply(db: Database[dict[str, Any]]) -> None:
+def apply(db: Database[Doc]) -> None:
     existing = set(db.list_collection_names())
     for name in (dbm.JOBS, dbm.WORKERS):
         if name not in existing:

@@ -1,13 +1,12 @@
 """The scheduler's per-slot fire log (see app/db/schedule.py)."""
 
-from typing import Any
-
 from pymongo import ASCENDING, DESCENDING, IndexModel
 from pymongo.database import Database
 
 from app import db as dbm
-from app.db.names import FIRES
+from app.db.names import FIRES, Doc
 from app.db.schedule import FIRES_TTL_SECONDS
+from app.migrations import create_indexes
 
 VERSION = 3
 DESCRIPTION = "schedule_fires: one document per fired slot, unique per entry and slot"
@@ -21,8 +20,6 @@ INDEXES = [
 ]
 
 
-def apply(db: Database[dict[str, Any]]) -> None:
-    if FIRES not in set(db.list_collection_names()):
-        db.create_collection(FIRES)
-    db[FIRES].create_indexes(INDEXES)
+def apply(db: Database[Doc]) -> None:
+    create_indexes(db, {FIRES: INDEXES})
     db[dbm.SCHEDULE].create_index([("source", ASCENDING)], name="source")

@@ -1,11 +1,11 @@
 """KEK rotation bookkeeping: one running rotation at a time, rotations in order."""
 
-from typing import Any
-
 from pymongo import ASCENDING, IndexModel
 from pymongo.database import Database
 
+from app.db import Doc
 from app.db.names import KEK_ROTATIONS, KEK_VERSIONS
+from app.migrations import create_indexes
 
 VERSION = 4
 DESCRIPTION = "KEK rotations: one running at a time (partial unique index), ordered by seq"
@@ -20,9 +20,5 @@ INDEXES: dict[str, list[IndexModel]] = {
 }
 
 
-def apply(db: Database[dict[str, Any]]) -> None:
-    existing = set(db.list_collection_names())
-    for name, indexes in INDEXES.items():
-        if name not in existing:
-            db.create_collection(name)
-        db[name].create_indexes(indexes)
+def apply(db: Database[Doc]) -> None:
+    create_indexes(db, INDEXES)

@@ -7,20 +7,19 @@ can surface as a duplicate-key error rather than a retried write conflict. Creat
 here (seq 0, the genesis hash) leaves every transaction an update.
 """
 
-from typing import Any
-
 from pymongo.database import Database
 
 from app import db as dbm
 from app.audit.log import CHAIN_ID, GENESIS_HASH
+from app.db import Doc
 
 VERSION = 6
 DESCRIPTION = "create the audit chain head (seq 0) and the audit_sinks collection"
 
 
-def apply(db: Database[dict[str, Any]]) -> None:
+def apply(db: Database[Doc]) -> None:
     db[dbm.COUNTERS].update_one({"_id": CHAIN_ID},
                                 {"$setOnInsert": {"seq": 0, "hash": GENESIS_HASH}},
                                 upsert=True)
-    if "audit_sinks" not in db.list_collection_names():
-        db.create_collection("audit_sinks")
+    if dbm.SINKS not in db.list_collection_names():
+        db.create_collection(dbm.SINKS)

@@ -1,12 +1,12 @@
 """The API's own collections: idempotency keys and rate-limit windows, both expiring by
 TTL index."""
 
-from typing import Any
-
 from pymongo import ASCENDING, IndexModel
 from pymongo.database import Database
 
+from app.db import Doc
 from app.db.names import CERTIFICATES, IDEMPOTENCY, RATE_LIMITS
+from app.migrations import create_indexes
 
 VERSION = 7
 DESCRIPTION = "api: idempotency keys and rate-limit windows (TTL); certificate list order"
@@ -22,9 +22,5 @@ INDEXES: dict[str, list[IndexModel]] = {
 }
 
 
-def apply(db: Database[dict[str, Any]]) -> None:
-    existing = set(db.list_collection_names())
-    for name, indexes in INDEXES.items():
-        if name not in existing:
-            db.create_collection(name)
-        db[name].create_indexes(indexes)
+def apply(db: Database[Doc]) -> None:
+    create_indexes(db, INDEXES)
