@@ -9,6 +9,8 @@ runner and the lease. Everything else reaches the database through these.
 - ``app.db.txn``: the one transaction runner (``run``; ``transaction`` for API and domain
   writes), retried as a whole, optionally fenced by a lease.
 - ``app.db.lease``: the one lease primitive (acquire, renew, release, fencing token).
+- ``app.db.schedule``: the scheduler's storage contract (its lease, ``schedule``,
+  ``schedule_fires``) read back for operators; ``scheduler/`` writes it.
 
 ``from app import db as dbm`` and ``dbm.<name>`` reach all of the common names.
 """

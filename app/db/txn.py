@@ -36,12 +36,13 @@ from typing import TypeVar
 
 from pymongo import ReadPreference
 from pymongo.client_session import ClientSession
+from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import PyMongoError, ServerSelectionTimeoutError
 from pymongo.read_concern import ReadConcern
 
-from app.db.client import MAJORITY, backoff_delay, is_transient, primary
-from app.db.names import JOBS, Doc
+from app.db.client import MAJORITY, backoff_delay, is_transient
+from app.db.names import Doc
 from app.errors import DatabaseUnavailable
 
 log = logging.getLogger("app.db.txn")
@@ -133,12 +134,11 @@ def transaction(db: Database[Doc], fn: Callable[[ClientSession], T], *,
                retry_while=within(TRANSACTION_TIME_LIMIT_SECONDS))
 
 
-def update_one(db: Database[Doc], filter: Doc, update: Doc, *, attempts: int = 6,
-               what: str = "update job", collection: str = JOBS) -> bool:
+def update_one(collection: Collection[Doc], filter: Doc, update: Doc, *, attempts: int = 6,
+               what: str = "update") -> bool:
     """One conditional update in its own short transaction; True when it matched."""
-    target = primary(db)[collection]
 
     def fn(session: ClientSession) -> bool:
-        return target.update_one(filter, update, session=session).matched_count == 1
+        return collection.update_one(filter, update, session=session).matched_count == 1
 
-    return run(db, fn, attempts=attempts, what=what)
+    return run(collection.database, fn, attempts=attempts, what=what)

@@ -219,7 +219,7 @@ def _publish_or_leave(db: Database[Doc], job_id: str, due: datetime, countdown: 
         return True
     # Tell the reaper at once instead of after the usual threshold (best effort).
     try:
-        txn.update_one(db, {"_id": job_id, "state": QUEUED}, {"$set": {
+        txn.update_one(_jobs(db), {"_id": job_id, "state": QUEUED}, {"$set": {
             "wake_at": due - timedelta(seconds=settings.reaper_republish_seconds)}},
             attempts=1)
     except Exception as exc:  # noqa: BLE001 - the job is queued; the reaper finds it anyway
@@ -297,7 +297,7 @@ def claim(db: Database[Doc], job_id: str, worker: str, *, lease_seconds: float |
               "$push": {"history": _history(now, "claimed", worker=worker)}}
     # Few attempts: a claim that keeps conflicting is someone else's business (a peer's
     # claim, or a killed worker's open transaction); the reaper wakes the job again.
-    if not txn.update_one(db, as_seen, update, attempts=3, what="claim job"):
+    if not txn.update_one(_jobs(db), as_seen, update, attempts=3, what="claim job"):
         return None
     job = dict(seen)
     job.update(state=RUNNING, lease=new_lease, started_at=now, updated_at=now,
@@ -332,7 +332,7 @@ def heartbeat(db: Database[Doc], job_id: str, token: str, *,
     lease = lease_seconds or _settings(settings).job_lease_seconds
     now = server_now(db)
     renewal = JOB_LEASE.renewal(lease, now)
-    renewed = txn.update_one(db, _fence(job_id, token, now), {"$set": renewal},
+    renewed = txn.update_one(_jobs(db), _fence(job_id, token, now), {"$set": renewal},
                              attempts=3, what="renew job lease")
     return renewal["lease.expires_at"] if renewed else None
 
@@ -351,8 +351,8 @@ def _note_refused(db: Database[Doc], job_id: str, worker: str | None, event: str
     while another worker holds a live lease on the job: the holder may then complete with
     a plain write (see ``complete``), which nobody else's transaction may be holding up."""
     try:
-        txn.update_one(db, {"_id": job_id, "$or": [{"state": {"$ne": RUNNING}},
-                                                   JOB_LEASE.lapsed(now)]},
+        txn.update_one(_jobs(db), {"_id": job_id, "$or": [{"state": {"$ne": RUNNING}},
+                                                          JOB_LEASE.lapsed(now)]},
                        {"$push": {"history": _history(now, event, worker=worker)}},
                        attempts=1)
     except Exception:  # noqa: BLE001 - informational only
@@ -379,7 +379,7 @@ def complete(db: Database[Doc], job_id: str, token: str,
         done = dbm.retry(lambda: _jobs(db).update_one(fence, update),
                          what="complete job").matched_count == 1
     else:
-        done = txn.update_one(db, fence, update, what="complete job")
+        done = txn.update_one(_jobs(db), fence, update, what="complete job")
     if done or _finished_by(db, job_id, token, SUCCEEDED):
         return True
     log.warning("job completion refused: this worker's lease is gone",
@@ -418,7 +418,8 @@ def fail(db: Database[Doc], job_id: str, token: str, error: str, *, attempts: in
     update = {"$set": fields, "$push": {"history": _history(
         now, "dead" if state == DEAD else "failed", worker=worker, error=error[:500],
         **({"retry_in": round(delay, 3)} if state == QUEUED else {}))}}
-    if not txn.update_one(db, _fence(job_id, token, now), update, what="record job failure"):
+    if not txn.update_one(_jobs(db), _fence(job_id, token, now), update,
+                          what="record job failure"):
         if state == DEAD and _finished_by(db, job_id, token, DEAD):
             return DEAD
         log.warning("job failure not recorded: this worker's lease is gone",
@@ -444,7 +445,8 @@ def retry_later(db: Database[Doc], job_id: str, token: str, delay_seconds: float
               "$push": {"history": _history(now, "retry_later", worker=worker,
                                             reason=reason[:500],
                                             retry_in=round(delay_seconds, 3))}}
-    if not txn.update_one(db, _fence(job_id, token, now), update, what="reschedule job"):
+    if not txn.update_one(_jobs(db), _fence(job_id, token, now), update,
+                          what="reschedule job"):
         _note_refused(db, job_id, worker, "retry_later_refused", now)
         return False
     _publish_or_leave(db, job_id, due, delay_seconds, settings)
@@ -463,8 +465,8 @@ def release(db: Database[Doc], job_id: str, token: str, reason: str, *,
               "$push": {"history": _history(now, "released", worker=worker,
                                             reason=reason[:500])}}
     # No expiry in the filter: releasing a lapsed lease that nobody re-claimed is fine.
-    if not txn.update_one(db, {"_id": job_id, "state": RUNNING, **JOB_LEASE.owned(token)},
-                          update, attempts=3, what="release job"):
+    fence = {"_id": job_id, "state": RUNNING, **JOB_LEASE.owned(token)}
+    if not txn.update_one(_jobs(db), fence, update, attempts=3, what="release job"):
         return False
     broker.publish_wakeup(job_id, settings=settings)
     return True

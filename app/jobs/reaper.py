@@ -103,7 +103,8 @@ def _write(db: Database[Doc], fence: Doc, update: Doc) -> bool:
     """One fenced transition in its own short transaction. A job that keeps conflicting
     (a killed worker's transaction still open on it) is skipped until a later pass."""
     try:
-        return txn.update_one(db, fence, update, attempts=2, what="reap job")
+        return txn.update_one(dbm.primary(db)[dbm.JOBS], fence, update, attempts=2,
+                              what="reap job")
     except DatabaseUnavailable as exc:
         log.info("reaper skipped a job it could not update now",
                  extra={"job_id": fence.get("_id"), "error": str(exc)[:200]})

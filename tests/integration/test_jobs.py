@@ -23,6 +23,7 @@ from app.db.lease import new_token
 from app.jobs import broker, lifecycle, runner
 from app.jobs.context import JobContext, LeaseKeeper
 from app.jobs.metrics import QueueDepthCollector
+from tests.helpers import wait_for
 from tests.helpers.jobs import broker_messages
 
 
@@ -382,6 +383,10 @@ def test_draining_releases_the_lease_of_an_abandoned_job(jdb, jsettings):
     runner.begin_drain(0.2, exit_after=False)
     thread.join(10)
     assert outcome == ["lease_lost"]
+    # The handler may unwind before the release commits (it is told first): wait for it.
+    # Nothing else here requeues a running job (no reaper runs in this test).
+    wait_for(lambda: _job(jdb, job["_id"])["state"] == "queued", timeout=10,
+             message="the abandoned job's lease released")
     stored = _job(jdb, job["_id"])
     assert stored["state"] == "queued" and stored["attempts"] == 0
     assert stored["history"][-1]["event"] == "released"

@@ -5,14 +5,21 @@ from __future__ import annotations
 import base64
 import secrets
 
-import app.keys.handlers  # noqa: F401 - registers kek.rotation_step
+import pytest
+
 from app import db as dbm
 from app.audit import system_actor
 from app.config import load_settings
+from app.handlers import load_handlers
 from app.jobs import enqueue, get_job
 from app.jobs.runner import run_job
 from app.keys import generate_private_key, load_keyring, open_private_key, seal_private_key
 from app.keys.rotation import KEK_ROTATIONS, STEP_KIND, start_rotation
+
+
+@pytest.fixture(autouse=True)
+def _kinds() -> None:
+    load_handlers()  # kek.rotation_step among them
 
 
 def _seal(db, count: int) -> dict[str, bytes]:
