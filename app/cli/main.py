@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import click
 
-from app.cli import audit, dev, health, jobs, kek, migrate, projects, scheduler, tokens
+from app.cli import (
+    accounts,
+    audit,
+    certs,
+    dev,
+    health,
+    jobs,
+    kek,
+    migrate,
+    orders,
+    projects,
+    scheduler,
+    tokens,
+)
 from app.cli.base import CapGroup, CliContext, adopt_dev_environment
 from app.config import load_or_exit
 
@@ -17,6 +30,9 @@ COMMANDS: list[click.Command] = [
     migrate.command,
     health.command,
     dev.command,
+    certs.command,
+    accounts.command,
+    orders.command,
     scheduler.command,
     kek.command,
     projects.command,
