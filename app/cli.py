@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "app.tokens_cli",
     "app.audit.cli",
     "app.jobs.cli",
+    "app.probe_cli",
 ]
 
 

@@ -41,6 +41,7 @@ from app import db as dbm
 from app.config import Settings, load_or_exit
 from app.errors import DatabaseUnavailable
 from app.jobs import enqueue, publish_wakeup
+from app.ops import probes
 from app.scheduling_status import FIRES
 from scheduler.entries import EntryDefinition, EntryError, slot_key, static_entries
 from scheduler.lease import Deposed, Lease, LeaseConfig, process_identity
@@ -141,7 +142,10 @@ class MongoLeaseScheduler(Scheduler):
             leading = self._renew_or_acquire()
         except DB_ERRORS as exc:
             self._cannot_prove(exc)
+            probes.record(self.settings, "scheduler", ok=False, error=exc)
             return False
+        probes.record(self.settings, "scheduler", ok=True,
+                      detail="leader" if leading else "standby")
         self._unreachable_logged = False
         if not leading and not self._standby_logged:
             self._standby_logged = True

@@ -1,0 +1,1 @@
+"""Operations support: probes for the roles that serve no HTTP."""
