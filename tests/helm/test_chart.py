@@ -16,6 +16,7 @@ from tests.helpers.chart import (
     container,
     hook_events,
     hook_violations,
+    notes,
     pod_spec,
     render,
     render_list,
@@ -449,3 +450,18 @@ def test_the_schema_describes_every_value() -> None:
         return out
 
     assert closed(schema, "") == []
+
+
+# ------------------------------------------------------------------ NOTES.txt
+
+
+def test_notes_tell_the_first_token_and_dr_steps() -> None:
+    text = notes(BASE)
+    assert "exec deploy/rel-certautopilot-api -- certautopilot tokens create --admin" in text
+    assert "certautopilot audit verify" in text and "certautopilot health" in text
+    assert "KEK" in text and "Secret cap-kek" in text
+    assert "port-forward svc/rel-certautopilot-api" in text
+    assert "scaledobject rel-certautopilot-worker" in text
+    public = notes({**HPA, "api": {"ingress": {"enabled": True, "hosts": ["c.example.com"]}}})
+    assert "https://c.example.com/api/v1" in public and "/metrics stays inside" in public
+    assert "external.metrics.k8s.io" in public

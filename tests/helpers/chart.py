@@ -19,10 +19,21 @@ BASE: dict[str, Any] = {
 Doc = dict[str, Any]
 
 
+def render_files(values: dict[str, Any]) -> dict[str, str]:
+    """{template path: rendered text}, NOTES.txt included."""
+    rendered: dict[str, str] = helm_python.Chart.load(str(CHART)).render(
+        values=values, name=RELEASE, namespace=NAMESPACE)
+    return rendered
+
+
 def render_list(values: dict[str, Any]) -> list[Doc]:
-    rendered = helm_python.Chart.load(str(CHART)).render(values=values, name=RELEASE,
-                                                          namespace=NAMESPACE)
-    return [doc for text in rendered.values() for doc in yaml.safe_load_all(text) if doc]
+    return [doc for path, text in render_files(values).items() if not path.endswith(".txt")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def notes(values: dict[str, Any]) -> str:
+    return next(text for path, text in render_files(values).items()
+                if path.endswith("/NOTES.txt"))
 
 
 def render(values: dict[str, Any]) -> dict[str, list[Doc]]:
