@@ -36,6 +36,7 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from app import db as dbm
+from app import probes
 from app.config import Settings, load_or_exit
 from app.db import Doc, txn
 from app.db.names import FIRES
@@ -139,7 +140,10 @@ class MongoLeaseScheduler(Scheduler):
             leading = self._renew_or_acquire()
         except DB_ERRORS as exc:
             self._cannot_prove(exc)
+            probes.record(self.settings, "scheduler", ok=False, error=exc)
             return False
+        probes.record(self.settings, "scheduler", ok=True,
+                      detail="leader" if leading else "standby")
         self._unreachable_logged = False
         if not leading and not self._standby_logged:
             self._standby_logged = True

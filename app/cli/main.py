@@ -19,6 +19,7 @@ from app.cli import (
     kek,
     migrate,
     orders,
+    probe,
     projects,
     scheduler,
     tokens,
@@ -39,6 +40,7 @@ COMMANDS: list[click.Command] = [
     tokens.command,
     audit.command,
     jobs.command,
+    probe.command,
 ]
 
 
