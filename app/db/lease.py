@@ -19,6 +19,13 @@ filters and updates every lease step needs; ``Lease`` runs them on one document.
 
 Expiry is decided on the database server's clock (``app.db.clock``) with plain query
 operators: expired means ``expires_at <= now``, held means ``expires_at > now``.
+
+Its users: the job lease (``app.jobs.lifecycle.JOB_LEASE``; a claim is the job's own
+optimistic transaction built from the schema's filters and grant), a KEK rotation's step
+lease (``app.keys.rotation``), an audit sink's forwarding lease (``app.audit.forward``),
+the migrations lock (``app.migrations``) and the scheduler's leader lease
+(``scheduler/lease.py``, which adds the term's local proof and ends a lapsed holder's
+session).
 """
 
 from __future__ import annotations
