@@ -55,6 +55,8 @@ AUDIT = "audit"
 WORKERS = "workers"
 MIGRATIONS = "migrations"
 COUNTERS = "counters"
+# The fleet-metrics snapshot (app/ops/fleet_metrics.py): a head document and its chunks.
+METRICS_SNAPSHOTS = "metrics_snapshots"
 
 MAJORITY = WriteConcern(w="majority")
 

@@ -11,9 +11,11 @@ code increments the same objects:
 - ``HTTP_REQUESTS`` / ``HTTP_REQUEST_DURATION``: the API counts each request by
   ``method``, ``route`` (the URL rule, not the raw path) and ``status``.
 
-State metrics (certificate expiry and readiness, job queue depth, the scheduler lease)
-are read from MongoDB at scrape time by ``DatabaseCollector``: the database is the
-source of truth, so every api replica reports the same values.
+State metrics come from the database, the source of truth, so every api replica reports
+the same values. What is cheap is read at scrape time by ``DatabaseCollector`` (the
+scheduler lease, queue depth through its partial index, audit sinks); what needs the
+whole fleet (certificate gauges, jobs by kind and state) is read once per minute by one
+worker into a shared snapshot (``app/ops/fleet_metrics.py``) and served from there.
 
 Processes: gunicorn forks several workers, so the api runs prometheus_client's
 multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``app/gunicorn_conf.py`` before
@@ -96,61 +98,6 @@ def _ts(value: Any) -> float | None:
     return None
 
 
-def certificate_metrics(db: Any) -> Iterator[Metric]:
-    """cert-manager-like per-certificate gauges, read from ``certificates``."""
-    from app import db as dbm
-
-    labels = ["id", "name", "project", "issuer"]
-    expiry = GaugeMetricFamily(
-        "certautopilot_certificate_expiration_timestamp_seconds",
-        "Expiry (notAfter) of the certificate currently issued, as a Unix timestamp.",
-        labels=labels)
-    renewal = GaugeMetricFamily(
-        "certautopilot_certificate_renewal_timestamp_seconds",
-        "When the certificate is next due for renewal, as a Unix timestamp.",
-        labels=labels)
-    ready = GaugeMetricFamily(
-        "certautopilot_certificate_ready_status",
-        "Whether the certificate is ready (issued and valid): one series per condition.",
-        labels=[*labels, "condition"])
-    projection = {"_id": 1, "name": 1, "names": 1, "project_id": 1, "status": 1,
-                  "not_after": 1, "next_renewal_at": 1, "account_id": 1, "directory_url": 1,
-                  "deleted_at": 1}
-    now = datetime.now(UTC).timestamp()
-    for doc in db[dbm.CERTIFICATES].find({"deleted_at": None}, projection):
-        name = doc.get("name") or ",".join(doc.get("names") or [])
-        issuer = str(doc.get("directory_url") or doc.get("account_id") or "")
-        values = [str(doc["_id"]), str(name), str(doc.get("project_id") or ""), issuer]
-        not_after = _ts(doc.get("not_after"))
-        if not_after is not None:
-            expiry.add_metric(values, not_after)
-        next_renewal = _ts(doc.get("next_renewal_at"))
-        if next_renewal is not None:
-            renewal.add_metric(values, next_renewal)
-        is_ready = doc.get("status") in ("issued", "valid", "ready") and (
-            not_after is None or not_after > now)
-        for condition in ("True", "False"):
-            ready.add_metric([*values, condition], 1.0 if (condition == "True") == is_ready
-                             else 0.0)
-    yield expiry
-    yield renewal
-    yield ready
-
-
-def job_metrics(db: Any) -> Iterator[Metric]:
-    """Jobs by kind and state (queue depth: certautopilot_jobs_queued, app/jobs/metrics.py)."""
-    from app import db as dbm
-
-    jobs = GaugeMetricFamily("certautopilot_jobs", "Jobs currently stored, by kind and state.",
-                             labels=["kind", "state"])
-    pipeline = [{"$group": {"_id": {"kind": "$kind", "state": "$state"}, "n": {"$sum": 1}}}]
-    for row in db[dbm.JOBS].aggregate(pipeline):
-        key = row["_id"] or {}
-        state = str(key.get("state"))
-        jobs.add_metric([str(key.get("kind")), state], float(row["n"]))
-    yield jobs
-
-
 def scheduler_metrics(db: Any) -> Iterator[Metric]:
     """The scheduler's leader lease: who leads (1 while the lease is held), its term."""
     from app.scheduling_status import lease_status
@@ -174,19 +121,24 @@ def scheduler_metrics(db: Any) -> Iterator[Metric]:
 
 
 class DatabaseCollector(Collector):
-    """Reads state metrics from MongoDB at scrape time."""
+    """Reads state metrics from MongoDB at scrape time (the fleet's from the snapshot's
+    head; ``head`` is called once per scrape and may keep what it read for the caller)."""
 
-    def __init__(self, get_db: Callable[[], Any]) -> None:
+    def __init__(self, get_db: Callable[[], Any],
+                 head: Callable[[Any], Any] | None = None) -> None:
         self._get_db = get_db
+        self._head = head
 
     def collect(self) -> Iterator[Metric]:
+        from app.ops import fleet_metrics
+
         up = GaugeMetricFamily("certautopilot_database_up",
                                "1 when this scrape could read the database.")
         try:
             db = self._get_db()
-            families: list[Metric] = []
-            for fn in (certificate_metrics, job_metrics, scheduler_metrics,
-                       *_scrape_extensions.values()):
+            head = (self._head or fleet_metrics.read_head)(db)
+            families: list[Metric] = list(fleet_metrics.aggregate_metrics(head))
+            for fn in (scheduler_metrics, *_scrape_extensions.values()):
                 families.extend(fn(db))
         except Exception as exc:  # noqa: BLE001 - a scrape reports, never fails
             log.warning("metrics scrape could not read the database",
@@ -215,7 +167,8 @@ def multiprocess_enabled() -> bool:
     return bool(path) and os.path.isdir(str(path))
 
 
-def build_registry(get_db: Callable[[], Any] | None) -> CollectorRegistry:
+def build_registry(get_db: Callable[[], Any] | None,
+                   head: Callable[[Any], Any] | None = None) -> CollectorRegistry:
     """The registry ``/metrics`` renders: process metrics (merged across gunicorn
     workers in multiprocess mode) plus the database collector."""
     from prometheus_client import REGISTRY
@@ -229,7 +182,7 @@ def build_registry(get_db: Callable[[], Any] | None) -> CollectorRegistry:
         registry = CollectorRegistry()
         registry.register(_Delegate(REGISTRY))
     if get_db is not None:
-        registry.register(DatabaseCollector(get_db))
+        registry.register(DatabaseCollector(get_db, head))
     return registry
 
 

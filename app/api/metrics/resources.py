@@ -1,20 +1,31 @@
 """``/metrics``: Prometheus text exposition (unauthenticated, like the probes).
 
 Process metrics (HTTP, and ACME/job counters when they run in this process) are merged
-across gunicorn workers in multiprocess mode; certificate, job and scheduler state is
-read from the database at scrape time (see ``app/metrics.py``).
+across gunicorn workers in multiprocess mode; scheduler and queue state is read from the
+database at scrape time; fleet-wide gauges come from the shared snapshot one worker
+refreshes (see ``app/metrics.py`` and ``app/ops/fleet_metrics.py``). The per-certificate
+series are streamed one stored chunk at a time, so a scrape's memory does not grow with
+the fleet.
 """
 
-from flask import Response, current_app
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, current_app, stream_with_context
 from flask.views import MethodView
 
 from app.api.common import Blueprint
 from app.metrics import build_registry, render
 
+log = logging.getLogger(__name__)
+
 blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 
 
-def _db() -> object:
+def _db() -> Any:
     from app import db as dbm
 
     return dbm.get_db(current_app.extensions["cap_settings"])
@@ -27,8 +38,29 @@ class Metrics(MethodView):
     def get(self) -> Response:
         """Prometheus metrics: certificates, ACME requests, jobs, scheduler, HTTP."""
         import app.jobs  # noqa: F401 - registers the queue-depth gauges on import
-        body, content_type = render(build_registry(_db))
-        response = Response(body, mimetype=None)
+        from app.ops import fleet_metrics
+
+        settings = current_app.extensions["cap_settings"]
+        heads: list[Any] = []
+
+        def head(db: Any) -> Any:
+            heads.append(fleet_metrics.read_head(db))
+            return heads[-1]
+
+        body, content_type = render(build_registry(_db, head))
+
+        def stream() -> Iterator[bytes]:
+            yield body
+            if not heads:
+                return
+            try:
+                yield from fleet_metrics.stream_certificate_series(_db(), heads[-1],
+                                                                   settings)
+            except Exception as exc:  # noqa: BLE001 - headers are sent: end the body
+                log.warning("metrics: could not stream the certificate series",
+                            extra={"error": f"{exc.__class__.__name__}: {exc}"[:200]})
+
+        response = Response(stream_with_context(stream()), mimetype=None)
         response.headers["Content-Type"] = content_type
         response.headers["Cache-Control"] = "no-store"
         return response

@@ -1,0 +1,1 @@
+"""Operations: fleet metrics (and, as they arrive, health checks, backup, alerts)."""
