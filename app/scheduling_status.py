@@ -27,7 +27,12 @@ Doc = dict[str, Any]
 
 SCHEDULER_LEASE_ID = "scheduler"
 FIRES = "schedule_fires"
-FIRES_TTL_SECONDS = 7 * 86400
+# A fired slot's unique (entry, slot) only has to outlast a deposed leader's pause; a day
+# of fires is history enough (at ~35,000 fires a day a week would be 240,000 documents).
+FIRES_TTL_SECONDS = 86400
+# The jobs the scheduler enqueues expire this long after their slot whatever their state
+# (``slot_expire_at``, TTL index in m0010): the next slot runs the work again.
+SLOT_JOB_TTL_SECONDS = 86400
 
 
 def _seconds(later: datetime | None, earlier: datetime) -> float | None:

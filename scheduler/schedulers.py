@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -41,7 +41,7 @@ from app import db as dbm
 from app.config import Settings, load_or_exit
 from app.errors import DatabaseUnavailable
 from app.jobs import enqueue, publish_wakeup
-from app.scheduling_status import FIRES
+from app.scheduling_status import FIRES, SLOT_JOB_TTL_SECONDS
 from scheduler.entries import EntryDefinition, EntryError, slot_key, static_entries
 from scheduler.lease import Deposed, Lease, LeaseConfig, process_identity
 
@@ -437,6 +437,10 @@ class MongoLeaseScheduler(Scheduler):
             advance(session, at)
             job = enqueue(self.db, entry.kind, dict(entry.payload), dedupe_key=key,
                           session=session, publish=False)
+            # A slot's job expires a day after the slot (TTL, m0010), finished or not.
+            self.db[dbm.JOBS].update_one({"_id": job["_id"]}, {"$set": {
+                "slot_expire_at": slot + timedelta(seconds=SLOT_JOB_TTL_SECONDS)}},
+                session=session)
             self.db[FIRES].insert_one({
                 "entry": entry.name, "slot": slot, "dedupe_key": key, "kind": entry.kind,
                 "term": term, "holder": holder, "job_id": job["_id"], "fired_at": at,

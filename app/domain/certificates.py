@@ -453,9 +453,15 @@ def backoff_delay(failures: int, settings: Settings) -> timedelta:
 
 
 # ------------------------------------------------------------------ renewal scan
+def due_query(now: datetime) -> Doc:
+    """The renewal scan's filter: on the (deleted_at, next_renewal_at) index (m0010), so
+    the scan reads the due certificates only."""
+    return {"deleted_at": None, "next_renewal_at": {"$lte": now}}
+
+
 def _due(db: Database[Doc], now: datetime, limit: int) -> list[Doc]:
     return list(dbm.primary(db)[dbm.CERTIFICATES].find(
-        {"next_renewal_at": {"$lte": now}, "deleted_at": None},
+        due_query(now),
         {"_id": 1, "project_id": 1, "next_renewal_at": 1, "status": 1},
         sort=[("next_renewal_at", 1)], limit=limit))
 
