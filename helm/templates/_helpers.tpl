@@ -52,6 +52,8 @@ app.kubernetes.io/component: {{ .component }}
       key: {{ if .Values.mongo.existingSecret }}{{ .Values.mongo.existingSecretKey }}{{ else }}mongo-uri{{ end }}
 - name: CAP_BROKER_DB
   value: {{ .Values.mongo.brokerDatabase | quote }}
+- name: CAP_METRICS_CERTIFICATE_SERIES
+  value: {{ .Values.metrics.certificateSeries | default "per-certificate" | quote }}
 {{- if .Values.kek.existingSecret }}
 - name: CAP_KEK_DIR
   value: /var/run/certautopilot/kek

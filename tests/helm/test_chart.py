@@ -121,3 +121,18 @@ def test_worker_pods_serve_their_metrics_on_a_named_port_unless_switched_off() -
                        "worker")["spec"]["template"]
     assert "ports" not in off["spec"]["containers"][0]
     assert all(e["name"] != "CAP_WORKER_METRICS_PORT" for e in off["spec"]["containers"][0]["env"])
+
+
+def test_metrics_certificate_series_reaches_every_role_and_is_validated() -> None:
+    def series(values: dict[str, Any], component: str) -> str:
+        pod = by_component(render(values)["Deployment"], component)["spec"]["template"]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        return str(env["CAP_METRICS_CERTIFICATE_SERIES"])
+
+    assert series(BASE, "api") == "per-certificate"
+    aggregate = {**BASE, "metrics": {"certificateSeries": "aggregate"}}
+    # The api serves the snapshot the worker builds: both get the same switch.
+    assert series(aggregate, "api") == series(aggregate, "worker") == "aggregate"
+    with pytest.raises(helm_python.HelmError) as info:
+        render({**BASE, "metrics": {"certificateSeries": "some"}})
+    assert "certificateSeries" in str(info.value)
