@@ -435,12 +435,10 @@ class MongoLeaseScheduler(Scheduler):
 
         def body(session: ClientSession, at: datetime) -> Doc:
             advance(session, at)
-            job = enqueue(self.db, entry.kind, dict(entry.payload), dedupe_key=key,
-                          session=session, publish=False)
             # A slot's job expires a day after the slot (TTL, m0010), finished or not.
-            self.db[dbm.JOBS].update_one({"_id": job["_id"]}, {"$set": {
-                "slot_expire_at": slot + timedelta(seconds=SLOT_JOB_TTL_SECONDS)}},
-                session=session)
+            job = enqueue(self.db, entry.kind, dict(entry.payload), dedupe_key=key,
+                          session=session, publish=False,
+                          expire_at=slot + timedelta(seconds=SLOT_JOB_TTL_SECONDS))
             self.db[FIRES].insert_one({
                 "entry": entry.name, "slot": slot, "dedupe_key": key, "kind": entry.kind,
                 "term": term, "holder": holder, "job_id": job["_id"], "fired_at": at,

@@ -120,14 +120,16 @@ def _validate(kind: object, payload: object, dedupe_key: object, run_after: obje
 def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
             dedupe_key: str | None = None, run_after: datetime | None = None,
             project_id: str | None = None, session: ClientSession | None = None,
-            publish: bool = True, settings: Settings | None = None) -> Doc:
+            publish: bool = True, settings: Settings | None = None,
+            expire_at: datetime | None = None) -> Doc:
     """Insert a queued job (``w=majority``) and publish its wake-up; return the job.
 
     With a ``dedupe_key`` already held by an active (queued or running) job, return that
     job instead and publish nothing. With ``session`` the insert joins the caller's
     transaction and nothing is published: call ``publish_wakeup(job["_id"])`` after the
     commit (or leave it to the reaper). A failed publish leaves the job queued for the
-    reaper. A ``run_after`` in the future delays the job.
+    reaper. A ``run_after`` in the future delays the job. ``expire_at`` (the scheduler's
+    slot jobs) removes the job then, whatever its state (``slot_expire_at``, TTL, m0010).
     """
     _validate(kind, payload, dedupe_key, run_after, project_id)
     settings = _settings(settings)
@@ -155,6 +157,8 @@ def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
         "last_error": None,
         "history": [{"at": now, "event": "enqueued"}],
     }
+    if expire_at is not None:
+        doc["slot_expire_at"] = expire_at
     jobs = db[dbm.JOBS]
     if session is not None:
         if dedupe_key is not None:
