@@ -477,7 +477,7 @@ def renewal_scan(db: Database[Doc], *, batch_size: int = SCAN_BATCH,
     entry (the jobs record what was enqueued, and each issuance it leads to is audited).
     Keeping the batch transactions free of the audit chain's head also keeps them from
     conflicting with every issuance that commits meanwhile."""
-    from app.jobs import ACTIVE_STATES, enqueue, publish_wakeup
+    from app.jobs import ACTIVE_STATES, enqueue_many, publish_wakeup
 
     enqueued = 0
     batches = 0
@@ -492,26 +492,32 @@ def renewal_scan(db: Database[Doc], *, batch_size: int = SCAN_BATCH,
         def enqueue_batch(session: ClientSession, due: list[Doc] = due,
                           now: datetime = now, guard_until: datetime = guard_until
                           ) -> list[str]:
-            job_ids = []
-            keys = [dedupe_key(cert["_id"]) for cert in due]
+            # A batch costs four commands whatever its size: read back what is still due
+            # (by _id, in the transaction's snapshot), move it past the guard, and insert
+            # the jobs of those without an active issuance.
+            ids = [cert["_id"] for cert in due]
+            still_due = [c for c in db[dbm.CERTIFICATES].find(
+                {"_id": {"$in": ids}}, {"_id": 1, "project_id": 1, "status": 1,
+                                        "next_renewal_at": 1}, session=session)
+                if c.get("next_renewal_at") is not None and c["next_renewal_at"] <= now]
+            if not still_due:
+                return []
+            db[dbm.CERTIFICATES].update_many(
+                {"_id": {"$in": [c["_id"] for c in still_due]}},
+                {"$set": {"next_renewal_at": guard_until}}, session=session)
+            keys = [dedupe_key(cert["_id"]) for cert in still_due]
+            # By key alone, on the plain dedupe_key index (m0010): a filter on the state
+            # too leaves the embedded server's planner with no index to use.
             active = {job["dedupe_key"] for job in db[dbm.JOBS].find(
-                {"dedupe_key": {"$in": keys}, "state": {"$in": list(ACTIVE_STATES)}},
-                {"dedupe_key": 1}, session=session)}
-            for cert in due:
-                moved = db[dbm.CERTIFICATES].update_one(
-                    {"_id": cert["_id"], "next_renewal_at": {"$lte": now}},
-                    {"$set": {"next_renewal_at": guard_until}}, session=session)
-                if not moved.modified_count or dedupe_key(cert["_id"]) in active:
-                    continue  # an issuance of it is already queued or running
-                reason = "initial" if cert.get("status") in (STATUS_PENDING, STATUS_FAILED) \
-                    else "renewal"
-                job = enqueue(db, ISSUE_JOB_KIND,
-                              {"certificate_id": cert["_id"], "reason": reason},
-                              dedupe_key=dedupe_key(cert["_id"]),
-                              project_id=cert.get("project_id"), session=session,
-                              publish=False)
-                job_ids.append(str(job["_id"]))
-            return job_ids
+                {"dedupe_key": {"$in": keys}}, {"dedupe_key": 1, "state": 1},
+                session=session) if job.get("state") in ACTIVE_STATES}
+            jobs = enqueue_many(db, ISSUE_JOB_KIND, [
+                ({"certificate_id": cert["_id"],
+                  "reason": "initial" if cert.get("status") in (STATUS_PENDING, STATUS_FAILED)
+                  else "renewal"}, dedupe_key(cert["_id"]), cert.get("project_id"))
+                for cert in still_due if dedupe_key(cert["_id"]) not in active],
+                session=session)
+            return [str(job["_id"]) for job in jobs]
 
         if fence is not None:
             job_ids = fence.transaction(enqueue_batch)

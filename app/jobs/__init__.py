@@ -42,6 +42,7 @@ from app.jobs.store import (
     claim,
     complete,
     enqueue,
+    enqueue_many,
     fail,
     fenced_transaction,
     get_job,
@@ -59,7 +60,7 @@ register_with_api_metrics()
 __all__ = [
     "ACTIVE_STATES", "HANDLER_MODULES", "STATES", "InvalidJob", "JobContext", "JobNotFound",
     "JobStateConflict", "LeaseLost", "PermanentFailure", "RetryLater", "cancel", "claim",
-    "complete", "enqueue", "fail", "fenced_transaction", "get_job", "heartbeat",
+    "complete", "enqueue", "enqueue_many", "fail", "fenced_transaction", "get_job", "heartbeat",
     "list_jobs", "load_handlers", "publish_wakeup", "queue_depth", "reap",
     "register_handler", "release", "retry_dead", "retry_later",
 ]

@@ -117,6 +117,51 @@ def _validate(kind: object, payload: object, dedupe_key: object, run_after: obje
         raise InvalidJob("project_id must be a string")
 
 
+def _job_doc(kind: str, payload: dict[str, Any], dedupe_key: str | None,
+             project_id: str | None, now: datetime, due: datetime,
+             settings: Settings) -> Doc:
+    spec = get_handler(kind)
+    return {
+        "_id": str(ObjectId()),
+        "kind": kind,
+        "payload": payload,
+        "state": QUEUED,
+        "dedupe_key": dedupe_key,
+        "project_id": project_id,
+        "attempts": 0,
+        "max_attempts": spec.max_attempts if spec else None,
+        "run_after": due,
+        "wake_at": _wake_at(due, (due - now).total_seconds(), settings),
+        "created_at": now,
+        "updated_at": now,
+        "started_at": None,
+        "finished_at": None,
+        "lease": None,
+        "result": None,
+        "last_error": None,
+        "history": [{"at": now, "event": "enqueued"}],
+    }
+
+
+def enqueue_many(db: Database[Doc], kind: str,
+                 jobs: list[tuple[dict[str, Any], str | None, str | None]], *,
+                 session: ClientSession, settings: Settings | None = None) -> list[Doc]:
+    """Insert queued jobs due now, ``(payload, dedupe_key, project_id)`` each, with one
+    ``insert_many`` in the caller's transaction (the renewal scan's batches). The caller
+    has excluded dedupe keys held by active jobs (a concurrent holder aborts the
+    transaction, which is retried); publish each wake-up after the commit."""
+    if not jobs:
+        return []
+    for payload, dedupe_key, project_id in jobs:
+        _validate(kind, payload, dedupe_key, None, project_id)
+    settings = _settings(settings)
+    now = server_now(db)
+    docs = [_job_doc(kind, payload, dedupe_key, project_id, now, now, settings)
+            for payload, dedupe_key, project_id in jobs]
+    db[dbm.JOBS].insert_many(docs, ordered=True, session=session)
+    return docs
+
+
 def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
             dedupe_key: str | None = None, run_after: datetime | None = None,
             project_id: str | None = None, session: ClientSession | None = None,
@@ -136,27 +181,7 @@ def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
     now = server_now(db)
     due = max(run_after, now) if run_after is not None else now
     countdown = (due - now).total_seconds()
-    spec = get_handler(kind)
-    doc: Doc = {
-        "_id": str(ObjectId()),
-        "kind": kind,
-        "payload": payload,
-        "state": QUEUED,
-        "dedupe_key": dedupe_key,
-        "project_id": project_id,
-        "attempts": 0,
-        "max_attempts": spec.max_attempts if spec else None,
-        "run_after": due,
-        "wake_at": _wake_at(due, countdown, settings),
-        "created_at": now,
-        "updated_at": now,
-        "started_at": None,
-        "finished_at": None,
-        "lease": None,
-        "result": None,
-        "last_error": None,
-        "history": [{"at": now, "event": "enqueued"}],
-    }
+    doc = _job_doc(kind, payload, dedupe_key, project_id, now, due, settings)
     if expire_at is not None:
         doc["slot_expire_at"] = expire_at
     jobs = db[dbm.JOBS]

@@ -15,6 +15,9 @@ scan or a blocking sort of the whole fleet:
 - ``deleted_expiry`` / ``project_deleted_expiry``: ``expiring_before`` lists, which page
   in (not_after, _id) order.
 
+Jobs: a plain ``dedupe_key`` index, for the scan's "which of these have an active job"
+(the partial unique index serves only queries that imply its filter).
+
 Per-event collections. Terminal orders expire ``ORDER_RETENTION`` after completion
 (``expire_at``, set by ``app.domain.orders``; older ones are back-filled here); the
 scheduler's jobs expire a day after their slot (``slot_expire_at``) whatever their state
@@ -91,8 +94,12 @@ def apply(db: Database[dict[str, Any]]) -> None:
     db[dbm.ORDERS].create_indexes([IndexModel([("expire_at", ASCENDING)],
                                               expireAfterSeconds=0, name="ttl_expire_at")])
     _backfill_orders(db)
-    db[dbm.JOBS].create_indexes([IndexModel([("slot_expire_at", ASCENDING)],
-                                            expireAfterSeconds=0, name="ttl_slot_expire_at")])
+    db[dbm.JOBS].create_indexes([
+        IndexModel([("slot_expire_at", ASCENDING)], expireAfterSeconds=0,
+                   name="ttl_slot_expire_at"),
+        # The renewal scan asks which of a batch's keys have an active job (by key alone).
+        IndexModel([("dedupe_key", ASCENDING)], name="dedupe_key"),
+    ])
     fires = db[FIRES].index_information().get("ttl_fired_at")
     if fires is None:
         db[FIRES].create_index([("fired_at", ASCENDING)], name="ttl_fired_at",

@@ -43,6 +43,14 @@ def test_renewal_scan_and_lists_are_index_backed(migrated_db, fleet) -> None:
     now = dbm.server_now(migrated_db)
     assert_index_backed(explained(migrated_db, certificates.due_query(now),
                                   {"next_renewal_at": 1}))
+    # The scan's batch: which of the due certificates already have an active issuance.
+    result = certificates.renewal_scan(migrated_db)
+    assert result["enqueued"] == sum(1 for d in docs if d["deleted_at"] is None
+                                     and d["next_renewal_at"] <= now)
+    keys = [certificates.dedupe_key(d["_id"]) for d in docs[:60]]
+    active = migrated_db.command("explain", {"find": dbm.JOBS, "filter": {
+        "dedupe_key": {"$in": keys}}}, verbosity="executionStats")
+    assert "COLLSCAN" not in str(active["queryPlanner"]["winningPlan"]), active
     live = {"deleted_at": None}
     project = {**live, "project_id": projects[1]}
     by_status = {**live, "status": "issued"}
