@@ -524,6 +524,9 @@ class Bench:
         row["seed"] = self.seeder.grow(size)
         log(f"seeded: {row['seed']}")
         row["due"] = self.seeder.make_due_again()
+        # The autoscaler's query with no backlog (what the fleet's size alone costs it),
+        # then again below with the 1 % the scan enqueues waiting (no worker runs here).
+        row["queue_depth_idle_ms"] = ms(pct(self.time_queue_depth(), 0.5))
         now = dbm.server_now(self.db)
         row["scan_explain"] = explain(
             self.db, dbm.CERTIFICATES, certificates_due_query(now),
@@ -533,13 +536,8 @@ class Bench:
         row["scan_s"] = round(time.perf_counter() - started, 3)
         row["scan_enqueued"] = scanned["enqueued"]
         log(f"scan: {scanned} in {row['scan_s']} s")
-        depth_times = []
-        for _ in range(20):
-            started = time.perf_counter()
-            depth = queue_depth(self.db)
-            depth_times.append(time.perf_counter() - started)
-        row["queue_depth_ms"] = ms(pct(depth_times, 0.5))
-        row["queue_queued"] = depth["queued"]
+        row["queue_depth_ms"] = ms(pct(self.time_queue_depth(), 0.5))
+        row["queue_queued"] = queue_depth(self.db)["queued"]
         row["queue_explain"] = explain(self.db, dbm.JOBS, {"state": "queued"})
 
         row["metrics"] = self.measure_metrics()
@@ -555,6 +553,16 @@ class Bench:
             self.stop_api()
         row["sizes"] = collection_sizes(self.db)
         return row
+
+    def time_queue_depth(self) -> list[float]:
+        from app.jobs import queue_depth
+
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            queue_depth(self.db)
+            times.append(time.perf_counter() - started)
+        return times
 
     def measure_metrics(self) -> Doc:
         import requests
@@ -653,6 +661,7 @@ def figures(row: Doc) -> dict[str, float | None]:
         "seed_certs_per_s": row["seed"].get("certificates_per_s"),
         "scan_s": row["scan_s"],
         "scan_examined_per_returned": row["scan_explain"]["ratio"],
+        "queue_depth_idle_ms": row["queue_depth_idle_ms"],
         "queue_depth_ms": row["queue_depth_ms"],
         "queue_examined_per_returned": row["queue_explain"]["ratio"],
         "metrics_scrape_s": row["metrics"]["scrape_s"],
@@ -738,6 +747,14 @@ def main() -> None:
     print("per-event collections after the simulated year:")
     for row in rows:
         print(f"  {row['size']:>7,}: " + ", ".join(f"{k} {v:,}" for k, v in row["sizes"].items()))
+    print("query plans (explain):")
+    for row in rows:
+        plans = {"scan": row["scan_explain"]["plan"], "queue": row["queue_explain"]["plan"],
+                 **{k[:-8]: v["plan"] for k, v in row["lists"].items()
+                    if k.endswith("_explain")},
+                 "audit_target": row["audit"]["target_explain"]["plan"],
+                 "audit_time": row["audit"]["time_explain"]["plan"]}
+        print(f"  {row['size']:>7,}: " + ", ".join(f"{k} {v}" for k, v in plans.items()))
     print(f"expired jobs not yet swept at the end: {ttl_left}")
     print(json.dumps({"sizes": {str(r["size"]): {**figures(r), "detail": r} for r in rows},
                       "growth": growth(rows), "expired_jobs_unswept": ttl_left},
