@@ -37,7 +37,7 @@ from prometheus_client.utils import floatToGoString
 from pymongo.database import Database
 
 from app import db as dbm
-from app.config import Settings, load_settings
+from app.config import METRICS_CERTIFICATE_SERIES, Settings, load_settings
 from app.db import Doc
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,7 @@ HEAD_ID = "head"
 CHUNK_CERTIFICATES = 5000
 # Chunks outlive two refreshes by far; they expire if refreshes stop (the head stays).
 CHUNK_TTL = timedelta(minutes=15)
-PER_CERTIFICATE = "per-certificate"
-AGGREGATE = "aggregate"
-SERIES_MODES = (PER_CERTIFICATE, AGGREGATE)
+PER_CERTIFICATE, AGGREGATE = METRICS_CERTIFICATE_SERIES
 READY_STATUSES = ("issued", "valid", "ready")
 DAYS_LEFT_BUCKETS = (0.0, 7.0, 14.0, 21.0, 30.0, 60.0, 90.0)
 
@@ -130,7 +128,8 @@ def refresh(db: Database[Doc], settings: Settings | None = None, *,
     expire_at = now + CHUNK_TTL
     writers = [_ChunkWriter(db, generation, i, expire_at) for i in range(len(FAMILIES))]
     by_status: Counter[str] = Counter()
-    days_left: list[float] = []
+    buckets = [0] * len(DAYS_LEFT_BUCKETS)
+    days_count, days_sum = 0, 0.0
     soonest: dict[str, float] = {}
     count = 0
     cursor = dbm.primary(db)[dbm.CERTIFICATES].find({"deleted_at": None}, PROJECTION,
@@ -142,7 +141,12 @@ def refresh(db: Database[Doc], settings: Settings | None = None, *,
         project = str(doc.get("project_id") or "")
         not_after = _ts(doc.get("not_after"))
         if not_after is not None and status in READY_STATUSES:
-            days_left.append((not_after - now.timestamp()) / 86400)
+            days = (not_after - now.timestamp()) / 86400
+            days_count += 1
+            days_sum += days
+            for i, le in enumerate(DAYS_LEFT_BUCKETS):
+                if days <= le:
+                    buckets[i] += 1
             if project not in soonest or not_after < soonest[project]:
                 soonest[project] = not_after
         if mode == PER_CERTIFICATE:
@@ -157,13 +161,11 @@ def refresh(db: Database[Doc], settings: Settings | None = None, *,
              "state": str((row["_id"] or {}).get("state")), "n": int(row["n"])}
             for row in db[dbm.JOBS].aggregate([{"$group": {
                 "_id": {"kind": "$kind", "state": "$state"}, "n": {"$sum": 1}}}])]
-    buckets = [sum(1 for d in days_left if d <= le) for le in DAYS_LEFT_BUCKETS]
     head: Doc = {
         "_id": HEAD_ID, "kind": "head", "generation": generation, "built_at": now,
         "build_seconds": round(time.monotonic() - started, 3), "mode": mode,
         "certificates": count, "by_status": dict(by_status),
-        "days_left": {"buckets": buckets, "count": len(days_left),
-                      "sum": round(sum(days_left), 3)},
+        "days_left": {"buckets": buckets, "count": days_count, "sum": round(days_sum, 3)},
         "soonest_expiry": soonest,
         "families": [w.chunks for w in writers], "jobs": jobs,
     }
