@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import (
@@ -88,14 +87,6 @@ _scrape_extensions: dict[str, ScrapeFn] = {}
 def register_scrape(name: str, fn: ScrapeFn) -> None:
     """Add a scrape-time collector (e.g. the jobs package's queue-depth gauges)."""
     _scrape_extensions[name] = fn
-
-
-def _ts(value: Any) -> float | None:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value.timestamp()
-    return None
 
 
 def scheduler_metrics(db: Any) -> Iterator[Metric]:
