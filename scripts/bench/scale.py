@@ -591,6 +591,19 @@ class Bench:
                        "peak_mb": after.get("VmHWM"),
                        "series": sum(1 for line in response.text.splitlines()
                                      if line and not line.startswith("#"))})
+        if fleet_metrics is not None:
+            # The same snapshot served by an api set to aggregate-only gauges.
+            self.env["CAP_METRICS_CERTIFICATE_SERIES"] = "aggregate"
+            self.start_api()
+            try:
+                started = time.perf_counter()
+                response = requests.get(f"http://{self.bind}/metrics", timeout=600)
+                result["aggregate_scrape_s"] = round(time.perf_counter() - started, 3)
+                result["aggregate_bytes"] = len(response.content)
+                result["aggregate_peak_mb"] = proc_status(self.api_worker).get("VmHWM")
+            finally:
+                self.stop_api()
+                del self.env["CAP_METRICS_CERTIFICATE_SERIES"]
         return result
 
     def measure_lists(self, session: Any) -> Doc:
@@ -668,6 +681,8 @@ def figures(row: Doc) -> dict[str, float | None]:
         "metrics_bytes": row["metrics"]["bytes"],
         "metrics_peak_mb": row["metrics"]["peak_mb"],
         "metrics_snapshot_refresh_s": row["metrics"].get("snapshot_refresh_s"),
+        "metrics_aggregate_scrape_s": row["metrics"].get("aggregate_scrape_s"),
+        "metrics_aggregate_bytes": row["metrics"].get("aggregate_bytes"),
         "renewal_job_p50_s": row["renewal_job_p50_s"],
         "audit_target_p99_ms": row["audit"]["target"]["p99_ms"],
         "audit_time_p99_ms": row["audit"]["time"]["p99_ms"],
