@@ -106,8 +106,9 @@ class _ChunkWriter:
         doc = {"_id": f"{self.generation}:{self.family}:{self.chunks:06d}", "kind": "chunk",
                "generation": self.generation, "family": self.family, "seq": self.chunks,
                "data": Binary(data), "expire_at": self.expire_at}
-        dbm.retry(lambda: self.db[dbm.METRICS_SNAPSHOTS].insert_one(doc),
-                  what="write metrics chunk")
+        # An upsert by _id: a retry after a lost reply writes the same chunk again.
+        dbm.retry(lambda: self.db[dbm.METRICS_SNAPSHOTS].replace_one(
+            {"_id": doc["_id"]}, doc, upsert=True), what="write metrics chunk")
         self.chunks += 1
 
 
