@@ -17,6 +17,8 @@ from app.jobs import registry
 from app.jobs.registry import HandlerSpec
 from app.keys import handlers as key_handlers
 from app.keys.rotation import STEP_KIND
+from app.metrics_snapshot import SNAPSHOT_KIND
+from app.ops import snapshot_job
 
 HANDLERS: tuple[HandlerSpec, ...] = (
     HandlerSpec("jobs.reap", job_handlers.reap_job, max_attempts=1),
@@ -28,6 +30,8 @@ HANDLERS: tuple[HandlerSpec, ...] = (
     HandlerSpec(STEP_KIND, key_handlers.rotation_step, max_attempts=3),
     HandlerSpec(audit_jobs.KIND, audit_jobs.forward, max_attempts=3,
                 backoff_base_seconds=2.0, backoff_max_seconds=10.0),
+    HandlerSpec(SNAPSHOT_KIND, snapshot_job.refresh_snapshot, max_attempts=2,
+                backoff_base_seconds=5, backoff_max_seconds=30),
 )
 
 

@@ -11,9 +11,11 @@ code increments the same objects:
 - ``HTTP_REQUESTS`` / ``HTTP_REQUEST_DURATION``: the API counts each request by
   ``method``, ``route`` (the URL rule, not the raw path) and ``status``.
 
-State metrics (certificate expiry and readiness, job queue depth, the scheduler lease)
-are read from MongoDB at scrape time by ``DatabaseCollector``: the database is the
-source of truth, so every api replica reports the same values.
+State metrics come from the database, the source of truth, so every api replica reports
+the same values. What is cheap is read at scrape time by ``DatabaseCollector`` (the
+scheduler lease, queue depth through its partial index, audit sinks); what needs the
+whole fleet (certificate gauges, jobs by kind and state) is read once per minute by one
+worker into a shared snapshot (``app/metrics_snapshot.py``) and served from there.
 
 Processes: gunicorn forks several workers, so the api runs prometheus_client's
 multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, set by ``app/gunicorn_conf.py`` before
@@ -26,7 +28,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import (
@@ -82,69 +83,6 @@ HTTP_REQUEST_DURATION = Histogram(
 ScrapeFn = Callable[[Any], Iterable[Metric]]
 
 
-def _ts(value: Any) -> float | None:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value.timestamp()
-    return None
-
-
-def certificate_metrics(db: Any) -> Iterator[Metric]:
-    """cert-manager-like per-certificate gauges, read from ``certificates``."""
-    from app import db as dbm
-
-    labels = ["id", "name", "project", "issuer"]
-    expiry = GaugeMetricFamily(
-        "certautopilot_certificate_expiration_timestamp_seconds",
-        "Expiry (notAfter) of the certificate currently issued, as a Unix timestamp.",
-        labels=labels)
-    renewal = GaugeMetricFamily(
-        "certautopilot_certificate_renewal_timestamp_seconds",
-        "When the certificate is next due for renewal, as a Unix timestamp.",
-        labels=labels)
-    ready = GaugeMetricFamily(
-        "certautopilot_certificate_ready_status",
-        "Whether the certificate is ready (issued and valid): one series per condition.",
-        labels=[*labels, "condition"])
-    projection = {"_id": 1, "name": 1, "names": 1, "project_id": 1, "status": 1,
-                  "not_after": 1, "next_renewal_at": 1, "account_id": 1, "directory_url": 1,
-                  "deleted_at": 1}
-    now = datetime.now(UTC).timestamp()
-    for doc in db[dbm.CERTIFICATES].find({"deleted_at": None}, projection):
-        name = doc.get("name") or ",".join(doc.get("names") or [])
-        issuer = str(doc.get("directory_url") or doc.get("account_id") or "")
-        values = [str(doc["_id"]), str(name), str(doc.get("project_id") or ""), issuer]
-        not_after = _ts(doc.get("not_after"))
-        if not_after is not None:
-            expiry.add_metric(values, not_after)
-        next_renewal = _ts(doc.get("next_renewal_at"))
-        if next_renewal is not None:
-            renewal.add_metric(values, next_renewal)
-        is_ready = doc.get("status") in ("issued", "valid", "ready") and (
-            not_after is None or not_after > now)
-        for condition in ("True", "False"):
-            ready.add_metric([*values, condition], 1.0 if (condition == "True") == is_ready
-                             else 0.0)
-    yield expiry
-    yield renewal
-    yield ready
-
-
-def job_metrics(db: Any) -> Iterator[Metric]:
-    """Jobs by kind and state (queue depth: certautopilot_jobs_queued, app/jobs/metrics.py)."""
-    from app import db as dbm
-
-    jobs = GaugeMetricFamily("certautopilot_jobs", "Jobs currently stored, by kind and state.",
-                             labels=["kind", "state"])
-    pipeline = [{"$group": {"_id": {"kind": "$kind", "state": "$state"}, "n": {"$sum": 1}}}]
-    for row in db[dbm.JOBS].aggregate(pipeline):
-        key = row["_id"] or {}
-        state = str(key.get("state"))
-        jobs.add_metric([str(key.get("kind")), state], float(row["n"]))
-    yield jobs
-
-
 def scheduler_metrics(db: Any) -> Iterator[Metric]:
     """The scheduler's leader lease: who leads (1 while the lease is held), its term."""
     from app.db.schedule import lease_status
@@ -168,18 +106,24 @@ def scheduler_metrics(db: Any) -> Iterator[Metric]:
 
 
 class DatabaseCollector(Collector):
-    """Reads state metrics from MongoDB at scrape time."""
+    """Reads state metrics from MongoDB at scrape time (the fleet's from the snapshot's
+    head; ``head`` is called once per scrape and may keep what it read for the caller)."""
 
-    def __init__(self, get_db: Callable[[], Any], scrapes: Iterable[ScrapeFn] = ()) -> None:
+    def __init__(self, get_db: Callable[[], Any], scrapes: Iterable[ScrapeFn] = (),
+                 head: Callable[[Any], Any] | None = None) -> None:
         self._get_db = get_db
-        self._scrapes = (certificate_metrics, job_metrics, scheduler_metrics, *scrapes)
+        self._scrapes = (scheduler_metrics, *scrapes)
+        self._head = head
 
     def collect(self) -> Iterator[Metric]:
+        from app import metrics_snapshot as fleet_metrics
+
         up = GaugeMetricFamily("certautopilot_database_up",
                                "1 when this scrape could read the database.")
         try:
             db = self._get_db()
-            families: list[Metric] = []
+            head = (self._head or fleet_metrics.read_head)(db)
+            families: list[Metric] = list(fleet_metrics.aggregate_metrics(head))
             for fn in self._scrapes:
                 families.extend(fn(db))
         except Exception as exc:  # noqa: BLE001 - a scrape reports, never fails
@@ -210,7 +154,8 @@ def multiprocess_enabled() -> bool:
 
 
 def build_registry(get_db: Callable[[], Any] | None,
-                   scrapes: Iterable[ScrapeFn] = ()) -> CollectorRegistry:
+                   scrapes: Iterable[ScrapeFn] = (),
+                   head: Callable[[Any], Any] | None = None) -> CollectorRegistry:
     """The registry ``/metrics`` renders: process metrics (merged across gunicorn
     workers in multiprocess mode) plus the database collector (with ``scrapes``)."""
     from prometheus_client import REGISTRY
@@ -224,7 +169,7 @@ def build_registry(get_db: Callable[[], Any] | None,
         registry = CollectorRegistry()
         registry.register(_Delegate(REGISTRY))
     if get_db is not None:
-        registry.register(DatabaseCollector(get_db, scrapes))
+        registry.register(DatabaseCollector(get_db, scrapes, head))
     return registry
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from celery import Celery
@@ -40,6 +40,7 @@ from app import probes
 from app.config import Settings, load_or_exit
 from app.db import Doc, txn
 from app.db.names import FIRES
+from app.db.schedule import SLOT_JOB_TTL_SECONDS
 from app.errors import DatabaseUnavailable
 from app.jobs import enqueue, publish_wakeup
 from scheduler.entries import EntryDefinition, EntryError, slot_key, static_entries
@@ -413,8 +414,10 @@ class MongoLeaseScheduler(Scheduler):
 
         def body(session: ClientSession, at: datetime) -> Doc:
             advance(session, at)
+            # A slot's job expires a day after the slot (TTL, m0010), finished or not.
             job = enqueue(self.db, entry.kind, dict(entry.payload), dedupe_key=key,
-                          session=session, publish=False)
+                          session=session, publish=False,
+                          expire_at=slot + timedelta(seconds=SLOT_JOB_TTL_SECONDS))
             self.db[FIRES].insert_one({
                 "entry": entry.name, "slot": slot, "dedupe_key": key, "kind": entry.kind,
                 "term": term, "holder": holder, "job_id": job["_id"], "fired_at": at,

@@ -29,4 +29,6 @@ TIMED_WORK: list[TimedWork] = [
     TimedWork("kek.rotation_step", 10, "kek.rotation_step"),
     # Forward new audit entries to the CAP_AUDIT_SINKS (SIEM): at least once, in order.
     TimedWork("audit.forward", 10, "audit.forward"),
+    # Rebuild the fleet-metrics snapshot every api replica serves (app/metrics_snapshot.py).
+    TimedWork("metrics.snapshot", 60, "metrics.snapshot"),
 ]

@@ -14,6 +14,7 @@ takes (a position of another list's shape just pages from there).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -247,21 +248,68 @@ def _after(keys: tuple[str, ...], values: list[Any], descending: bool) -> Doc:
     return clauses[0] if len(clauses) == 1 else {"$or": clauses}
 
 
+def _with_bound(query: Doc, key: str, ops: Doc) -> Doc:
+    """``query`` and ``key`` within ``ops``, merged into the query's own condition on
+    ``key`` when it has one: a flat filter keeps the planner on the index, where a
+    top-level ``$and``/``$or`` sends the embedded server to a collection scan."""
+    current = query.get(key)
+    if current is None and key not in query:
+        return {**query, key: ops}
+    if isinstance(current, dict) and current and all(k.startswith("$") for k in current) \
+            and not set(current) & set(ops):
+        return {**query, key: {**current, **ops}}
+    return {"$and": [query, {key: ops}]}
+
+
+def page_query(query: Doc, keys: tuple[str, ...], after: list[Any] | None,
+               descending: bool = False) -> tuple[Doc, list[Any] | None]:
+    """The filter of the page after the cursor values ``after``, and the values the
+    caller must still drop ties against (None when the filter is exact)."""
+    if after is None:
+        return query, None
+    if len(keys) == 1:
+        return _with_bound(query, keys[0], {"$lt" if descending else "$gt": after[0]}), None
+    if len(after) < len(keys) or any(v is None for v in after):
+        return {"$and": [query, _after(keys, after, descending)]}, None
+    return _with_bound(query, keys[0], {"$lte" if descending else "$gte": after[0]}), after
+
+
 def paginate(collection: Collection[Doc], query: Doc, *, limit: int, cursor: str | None,
              keys: tuple[str, ...] = ("created_at", "_id"), projection: Doc | None = None,
              descending: bool = False) -> dict[str, Any]:
     """One page of ``query`` in ``keys`` order (the last key unique): ``{items,
     next_cursor}``. The default order is creation order, so items inserted while a
-    client pages come last."""
-    if cursor:
-        query = {"$and": [query, _after(keys, decode_cursor(cursor), descending)]}
+    client pages come last.
+
+    The page after a cursor is asked of the database as a range on the first key (from
+    the cursor's value, inclusive) and the few items that tie on it but do not come after
+    the cursor are dropped here: one index range, never a count or a skip, whatever the
+    page's depth."""
     order = -1 if descending else 1
+    after: list[Any] | None = decode_cursor(cursor)[:len(keys)] if cursor else None
+    query, after = page_query(query, keys, after, descending)
 
-    def fetch() -> list[Doc]:
+    def beyond(doc: Doc) -> bool:
+        assert after is not None
+        if doc.get(keys[0]) != after[0]:
+            return True
+        rest = tuple(doc.get(k) for k in keys[1:])
+        try:
+            return rest < tuple(after[1:]) if descending else rest > tuple(after[1:])
+        except TypeError:  # a hand-made position of other types: the database ordered it
+            return True
+
+    def fetch(extra: int) -> list[Doc]:
         return list(collection.find(query, projection).sort([(k, order) for k in keys])
-                    .limit(limit + 1))
+                    .limit(limit + 1 + extra))
 
-    items = dbm.retry(fetch, what=f"list {collection.name}")
+    extra = 0
+    while True:
+        fetched = dbm.retry(functools.partial(fetch, extra), what=f"list {collection.name}")
+        items = fetched if after is None else [d for d in fetched if beyond(d)]
+        if len(items) > limit or len(fetched) < limit + 1 + extra:
+            break
+        extra = max(2 * extra, len(fetched) - len(items), 1)
     next_cursor = None
     if len(items) > limit:
         items = items[:limit]

@@ -32,7 +32,7 @@ def command() -> None:
 @pass_ctx
 def status_command(obj: CliContext, as_json: bool, fires: int) -> None:
     """Lease holder, term, expiry, last renewal, and every entry with its next run."""
-    from app.scheduling_status import status
+    from app.db.schedule import status
 
     result: dict[str, Any] = status(obj.db(), fires=fires)
     if as_json:

@@ -28,6 +28,7 @@ from app.errors import ConfigError as ConfigError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
+METRICS_CERTIFICATE_SERIES = ("per-certificate", "aggregate")
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,12 @@ class Settings:
     # api_rate_limit 0 means no limit.
     api_rate_limit: int = 6000
     api_rate_window_seconds: int = 60
+    # CAP_METRICS_CERTIFICATE_SERIES: what /metrics says about certificates, read from the
+    # fleet snapshot one worker refreshes every 60 s. "per-certificate" (default): the
+    # cert-manager-like expiry, renewal and ready gauges of each certificate plus the
+    # aggregates; "aggregate": only counts by status and by days left and the soonest
+    # expiry per project (one series per project, not per certificate: large fleets).
+    metrics_certificate_series: str = "per-certificate"
 
     def require_mongo_uri(self) -> str:
         if not self.mongo_uri:
@@ -332,6 +339,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
 
     api_rate_limit, api_rate_window = _api_rate_limit(env)
 
+    certificate_series = (env.get("CAP_METRICS_CERTIFICATE_SERIES")
+                          or "per-certificate").strip().lower()
+    if certificate_series not in METRICS_CERTIFICATE_SERIES:
+        raise ConfigError("CAP_METRICS_CERTIFICATE_SERIES",
+                          env.get("CAP_METRICS_CERTIFICATE_SERIES"),
+                          " or ".join(METRICS_CERTIFICATE_SERIES))
+
     return Settings(
         mongo_uri=mongo_uri,
         mongo_db=mongo_db,
@@ -362,6 +376,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         audit_sinks=parse_sinks(env),
         api_rate_limit=api_rate_limit,
         api_rate_window_seconds=api_rate_window,
+        metrics_certificate_series=certificate_series,
     )
 
 

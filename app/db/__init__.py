@@ -42,6 +42,7 @@ from app.db.names import (
     KEYS,
     LEASES,
     MESSAGES_COLLECTION,
+    METRICS_SNAPSHOTS,
     MIGRATIONS,
     MIGRATIONS_LOCK_ID,
     ORDERS,
@@ -58,6 +59,7 @@ from app.db.txn import transaction
 __all__ = [
     "ACME_ACCOUNTS", "API_TOKENS", "AUDIT", "CERTIFICATES", "CHALLENGES", "COUNTERS",
     "FIRES", "IDEMPOTENCY", "JOBS", "KEK_ROTATIONS", "KEK_VERSIONS", "KEYS", "LEASES",
+    "METRICS_SNAPSHOTS",
     "MAJORITY", "MESSAGES_COLLECTION", "MIGRATIONS", "MIGRATIONS_LOCK_ID", "ORDERS",
     "PROJECTS", "RATE_LIMITS", "SCHEDULE", "SCHEDULER_LEASE_ID", "SINKS", "WORKERS", "Doc",
     "backoff_delay", "close_clients", "get_client", "get_db", "is_transient", "ping",

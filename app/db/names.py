@@ -20,6 +20,8 @@ ORDERS = "orders"
 KEYS = "keys"
 CHALLENGES = "challenges"
 COUNTERS = "counters"
+# The fleet-metrics snapshot (app/metrics_snapshot.py): a head document and its chunks.
+METRICS_SNAPSHOTS = "metrics_snapshots"
 
 # Background work: durable jobs, worker heartbeats, leader leases, the beat schedule and
 # its per-slot fire log (unique per entry and slot: the proof that a slot ran once).

@@ -286,20 +286,30 @@ def store_schedule(db: Database[Doc], session: ClientSession, certificate_id: st
 
 
 # ------------------------------------------------------------------ due renewals
+def due_query(now: datetime) -> Doc:
+    """The renewal scan's filter: on the (deleted_at, next_renewal_at) index (m0010), so
+    the scan reads the due certificates only."""
+    return {"deleted_at": None, "next_renewal_at": {"$lte": now}}
+
+
 def due_for_renewal(db: Database[Doc], now: datetime, limit: int) -> list[Doc]:
-    """Live certificates whose ``next_renewal_at`` has come, the most overdue first (on
-    the ``next_renewal_at`` index)."""
+    """Live certificates whose ``next_renewal_at`` has come, the most overdue first."""
     return dbm.retry(lambda: list(dbm.primary(db)[dbm.CERTIFICATES].find(
-        {"next_renewal_at": {"$lte": now}, "deleted_at": None},
+        due_query(now),
         {"_id": 1, "project_id": 1, "next_renewal_at": 1, "status": 1},
         sort=[("next_renewal_at", 1)], limit=limit)), what="find due renewals")
 
 
-def hold_due(db: Database[Doc], session: ClientSession, certificate_id: str, now: datetime,
-             until: datetime) -> bool:
-    """Move a due certificate's ``next_renewal_at`` to ``until``; False when it was not
-    due (any more) at ``now``."""
-    moved = db[dbm.CERTIFICATES].update_one(
-        {"_id": certificate_id, "next_renewal_at": {"$lte": now}},
-        {"$set": {"next_renewal_at": until}}, session=session)
-    return bool(moved.modified_count)
+def hold_due(db: Database[Doc], session: ClientSession, certificate_ids: list[str],
+             now: datetime, until: datetime) -> list[Doc]:
+    """Of ``certificate_ids``, those still due at ``now`` (read in the transaction's
+    snapshot), moved to ``until``: two commands whatever the batch's size."""
+    still_due = [c for c in db[dbm.CERTIFICATES].find(
+        {"_id": {"$in": certificate_ids}},
+        {"_id": 1, "project_id": 1, "status": 1, "next_renewal_at": 1}, session=session)
+        if c.get("next_renewal_at") is not None and c["next_renewal_at"] <= now]
+    if still_due:
+        db[dbm.CERTIFICATES].update_many(
+            {"_id": {"$in": [c["_id"] for c in still_due]}},
+            {"$set": {"next_renewal_at": until}}, session=session)
+    return still_due

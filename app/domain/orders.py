@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable
+from datetime import timedelta
 
 from pymongo import DESCENDING
 from pymongo.client_session import ClientSession
@@ -57,6 +58,9 @@ ABANDONED = "abandoned"
 STATES = (CREATED, PENDING, READY, FINALIZING, PROCESSING, VALID, DOWNLOADED, COMPLETED,
           INVALID, EXPIRED, ABANDONED)
 TERMINAL = frozenset({COMPLETED, INVALID, EXPIRED, ABANDONED})
+# A finished order is kept this long, then its TTL index (m0010, ``expire_at``) removes
+# it: one order per renewal must not pile up for ever (the certificate keeps its result).
+ORDER_RETENTION = timedelta(days=180)
 ACTIVE = tuple(s for s in STATES if s not in TERMINAL)
 
 # Allowed transitions. A resumed order may find the CA ahead of what was saved (a crash
@@ -186,6 +190,7 @@ def transition(db: Database[Doc], order: Doc, target: str, *,
     changes: Doc = {"state": target, "updated_at": now, **(fields or {})}
     if target in TERMINAL:
         changes.setdefault("completed_at", now)
+        changes.setdefault("expire_at", changes["completed_at"] + ORDER_RETENTION)
     query: Doc = {"_id": order["_id"], "state": {"$in": allowed}, **(extra_query or {})}
     update: Doc = {"$set": changes}
     if not (order.get("state") == target and target in TRANSITIONS[target]):

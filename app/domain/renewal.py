@@ -220,22 +220,20 @@ def renewal_scan(db: Database[Doc], *, batch_size: int = SCAN_BATCH,
         def enqueue_batch(session: ClientSession, due: list[Doc] = due,
                           now: dt.datetime = now, guard_until: dt.datetime = guard_until
                           ) -> list[str]:
-            job_ids = []
+            # A batch costs four commands whatever its size: read back what is still due,
+            # move it past the guard, read the active issuances, insert the new jobs.
+            still_due = certificates.hold_due(db, session, [c["_id"] for c in due], now,
+                                              guard_until)
             active = jobs.active_dedupe_keys(
-                db, [certificates.dedupe_key(cert["_id"]) for cert in due], session=session)
-            for cert in due:
-                key = certificates.dedupe_key(cert["_id"])
-                moved = certificates.hold_due(db, session, cert["_id"], now, guard_until)
-                if not moved or key in active:
-                    continue  # an issuance of it is already queued or running
-                reason = "initial" if cert.get("status") in (STATUS_PENDING, STATUS_FAILED) \
-                    else "renewal"
-                job = jobs.enqueue(db, certificates.ISSUE_JOB_KIND,
-                                   {"certificate_id": cert["_id"], "reason": reason},
-                                   dedupe_key=key, project_id=cert.get("project_id"),
-                                   session=session, publish=False)
-                job_ids.append(str(job["_id"]))
-            return job_ids
+                db, [certificates.dedupe_key(cert["_id"]) for cert in still_due],
+                session=session)
+            created = jobs.enqueue_many(db, certificates.ISSUE_JOB_KIND, [
+                ({"certificate_id": cert["_id"],
+                  "reason": "initial" if cert.get("status") in (STATUS_PENDING, STATUS_FAILED)
+                  else "renewal"}, certificates.dedupe_key(cert["_id"]), cert.get("project_id"))
+                for cert in still_due
+                if certificates.dedupe_key(cert["_id"]) not in active], session=session)
+            return [str(job["_id"]) for job in created]
 
         if fence is not None:
             job_ids = fence.transaction(enqueue_batch)

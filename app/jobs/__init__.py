@@ -42,6 +42,7 @@ from app.jobs.lifecycle import (
     claim,
     complete,
     enqueue,
+    enqueue_many,
     fail,
     fenced_transaction,
     heartbeat,
@@ -56,7 +57,7 @@ from app.jobs.stats import queue_depth
 __all__ = [
     "ACTIVE_STATES", "STATES", "InvalidJob", "JobContext", "JobNotFound",
     "JobStateConflict", "LeaseLost", "PermanentFailure", "RetryLater", "active_dedupe_keys",
-    "cancel", "claim", "complete", "enqueue", "fail", "fenced_transaction", "get_job",
-    "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "queue_depth", "reap",
+    "cancel", "claim", "complete", "enqueue", "enqueue_many", "fail", "fenced_transaction",
+    "get_job", "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "queue_depth", "reap",
     "register_handler", "release", "retry_dead", "retry_later",
 ]

@@ -123,25 +123,11 @@ def _validate(kind: object, payload: object, dedupe_key: object, run_after: obje
         raise InvalidJob("project_id must be a string")
 
 
-def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
-            dedupe_key: str | None = None, run_after: datetime | None = None,
-            project_id: str | None = None, session: ClientSession | None = None,
-            publish: bool = True, settings: Settings | None = None) -> Doc:
-    """Insert a queued job (``w=majority``) and publish its wake-up; return the job.
-
-    With a ``dedupe_key`` already held by an active (queued or running) job, return that
-    job instead and publish nothing. With ``session`` the insert joins the caller's
-    transaction and nothing is published: call ``publish_wakeup(job["_id"])`` after the
-    commit (or leave it to the reaper). A failed publish leaves the job queued for the
-    reaper. A ``run_after`` in the future delays the job.
-    """
-    _validate(kind, payload, dedupe_key, run_after, project_id)
-    settings = _settings(settings)
-    now = server_now(db)
-    due = max(run_after, now) if run_after is not None else now
-    countdown = (due - now).total_seconds()
+def _job_doc(kind: str, payload: dict[str, Any], dedupe_key: str | None,
+             project_id: str | None, now: datetime, due: datetime,
+             settings: Settings) -> Doc:
     spec = get_handler(kind)
-    doc: Doc = {
+    return {
         "_id": str(ObjectId()),
         "kind": kind,
         "payload": payload,
@@ -151,7 +137,7 @@ def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
         "attempts": 0,
         "max_attempts": spec.max_attempts if spec else None,
         "run_after": due,
-        "wake_at": _wake_at(due, countdown, settings),
+        "wake_at": _wake_at(due, (due - now).total_seconds(), settings),
         "created_at": now,
         "updated_at": now,
         "started_at": None,
@@ -161,6 +147,49 @@ def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
         "last_error": None,
         "history": [{"at": now, "event": "enqueued"}],
     }
+
+
+def enqueue_many(db: Database[Doc], kind: str,
+                 jobs: list[tuple[dict[str, Any], str | None, str | None]], *,
+                 session: ClientSession, settings: Settings | None = None) -> list[Doc]:
+    """Insert queued jobs due now, ``(payload, dedupe_key, project_id)`` each, with one
+    ``insert_many`` in the caller's transaction (the renewal scan's batches). The caller
+    has excluded dedupe keys held by active jobs (a concurrent holder aborts the
+    transaction, which is retried); publish each wake-up after the commit."""
+    if not jobs:
+        return []
+    for payload, dedupe_key, project_id in jobs:
+        _validate(kind, payload, dedupe_key, None, project_id)
+    settings = _settings(settings)
+    now = server_now(db)
+    docs = [_job_doc(kind, payload, dedupe_key, project_id, now, now, settings)
+            for payload, dedupe_key, project_id in jobs]
+    db[dbm.JOBS].insert_many(docs, ordered=True, session=session)
+    return docs
+
+
+def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
+            dedupe_key: str | None = None, run_after: datetime | None = None,
+            project_id: str | None = None, session: ClientSession | None = None,
+            publish: bool = True, settings: Settings | None = None,
+            expire_at: datetime | None = None) -> Doc:
+    """Insert a queued job (``w=majority``) and publish its wake-up; return the job.
+
+    With a ``dedupe_key`` already held by an active (queued or running) job, return that
+    job instead and publish nothing. With ``session`` the insert joins the caller's
+    transaction and nothing is published: call ``publish_wakeup(job["_id"])`` after the
+    commit (or leave it to the reaper). A failed publish leaves the job queued for the
+    reaper. A ``run_after`` in the future delays the job. ``expire_at`` (the scheduler's
+    slot jobs) removes the job then, whatever its state (``slot_expire_at``, TTL, m0010).
+    """
+    _validate(kind, payload, dedupe_key, run_after, project_id)
+    settings = _settings(settings)
+    now = server_now(db)
+    due = max(run_after, now) if run_after is not None else now
+    countdown = (due - now).total_seconds()
+    doc = _job_doc(kind, payload, dedupe_key, project_id, now, due, settings)
+    if expire_at is not None:
+        doc["slot_expire_at"] = expire_at
     jobs = db[dbm.JOBS]
     if session is not None:
         if dedupe_key is not None:

@@ -75,6 +75,8 @@ hook Job reads its own hook copy, which exists before the ordinary resources do)
 {{- with $root }}
 - name: CAP_BROKER_DB
   value: {{ .Values.mongo.brokerDatabase | quote }}
+- name: CAP_METRICS_CERTIFICATE_SERIES
+  value: {{ .Values.metrics.certificateSeries | default "per-certificate" | quote }}
 {{- if .Values.kek.existingSecret }}
 - name: CAP_KEK_DIR
   value: /var/run/certautopilot/kek

@@ -465,3 +465,18 @@ def test_notes_tell_the_first_token_and_dr_steps() -> None:
     public = notes({**HPA, "api": {"ingress": {"enabled": True, "hosts": ["c.example.com"]}}})
     assert "https://c.example.com/api/v1" in public and "/metrics stays inside" in public
     assert "external.metrics.k8s.io" in public
+
+
+def test_metrics_certificate_series_reaches_every_role_and_is_validated() -> None:
+    def series(values: dict[str, Any], component: str) -> str:
+        pod = by_component(render(values)["Deployment"], component)["spec"]["template"]
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        return str(env["CAP_METRICS_CERTIFICATE_SERIES"])
+
+    assert series(BASE, "api") == "per-certificate"
+    aggregate = {**BASE, "metrics": {"certificateSeries": "aggregate"}}
+    # The api serves the snapshot the worker builds: both get the same switch.
+    assert series(aggregate, "api") == series(aggregate, "worker") == "aggregate"
+    with pytest.raises(helm_python.HelmError) as info:
+        render({**BASE, "metrics": {"certificateSeries": "some"}})
+    assert "certificateSeries" in str(info.value)

@@ -30,8 +30,9 @@ def scrape(client) -> dict[str, list]:
     return families
 
 
-def test_certificate_scheduler_job_and_acme_metrics(client, migrated_db) -> None:
+def test_certificate_scheduler_job_and_acme_metrics(client, migrated_db, settings) -> None:
     from app.metrics import ACME_REQUEST_DURATION, ACME_REQUESTS
+    from app import metrics_snapshot as fleet_metrics
 
     actor = system_actor("cli")
     pid = make_project(migrated_db, "alpha")
@@ -55,6 +56,8 @@ def test_certificate_scheduler_job_and_acme_metrics(client, migrated_db) -> None
             project_id=pid, publish=False)
     ACME_REQUESTS.labels("pebble.test", "newOrder", "201").inc(3)
     ACME_REQUEST_DURATION.labels("pebble.test", "newOrder", "201").observe(0.04)
+    # Fleet gauges come from the snapshot the metrics.snapshot job publishes.
+    fleet_metrics.refresh(migrated_db, settings)
 
     metrics = scrape(client)
 

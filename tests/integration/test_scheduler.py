@@ -85,6 +85,8 @@ def test_first_tick_acquires_writes_the_schedule_and_enqueues_the_reaper(
     slot = reap["last_run_at"]
     job = db[dbm.JOBS].find_one({"kind": "jobs.reap"})
     assert job["dedupe_key"] == slot_key("jobs.reap", slot)
+    # It expires (TTL) a day after its slot, whatever becomes of it.
+    assert job["slot_expire_at"] == slot + timedelta(days=1)
     fire = db[FIRES].find_one({"entry": "jobs.reap"})
     assert (fire["term"], fire["holder"], fire["job_id"]) == (1, leader.identity, job["_id"])
     assert reap["next_run_at"] == slot + timedelta(seconds=15)

@@ -22,6 +22,9 @@ def test_defaults_and_the_documented_replica_set_uri() -> None:
     assert settings.worker_metrics_port == 0  # workers serve no metrics unless asked
     assert load_settings({"CAP_WORKER_METRICS_PORT": "9809"}).worker_metrics_port == 9809
     assert load_settings({"CAP_WORKER_METRICS_PORT": "0"}).worker_metrics_port == 0
+    assert settings.metrics_certificate_series == "per-certificate"
+    assert load_settings({"CAP_METRICS_CERTIFICATE_SERIES": "Aggregate"}
+                         ).metrics_certificate_series == "aggregate"
 
 
 @pytest.mark.parametrize(
@@ -46,6 +49,7 @@ def test_defaults_and_the_documented_replica_set_uri() -> None:
         ({"CAP_WORKER_METRICS_PORT": "-1"}, "CAP_WORKER_METRICS_PORT"),
         ({"CAP_WORKER_METRICS_PORT": "metrics"}, "CAP_WORKER_METRICS_PORT"),
         ({"CAP_MONGO_DB": "bad.name"}, "CAP_MONGO_DB"),
+        ({"CAP_METRICS_CERTIFICATE_SERIES": "per-cert"}, "CAP_METRICS_CERTIFICATE_SERIES"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:

@@ -1,11 +1,20 @@
 """``/metrics``: Prometheus text exposition (unauthenticated, like the probes).
 
 Process metrics (HTTP, and ACME/job counters when they run in this process) are merged
-across gunicorn workers in multiprocess mode; certificate, job and scheduler state is
-read from the database at scrape time (see ``app/metrics.py``).
+across gunicorn workers in multiprocess mode; scheduler and queue state is read from the
+database at scrape time; fleet-wide gauges come from the shared snapshot one worker
+refreshes (see ``app/metrics.py`` and ``app/metrics_snapshot.py``). The per-certificate
+series are streamed one stored chunk at a time, so a scrape's memory does not grow with
+the fleet.
 """
 
-from flask import Response
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Response, current_app, stream_with_context
 from flask.views import MethodView
 
 from app.api.common import Blueprint, current_db
@@ -13,10 +22,12 @@ from app.audit.status import audit_metrics
 from app.jobs.metrics import queue_depth_metrics
 from app.metrics import ScrapeFn, build_registry, render
 
+log = logging.getLogger(__name__)
+
 blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 
-# State read from the database at scrape time, besides app.metrics' own (certificates,
-# jobs by state, the scheduler lease).
+# State read from the database at scrape time besides the fleet snapshot's aggregates
+# (app.metrics adds the scheduler lease).
 SCRAPES: tuple[ScrapeFn, ...] = (queue_depth_metrics, audit_metrics)
 
 
@@ -26,8 +37,29 @@ class Metrics(MethodView):
                   description="Prometheus text exposition format 0.0.4")
     def get(self) -> Response:
         """Prometheus metrics: certificates, ACME requests, jobs, scheduler, HTTP."""
-        body, content_type = render(build_registry(current_db, SCRAPES))
-        response = Response(body, mimetype=None)
+        from app import metrics_snapshot as fleet_metrics
+
+        settings = current_app.extensions["cap_settings"]
+        heads: list[Any] = []
+
+        def head(db: Any) -> Any:
+            heads.append(fleet_metrics.read_head(db))
+            return heads[-1]
+
+        body, content_type = render(build_registry(current_db, SCRAPES, head))
+
+        def stream() -> Iterator[bytes]:
+            yield body
+            if not heads:
+                return
+            try:
+                yield from fleet_metrics.stream_certificate_series(current_db(), heads[-1],
+                                                                   settings)
+            except Exception as exc:  # noqa: BLE001 - headers are sent: end the body
+                log.warning("metrics: could not stream the certificate series",
+                            extra={"error": f"{exc.__class__.__name__}: {exc}"[:200]})
+
+        response = Response(stream_with_context(stream()), mimetype=None)
         response.headers["Content-Type"] = content_type
         response.headers["Cache-Control"] = "no-store"
         return response
