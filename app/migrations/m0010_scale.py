@@ -32,9 +32,9 @@ from pymongo import ASCENDING, IndexModel, UpdateOne
 from pymongo.database import Database
 
 from app import db as dbm
-from app.domain.orders import ORDER_RETENTION, TERMINAL
 from app.db.names import FIRES
 from app.db.schedule import FIRES_TTL_SECONDS
+from app.domain.orders import ORDER_RETENTION, TERMINAL
 
 VERSION = 10
 DESCRIPTION = ("scale: certificate indexes for the scan and lists; TTL on finished orders, "

@@ -31,8 +31,8 @@ def scrape(client) -> dict[str, list]:
 
 
 def test_certificate_scheduler_job_and_acme_metrics(client, migrated_db, settings) -> None:
-    from app.metrics import ACME_REQUEST_DURATION, ACME_REQUESTS
     from app import metrics_snapshot as fleet_metrics
+    from app.metrics import ACME_REQUEST_DURATION, ACME_REQUESTS
 
     actor = system_actor("cli")
     pid = make_project(migrated_db, "alpha")
