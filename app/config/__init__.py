@@ -21,6 +21,7 @@ from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
 
 from app.config.audit_sinks import SinkSpec, parse_sinks
+from app.config.ca_budgets import CaBudgets, parse_ca_budgets
 
 # Defined with the other errors so that the parsers of single settings (audit_sinks) need
 # not import this package; every caller keeps importing it from here.
@@ -107,6 +108,9 @@ class Settings:
     # api_rate_limit 0 means no limit.
     api_rate_limit: int = 6000
     api_rate_window_seconds: int = 60
+    # CAP_CA_BUDGETS: the ACME rate-limit budget shared by every worker, per directory
+    # (JSON; Let's Encrypt's published limits by default): see app/config/ca_budgets.py.
+    ca_budgets: CaBudgets = field(default_factory=CaBudgets)
 
     def require_mongo_uri(self) -> str:
         if not self.mongo_uri:
@@ -358,6 +362,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         audit_sinks=parse_sinks(env),
         api_rate_limit=api_rate_limit,
         api_rate_window_seconds=api_rate_window,
+        ca_budgets=parse_ca_budgets(env),
     )
 
 

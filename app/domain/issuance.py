@@ -34,7 +34,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from acme import crypto_util
@@ -42,6 +42,7 @@ from pymongo.client_session import ClientSession
 from pymongo.database import Database
 
 from app import audit
+from app import db as dbm
 from app.acme import ari, solvers
 from app.acme.client import AcmeClient, OrderState, PollSchedule, poll
 from app.acme.errors import (
@@ -55,10 +56,10 @@ from app.acme.errors import (
 )
 from app.config import Settings
 from app.db import Doc
-from app.domain import accounts, certificates, challenges, orders, renewal
+from app.domain import accounts, budget, certificates, challenges, orders, renewal
 from app.domain.issued import describe_issued
 from app.domain.projects import now_ms
-from app.jobs import JobContext, PermanentFailure, RetryLater
+from app.jobs import DeferUntil, JobContext, PermanentFailure, RetryLater
 from app.keys import KeyUnavailable, generate_private_key, open_private_key, seal_private_key
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class IssuanceRun:
         self.schedule = PollSchedule(timeout=settings.acme_order_timeout_seconds)
         self.orders_created = 0
         self.resumed = False
+        self.account: Doc | None = None
 
     # ------------------------------------------------------------ entry point
     def run(self) -> Doc:
@@ -155,6 +157,7 @@ class IssuanceRun:
         try:
             account = accounts.ensure_registered(self.db, account, client, self.actor,
                                                  fence=self.fence)
+            self.account = account
             if order is not None and order["state"] not in orders.TERMINAL:
                 self.resumed = True
                 return self._drive(order, cert, account, client, None)
@@ -169,6 +172,7 @@ class IssuanceRun:
                 "urn:certautopilot:error:accountNotRegistered", exc.message)) from None
         except AcmeProblem as problem:
             decision = classify(problem)
+            self._charge_budget(problem, account, cert)
             if decision is Decision.ACCOUNT_MISSING:
                 accounts.forget_account_url(self.db, account, self.actor, fence=self.fence)
                 current = orders.latest_for_job(self.db, self.fence.job_id) \
@@ -245,7 +249,11 @@ class IssuanceRun:
         return order
 
     def _new_order(self, order: Doc, client: AcmeClient) -> OrderState:
-        """newOrder at the CA; its URL is saved before anything else happens."""
+        """newOrder at the CA; its URL is saved before anything else happens. A token of
+        the shared CA budget is taken first (``app.domain.budget``), or the job is
+        deferred until one is free."""
+        self.fence.check_lease()
+        self._take_budget(order)
         self.fence.check_lease()
         try:
             state = client.new_order(order["identifiers"], profile=order.get("profile"),
@@ -267,6 +275,47 @@ class IssuanceRun:
             "replaces": order.get("replaces"),
         })
         return state
+
+    # ------------------------------------------------------------ the shared CA budget
+    def _take_budget(self, order: Doc) -> None:
+        account = self.account or {}
+        directory = str(account.get("directory_url") or self.settings.acme_directory_url)
+        account_id = str(account.get("_id") or order.get("account_id"))
+        names = [str(i["value"]) for i in order["identifiers"]]
+        refusal = budget.check(self.db, budget.validation_buckets(
+            self.settings, directory, account_id, names))
+        if refusal is None:
+            refusal = budget.take(self.db, budget.order_buckets(
+                self.settings, directory, account_id, names,
+                replaces=bool(order.get("replaces"))))
+        if refusal is not None:
+            log.info("CA budget spent; deferring the order", extra={
+                "certificate_id": order["certificate_id"], "bucket": refusal.bucket.kind,
+                "subject": refusal.bucket.subject, "until": refusal.until.isoformat()})
+            raise DeferUntil(refusal.until, dbm.server_now(self.db), refusal.reason())
+
+    def _charge_budget(self, problem: AcmeProblem, account: Doc, cert: Doc) -> None:
+        """What the CA counted against us: a failed validation spends the identifier's
+        token; a ``rateLimited`` answer drains the bucket it names until Retry-After."""
+        try:
+            directory = str(account.get("directory_url") or self.settings.acme_directory_url)
+            names = [str(i["value"]) for i in cert.get("identifiers") or []]
+            if isinstance(problem, ChallengeFailed):
+                failed = [problem.identifier] if problem.identifier else names
+                budget.spend(self.db, budget.validation_buckets(
+                    self.settings, directory, str(account["_id"]), failed))
+            elif problem.problem_code == "rateLimited":
+                buckets = budget.order_buckets(self.settings, directory,
+                                               str(account["_id"]), names, replaces=False)
+                named = budget.bucket_named_by(problem.detail, buckets)
+                delay = problem.retry_after if problem.retry_after is not None else \
+                    DEFAULT_RATE_LIMIT_DELAY
+                if named is not None:
+                    budget.drain(self.db, named, dbm.server_now(self.db)
+                                 + timedelta(seconds=delay))
+        except Exception as exc:  # noqa: BLE001 - bookkeeping never hides the CA's answer
+            log.warning("could not charge the CA budget", extra={
+                "certificate_id": cert.get("_id"), "error": str(exc)[:200]})
 
     # ------------------------------------------------------------ the state machine
     def _fetch(self, client: AcmeClient, url: str) -> OrderState | None:
