@@ -38,12 +38,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
+from prometheus_client.core import GaugeMetricFamily, Metric
 from pymongo import ReturnDocument
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -317,3 +318,19 @@ def levels(db: Database[Doc], *, ca: str | None = None, limit: int = 1000) -> li
             if int(doc.get("ticket_at") or 0) > now_ms else None,
         })
     return rows
+
+
+def budget_metrics(db: Database[Doc]) -> Iterator[Metric]:
+    """Scrape-time gauge ``certautopilot_ca_budget_tokens{ca,bucket}``: tokens free now,
+    summed over a CA's buckets of one kind (subjects would be one series per domain)."""
+    tokens = GaugeMetricFamily(
+        "certautopilot_ca_budget_tokens",
+        "Tokens free now in the shared CA rate-limit budget, summed by CA and bucket kind.",
+        labels=["ca", "bucket"])
+    totals: dict[tuple[str, str], int] = {}
+    for row in levels(db, limit=10000):
+        key = (str(row["ca"]), str(row["bucket"]))
+        totals[key] = totals.get(key, 0) + int(row["tokens"])
+    for (ca, kind), value in sorted(totals.items()):
+        tokens.add_metric([ca, kind], float(value))
+    yield tokens

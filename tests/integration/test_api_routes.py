@@ -35,7 +35,7 @@ BODIES = {
 # Collection routes whose body may name a project: another project's is 404.
 CREATE_IN_PROJECT = {"/api/v1/tokens", "/api/v1/certificates", "/api/v1/acme-accounts"}
 # Routes that are the same for every project (no project-owned object in them).
-GLOBAL = {"/api/v1/status/scheduler", "/api/v1/status/workers"}
+GLOBAL = {"/api/v1/status/scheduler", "/api/v1/status/workers", "/api/v1/status/ca-budgets"}
 
 
 @pytest.fixture
