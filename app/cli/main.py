@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import click
 
-from app.cli import audit, ca, dev, health, jobs, kek, migrate, projects, scheduler, tokens
+from app.cli import (
+    audit,
+    ca,
+    dev,
+    health,
+    jobs,
+    kek,
+    migrate,
+    projects,
+    renewals,
+    scheduler,
+    tokens,
+)
 from app.cli.base import CapGroup, CliContext, adopt_dev_environment
 from app.config import load_or_exit
 
@@ -24,6 +36,7 @@ COMMANDS: list[click.Command] = [
     audit.command,
     jobs.command,
     ca.command,
+    renewals.command,
 ]
 
 

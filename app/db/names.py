@@ -45,6 +45,9 @@ RATE_LIMITS = "api_rate_limits"
 # (per CA and bucket kind and subject: an account, a registered domain, an identifier).
 CA_BUDGETS = "ca_budgets"
 
+# Emergency and bulk renewals: one document per tracked batch.
+RENEWAL_BATCHES = "renewal_batches"
+
 # Applied schema migrations.
 MIGRATIONS = "migrations"
 

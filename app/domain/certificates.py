@@ -31,7 +31,9 @@ from app.domain.projects import now_ms
 from app.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 
 ISSUE_JOB_KIND = "certificates.issue"
-ISSUE_REASONS = ("initial", "renewal", "manual", "reissue")
+# "emergency": a bulk or emergency renewal (app.domain.renewal_batches), also of a
+# certificate the CA revoked.
+ISSUE_REASONS = ("initial", "renewal", "manual", "reissue", "emergency")
 
 STATUS_PENDING = "pending"    # never issued yet
 STATUS_ISSUED = "issued"      # a certificate is stored (a renewal may be in flight)

@@ -146,7 +146,7 @@ class IssuanceRun:
             return {"outcome": "skipped", "why": "certificate deleted",
                     "certificate_id": self.certificate_id}
         if cert.get("status") == certificates.STATUS_REVOKED and self.reason not in (
-                "manual", "reissue"):
+                "manual", "reissue", "emergency"):
             return {"outcome": "skipped", "why": "certificate revoked",
                     "certificate_id": self.certificate_id}
         order = orders.latest_for_job(self.db, self.fence.job_id) if self.fence.job_id else None
