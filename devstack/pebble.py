@@ -92,10 +92,11 @@ class Pebble:
 
 def start_pebble(directory: Path, env_extra: dict[str, str] | None = None,
                  eab_required: bool = False, http_port: int | None = None,
-                 port: int | None = None) -> Pebble:
+                 port: int | None = None, ocsp_responder_url: str = "") -> Pebble:
     """Start both. ``http_port`` is where the VA fetches HTTP-01 answers and ``port`` the
     directory's port: free ports unless given (the dev stack passes its api's port, and
-    keeps the directory URL stable across restarts so its stored account still matches)."""
+    keeps the directory URL stable across restarts so its stored account still matches).
+    ``ocsp_responder_url`` goes into the certificates' AIA (Pebble runs no responder)."""
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = write_tls_cert(directory)
     mgmt, tls_port = free_port(), free_port()
@@ -107,7 +108,7 @@ def start_pebble(directory: Path, env_extra: dict[str, str] | None = None,
         "managementListenAddress": f"127.0.0.1:{mgmt}",
         "certificate": str(cert), "privateKey": str(key),
         "httpPort": http_port, "tlsPort": tls_port,
-        "ocspResponderURL": "", "externalAccountBindingRequired": eab_required,
+        "ocspResponderURL": ocsp_responder_url, "externalAccountBindingRequired": eab_required,
         "externalAccountMACKeys": {
             "kid-1": "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"},
     }}

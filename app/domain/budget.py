@@ -93,6 +93,14 @@ class Bucket:
 
 
 @dataclass(frozen=True)
+class Grant:
+    """Tokens taken at ``taken_ms`` (server clock) from ``buckets``."""
+
+    buckets: tuple[Bucket, ...]
+    taken_ms: int
+
+
+@dataclass(frozen=True)
 class Refusal:
     """No token before ``until``: which bucket, and how long its line is."""
 
@@ -218,9 +226,10 @@ def _place_in_line(coll: Collection[Doc], bucket: Bucket, free_ms: int) -> int:
     return int((doc or {}).get("ticket_at", free_ms + spacing)) - spacing
 
 
-def take(db: Database[Doc], buckets: list[Bucket]) -> Refusal | None:
-    """Take one token from every bucket, or none: None when taken, else when to come
-    back. A refusal by a later bucket gives back the tokens already taken."""
+def take(db: Database[Doc], buckets: list[Bucket]) -> Grant | Refusal:
+    """Take one token from every bucket, or none: a Grant, or a Refusal saying when to
+    come back. A refusal by a later bucket gives back the tokens already taken. After
+    the request the tokens were taken for, ``settle`` the grant."""
     coll = _coll(db)
     now = dbm.server_now(db)
     now_ms = _ms(now)
@@ -236,7 +245,21 @@ def take(db: Database[Doc], buckets: list[Bucket]) -> Refusal | None:
         when = free_ms + _SETTLE_MS if free_ms - now_ms < bucket.window_ms / \
             bucket.limit.count else _place_in_line(coll, bucket, free_ms)
         return Refusal(bucket, _dt(max(when, now_ms + _SETTLE_MS)))
-    return None
+    return Grant(tuple(taken), now_ms)
+
+
+def settle(db: Database[Doc], grant: Grant) -> None:
+    """Re-stamp the grant's tokens with the time its request was answered. The CA counts
+    a request when it receives it, which is after the token was taken, by a delay that
+    varies (a loaded worker, a nonce fetch): stamped at the answer, a token comes back W
+    after the CA surely counted it, so the CA never sees more than N in a window."""
+    coll = _coll(db)
+    done_ms = _ms(dbm.server_now(db))
+    if done_ms <= grant.taken_ms:
+        return
+    for bucket in grant.buckets:
+        coll.update_one({"_id": bucket.key, "slots": grant.taken_ms},
+                        {"$set": {"slots.$": done_ms}})
 
 
 def check(db: Database[Doc], buckets: list[Bucket]) -> Refusal | None:

@@ -253,19 +253,27 @@ class IssuanceRun:
         the shared CA budget is taken first (``app.domain.budget``), or the job is
         deferred until one is free."""
         self.fence.check_lease()
-        self._take_budget(order)
-        self.fence.check_lease()
+        grant = self._take_budget(order)
         try:
-            state = client.new_order(order["identifiers"], profile=order.get("profile"),
-                                     replaces=order.get("replaces"))
-        except AcmeProblem as problem:
-            if problem.problem_code == "alreadyReplaced" and order.get("replaces"):
-                # An earlier attempt's order (lost before its URL was saved) already
-                # claimed the replacement: order without it.
-                order["replaces"] = None
-                state = client.new_order(order["identifiers"], profile=order.get("profile"))
-            else:
-                raise
+            self.fence.check_lease()
+            try:
+                state = client.new_order(order["identifiers"], profile=order.get("profile"),
+                                         replaces=order.get("replaces"))
+            except AcmeProblem as problem:
+                if problem.problem_code == "alreadyReplaced" and order.get("replaces"):
+                    # An earlier attempt's order (lost before its URL was saved) already
+                    # claimed the replacement: order without it.
+                    order["replaces"] = None
+                    state = client.new_order(order["identifiers"],
+                                             profile=order.get("profile"))
+                else:
+                    raise
+        finally:
+            try:
+                budget.settle(self.db, grant)
+            except Exception as exc:  # noqa: BLE001 - the token keeps its take time
+                log.warning("could not settle a CA budget token", extra={
+                    "order_id": order["_id"], "error": str(exc)[:200]})
         orders.transition(self.db, order, orders.PENDING, expect=[orders.CREATED], fields={
             "order_url": state.url,
             "finalize_url": state.body.get("finalize"),
@@ -277,7 +285,7 @@ class IssuanceRun:
         return state
 
     # ------------------------------------------------------------ the shared CA budget
-    def _take_budget(self, order: Doc) -> None:
+    def _take_budget(self, order: Doc) -> budget.Grant:
         account = self.account or {}
         directory = str(account.get("directory_url") or self.settings.acme_directory_url)
         account_id = str(account.get("_id") or order.get("account_id"))
@@ -285,14 +293,16 @@ class IssuanceRun:
         refusal = budget.check(self.db, budget.validation_buckets(
             self.settings, directory, account_id, names))
         if refusal is None:
-            refusal = budget.take(self.db, budget.order_buckets(
+            taken = budget.take(self.db, budget.order_buckets(
                 self.settings, directory, account_id, names,
                 replaces=bool(order.get("replaces"))))
-        if refusal is not None:
-            log.info("CA budget spent; deferring the order", extra={
-                "certificate_id": order["certificate_id"], "bucket": refusal.bucket.kind,
-                "subject": refusal.bucket.subject, "until": refusal.until.isoformat()})
-            raise DeferUntil(refusal.until, dbm.server_now(self.db), refusal.reason())
+            if isinstance(taken, budget.Grant):
+                return taken
+            refusal = taken
+        log.info("CA budget spent; deferring the order", extra={
+            "certificate_id": order["certificate_id"], "bucket": refusal.bucket.kind,
+            "subject": refusal.bucket.subject, "until": refusal.until.isoformat()})
+        raise DeferUntil(refusal.until, dbm.server_now(self.db), refusal.reason())
 
     def _charge_budget(self, problem: AcmeProblem, account: Doc, cert: Doc) -> None:
         """What the CA counted against us: a failed validation spends the identifier's

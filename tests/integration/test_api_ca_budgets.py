@@ -21,7 +21,7 @@ def test_ca_budget_levels(migrated_db, settings) -> None:
     orders = budget.Bucket(CA, budget.ORDERS_PER_ACCOUNT, "acct-1", Limit(5, 60.0))
     pace = budget.Bucket(CA, budget.PACE, "*", Limit(20, 1.0))
     for _ in range(2):
-        assert budget.take(migrated_db, [orders, pace]) is None
+        assert isinstance(budget.take(migrated_db, [orders, pace]), budget.Grant)
     admin = make_admin(migrated_db)
     reader = make_token(migrated_db, make_project(migrated_db, "alpha"), ["read"])
 
@@ -49,7 +49,7 @@ def test_ca_budget_cli_and_metric(migrated_db, settings, cap_env, monkeypatch) -
     for key, value in cap_env.items():
         monkeypatch.setenv(key, value)
     orders = budget.Bucket(CA, budget.ORDERS_PER_ACCOUNT, "acct-9", Limit(4, 60.0))
-    assert budget.take(migrated_db, [orders]) is None
+    assert isinstance(budget.take(migrated_db, [orders]), budget.Grant)
     result = CliRunner().invoke(cli, ["ca", "budgets"])
     assert result.exit_code == 0, result.output
     assert "new_orders_per_account" in result.output and "3/4" in result.output

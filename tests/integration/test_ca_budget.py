@@ -30,9 +30,9 @@ def test_concurrent_takers_never_exceed_the_budget(migrated_db):
 
     def worker():
         for _ in range(4):
-            refusal = budget.take(migrated_db, [b])
+            answer = budget.take(migrated_db, [b])
             with lock:
-                (granted if refusal is None else refused).append(refusal)
+                (granted if isinstance(answer, budget.Grant) else refused).append(answer)
 
     threads = [threading.Thread(target=worker) for _ in range(6)]
     for t in threads:
@@ -52,19 +52,31 @@ def test_concurrent_takers_never_exceed_the_budget(migrated_db):
 
 def test_tokens_come_back_after_the_window(migrated_db):
     b = bucket(count=2, window=1.5)
-    assert budget.take(migrated_db, [b]) is None
-    assert budget.take(migrated_db, [b]) is None
+    assert isinstance(budget.take(migrated_db, [b]), budget.Grant)
+    assert isinstance(budget.take(migrated_db, [b]), budget.Grant)
     refusal = budget.take(migrated_db, [b])
-    assert refusal is not None and refusal.bucket == b
+    assert isinstance(refusal, budget.Refusal) and refusal.bucket == b
     time.sleep(max(0.0, (refusal.until - dbm.server_now(migrated_db)).total_seconds()) + 0.2)
-    assert budget.take(migrated_db, [b]) is None
+    assert isinstance(budget.take(migrated_db, [b]), budget.Grant)
+
+
+def test_settling_moves_a_token_to_when_its_request_was_answered(migrated_db):
+    b = bucket(count=1, window=30.0)
+    grant = budget.take(migrated_db, [b])
+    assert isinstance(grant, budget.Grant)
+    time.sleep(0.6)  # the request to the CA takes at least this long
+    budget.settle(migrated_db, grant)
+    refusal = budget.take(migrated_db, [b])
+    assert isinstance(refusal, budget.Refusal)
+    # The token comes back a window after the answer, not after the take.
+    assert refusal.until.timestamp() * 1000 >= grant.taken_ms + 30_600
 
 
 def test_a_refusal_gives_back_the_other_buckets_tokens(migrated_db):
     roomy, tight = bucket(count=3, subject="roomy"), bucket(count=1, subject="tight")
-    assert budget.take(migrated_db, [roomy, tight]) is None
+    assert isinstance(budget.take(migrated_db, [roomy, tight]), budget.Grant)
     refusal = budget.take(migrated_db, [roomy, tight])
-    assert refusal is not None and refusal.bucket == tight
+    assert isinstance(refusal, budget.Refusal) and refusal.bucket == tight
     levels = {row["subject"]: row["tokens"] for row in budget.levels(migrated_db, ca=CA)}
     assert levels == {"roomy": 2, "tight": 0}
 
@@ -74,7 +86,7 @@ def test_drain_empties_a_bucket_until_the_retry_after(migrated_db):
     until = dbm.server_now(migrated_db) + timedelta(seconds=60)
     budget.drain(migrated_db, b, until)
     refusal = budget.take(migrated_db, [b])
-    assert refusal is not None and refusal.until >= until
+    assert isinstance(refusal, budget.Refusal) and refusal.until >= until
 
 
 def test_failed_validations_block_an_identifier_until_they_age_out(migrated_db, settings):
@@ -89,9 +101,9 @@ def test_failed_validations_block_an_identifier_until_they_age_out(migrated_db, 
 
 
 def test_a_changed_limit_resizes_the_bucket(migrated_db):
-    assert budget.take(migrated_db, [bucket(count=1, window=60)]) is None
-    assert budget.take(migrated_db, [bucket(count=1, window=60)]) is not None
-    assert budget.take(migrated_db, [bucket(count=3, window=60)]) is None
+    assert isinstance(budget.take(migrated_db, [bucket(count=1, window=60)]), budget.Grant)
+    assert isinstance(budget.take(migrated_db, [bucket(count=1, window=60)]), budget.Refusal)
+    assert isinstance(budget.take(migrated_db, [bucket(count=3, window=60)]), budget.Grant)
     [level] = budget.levels(migrated_db, ca=CA)
     assert level["capacity"] == 3 and level["tokens"] == 1
 
