@@ -30,7 +30,10 @@ from devstack.embedded import free_port
 def write_tls_cert(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for localhost / 127.0.0.1 (Pebble's own listener)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    # A name of its own: two Pebbles' certificates in one CA bundle must not share a
+    # subject, or OpenSSL may pick the wrong one to verify with.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                         f"localhost pebble {os.urandom(4).hex()}")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()

@@ -111,6 +111,9 @@ class Settings:
     # CAP_CA_BUDGETS: the ACME rate-limit budget shared by every worker, per directory
     # (JSON; Let's Encrypt's published limits by default): see app/config/ca_budgets.py.
     ca_budgets: CaBudgets = field(default_factory=CaBudgets)
+    # CAP_CA_FALLBACK_AFTER_FAILURES: consecutive failed attempts at one CA after which a
+    # certificate with a ca_fallback list moves to its next account.
+    ca_fallback_after_failures: int = 3
 
     def require_mongo_uri(self) -> str:
         if not self.mongo_uri:
@@ -363,6 +366,8 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         api_rate_limit=api_rate_limit,
         api_rate_window_seconds=api_rate_window,
         ca_budgets=parse_ca_budgets(env),
+        ca_fallback_after_failures=_positive_int(env, "CAP_CA_FALLBACK_AFTER_FAILURES", 3,
+                                                 "a positive number of attempts"),
     )
 
 

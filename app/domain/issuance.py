@@ -56,7 +56,15 @@ from app.acme.errors import (
 )
 from app.config import Settings
 from app.db import Doc
-from app.domain import accounts, budget, certificates, challenges, orders, renewal
+from app.domain import (
+    accounts,
+    budget,
+    ca_fallback,
+    certificates,
+    challenges,
+    orders,
+    renewal,
+)
 from app.domain.issued import describe_issued
 from app.domain.projects import now_ms
 from app.jobs import DeferUntil, JobContext, PermanentFailure, RetryLater
@@ -136,6 +144,7 @@ class IssuanceRun:
         self.orders_created = 0
         self.resumed = False
         self.account: Doc | None = None
+        self.account_id: str | None = None
 
     # ------------------------------------------------------------ entry point
     def run(self) -> Doc:
@@ -152,7 +161,12 @@ class IssuanceRun:
         order = orders.latest_for_job(self.db, self.fence.job_id) if self.fence.job_id else None
         if order is not None and order["state"] == orders.COMPLETED:
             return self._result(order, cert)  # done before a crash: nothing more to do
-        account = accounts.get_account(self.db, cert["account_id"])
+        # The CA in use by policy (the primary, or a fallback after failures there).
+        self.account_id = ca_fallback.active_account_id(cert)
+        if order is not None and order["state"] not in orders.TERMINAL \
+                and order.get("account_id") != self.account_id:
+            self._abandon(order, "the certificate moved to another CA")
+        account = accounts.get_account(self.db, self.account_id)
         client = accounts.client_for(self.db, account, self.settings)
         try:
             account = accounts.ensure_registered(self.db, account, client, self.actor,
@@ -551,7 +565,8 @@ class IssuanceRun:
                 current.get("key_type") != order["key_type"]:
             schedule["next_renewal_at"] = now  # the spec moved on: issue again
             schedule["renewal_source"] = "spec_changed"
-        updates = {**issued, **schedule, "status": certificates.STATUS_ISSUED,
+        by = ca_fallback.issued_fields(current, self.account) if self.account else {}
+        updates = {**issued, **schedule, **by, "status": certificates.STATUS_ISSUED,
                    "key_id": order["key_id"], "key_type_issued": order["key_type"],
                    "order_id": order["_id"], "issued_at": now, "failure": None,
                    "updated_at": now}
@@ -661,7 +676,18 @@ def run_issuance(db: Database[Doc], fence: Fence, certificate_id: str, *, reason
     started = time.monotonic()
     run = IssuanceRun(db, fence, settings, certificate_id, reason,
                       actor or audit.system_actor("worker"))
-    result = run.run()
+    try:
+        result = run.run()
+    except AcmeError as exc:
+        if run.account_id is not None and not isinstance(exc, AccountReset):
+            try:
+                ca_fallback.note_failure(db, certificate_id, run.account_id, exc,
+                                         threshold=settings.ca_fallback_after_failures,
+                                         actor=run.actor)
+            except Exception as err:  # noqa: BLE001 - the failure itself is what matters
+                log.warning("could not record a CA failure for fallback", extra={
+                    "certificate_id": certificate_id, "error": str(err)[:200]})
+        raise
     result["run_seconds"] = round(time.monotonic() - started, 4)
     return result
 
