@@ -1,4 +1,5 @@
-"""Revoked behind our back: the daily OCSP check of every current certificate.
+"""Revoked behind our back, or an ARI window moved into the past: the daily check of
+every current certificate.
 
 A CA may revoke certificates (a mass-revocation incident, a key compromise report) and
 tell nobody in time. The ``certificates.revocation_check`` job (timed work, every
@@ -12,7 +13,10 @@ and its ``next_renewal_at`` set to now, in one transaction with an audit entry
 The OCSP answer is trusted only when signed by the certificate's issuer (the chain's
 first certificate) and about this very serial; anything else (no responder, a network
 error, a delegated responder, a bad signature) leaves the certificate alone and is
-counted as ``unknown`` in the job's result. (Let's Encrypt ended OCSP in 2025 and
+counted as ``unknown`` in the job's result. The same check asks the CA's renewalInfo
+(ARI, when the CA offers it and the certificate uses it) and renews at once a
+certificate whose window has started while it is scheduled later
+(``certificate.ari_window_passed``). (Let's Encrypt ended OCSP in 2025 and
 publishes CRLs instead; a CRL check is not part of this yet.)
 """
 
@@ -34,8 +38,12 @@ from pymongo.database import Database
 
 from app import audit
 from app import db as dbm
+from app.acme import ari
+from app.acme.client import AcmeClient
+from app.acme.errors import AcmeError
+from app.config import Settings
 from app.db import Doc
-from app.domain import certificates
+from app.domain import accounts, certificates
 from app.jobs import JobContext
 
 log = logging.getLogger(__name__)
@@ -45,6 +53,7 @@ REASON = "emergency"
 BATCH = 200
 TIMEOUT_SECONDS = 10.0
 GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
+ARI_PASSED = "ari_window_passed"
 
 
 def _ocsp_url(cert: x509.Certificate) -> str | None:
@@ -107,8 +116,29 @@ def ocsp_status(certificate_pem: str, chain_pem: str, *,
     return UNKNOWN, None
 
 
+def ari_window_passed(cert: Doc, client: AcmeClient, now: datetime) -> bool:
+    """The CA's renewalInfo window for the current certificate has started already while
+    the certificate is scheduled later (the CA moved it, e.g. ahead of a revocation)."""
+    renewal_policy = cert.get("renewal") or {}
+    if not (cert.get("ari_cert_id") and renewal_policy.get("use_ari", True)):
+        return False
+    scheduled = cert.get("next_renewal_at")
+    if scheduled is not None and scheduled <= now:
+        return False  # due anyway: the scan enqueues it
+    try:
+        if not client.has_renewal_info():
+            return False
+        body, _ = client.renewal_info(cert["ari_cert_id"])
+        window = ari.parse_renewal_info(body)
+    except AcmeError as exc:
+        log.info("renewalInfo unavailable", extra={"certificate_id": cert["_id"],
+                                                   "error": str(exc)[:200]})
+        return False
+    return window.start <= now
+
+
 def _renew_now(db: Database[Doc], cert: Doc, revoked_at: datetime | None,
-               actor: audit.Actor) -> str:
+               actor: audit.Actor, *, why: str = REVOKED) -> str:
     from app.jobs import enqueue, publish_wakeup
 
     now = dbm.server_now(db)
@@ -118,11 +148,14 @@ def _renew_now(db: Database[Doc], cert: Doc, revoked_at: datetime | None,
                       {"certificate_id": cert["_id"], "reason": REASON},
                       dedupe_key=certificates.dedupe_key(cert["_id"]),
                       project_id=cert["project_id"], session=session, publish=False)
-        certificates.store_schedule(db, session, cert["_id"], {
-            "next_renewal_at": now, "renewal_source": "revoked",
-            "revocation_check": {"status": REVOKED, "checked_at": now,
-                                 "revoked_at": revoked_at, "serial": cert.get("serial")}})
-        audit.record(db, session, actor=actor, action="certificate.revocation_detected",
+        fields: Doc = {"next_renewal_at": now, "renewal_source": why}
+        if why == REVOKED:
+            fields["revocation_check"] = {"status": REVOKED, "checked_at": now,
+                                          "revoked_at": revoked_at,
+                                          "serial": cert.get("serial")}
+        certificates.store_schedule(db, session, cert["_id"], fields)
+        audit.record(db, session, actor=actor, action="certificate.revocation_detected"
+                     if why == REVOKED else "certificate.ari_window_passed",
                      target=f"certificate:{cert['_id']}", project_id=cert["project_id"],
                      details={"serial": cert.get("serial"), "job_id": str(job["_id"]),
                               "revoked_at": revoked_at.isoformat() if revoked_at else None})
@@ -133,11 +166,29 @@ def _renew_now(db: Database[Doc], cert: Doc, revoked_at: datetime | None,
     return job_id
 
 
+def _ari_client(db: Database[Doc], cert: Doc, settings: Settings | None,
+                clients: dict[str, AcmeClient | None]) -> AcmeClient | None:
+    if settings is None or not cert.get("ari_cert_id") or not cert.get("account_id"):
+        return None
+    account_id = str(cert["account_id"])
+    if account_id not in clients:
+        try:
+            clients[account_id] = accounts.client_for(
+                db, accounts.get_account(db, account_id), settings)
+        except Exception as exc:  # noqa: BLE001 - a missing account or key: skip ARI
+            log.info("no ACME client for the ARI check", extra={
+                "account_id": account_id, "error": str(exc)[:200]})
+            clients[account_id] = None
+    return clients[account_id]
+
+
 def check_all(db: Database[Doc], *, ca_bundle: str | None = None,
-              fence: JobContext | None = None) -> Doc:
-    """Check every live issued certificate; renew the revoked ones at once."""
+              fence: JobContext | None = None, settings: Settings | None = None) -> Doc:
+    """Check every live issued certificate; renew at once the revoked ones and (with
+    ``settings``, to reach the CA) those whose ARI window has moved into the past."""
     actor = audit.system_actor("worker")
-    counts = {GOOD: 0, REVOKED: 0, UNKNOWN: 0}
+    counts = {GOOD: 0, REVOKED: 0, UNKNOWN: 0, ARI_PASSED: 0}
+    clients: dict[str, AcmeClient | None] = {}
     last_id = ""
     coll = dbm.primary(db)[dbm.CERTIFICATES]
 
@@ -145,7 +196,8 @@ def check_all(db: Database[Doc], *, ca_bundle: str | None = None,
         return list(coll.find(
             {"_id": {"$gt": after}, "deleted_at": None, "status": certificates.STATUS_ISSUED,
              "certificate_pem": {"$nin": [None, ""]}},
-            {"_id": 1, "project_id": 1, "serial": 1, "certificate_pem": 1, "chain_pem": 1},
+            {"_id": 1, "project_id": 1, "serial": 1, "certificate_pem": 1, "chain_pem": 1,
+             "account_id": 1, "ari_cert_id": 1, "renewal": 1, "next_renewal_at": 1},
             sort=[("_id", 1)], limit=BATCH))
 
     while True:
@@ -166,6 +218,11 @@ def check_all(db: Database[Doc], *, ca_bundle: str | None = None,
                 log.warning("certificate revoked by its CA; renewing now", extra={
                     "certificate_id": cert["_id"], "serial": cert.get("serial"),
                     "job_id": job_id, "event": "certificate.revocation_detected"})
+                continue
+            client = _ari_client(db, cert, settings, clients)
+            if client is not None and ari_window_passed(cert, client, dbm.server_now(db)):
+                counts[ARI_PASSED] += 1
+                _renew_now(db, cert, None, actor, why=ARI_PASSED)
         last_id = page[-1]["_id"]
     return counts
 
@@ -173,4 +230,5 @@ def check_all(db: Database[Doc], *, ca_bundle: str | None = None,
 def check_handler(ctx: JobContext) -> dict[str, Any] | None:
     """The ``certificates.revocation_check`` job (timed work)."""
     bundle = ctx.settings.acme_ca_bundle
-    return check_all(ctx.db, ca_bundle=str(bundle) if bundle else None, fence=ctx)
+    return check_all(ctx.db, ca_bundle=str(bundle) if bundle else None, fence=ctx,
+                     settings=ctx.settings)
