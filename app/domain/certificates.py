@@ -212,7 +212,7 @@ def request_issuance(db: Database[Doc], certificate_id: str, actor: audit.Actor,
     from app.jobs import enqueue, publish_wakeup
 
     if reason not in ISSUE_REASONS:
-        raise ValidationFailed("reason must be manual, initial, renewal or reissue")
+        raise ValidationFailed("reason must be manual, initial, renewal, reissue or emergency")
     current = get_certificate(db, certificate_id, project_id=project_id)
 
     def save(session: ClientSession) -> Doc:
