@@ -39,3 +39,22 @@ def budgets_command(obj: CliContext, directory: str | None, as_json: bool) -> No
         click.echo(f"{str(row['ca'])[:40]:<40} {row['bucket']:<34} "
                    f"{str(row['subject'])[:30]:<30} {level:>11}  "
                    f"{_when(row['next_token_at'])} (per {row['window_seconds']:g}s)")
+
+
+@command.command("fallback")
+@click.argument("project")
+@click.argument("account_ids", nargs=-1)
+@pass_ctx
+def fallback_command(obj: CliContext, project: str, account_ids: tuple[str, ...]) -> None:
+    """Set PROJECT's default CA fallback list: ACCOUNT_IDS of that project, used in order
+    after a certificate's own account (for certificates without a list of their own).
+    No account ids: clear it."""
+    from app.audit import system_actor
+    from app.domain import ca_fallback
+    from app.domain.projects import find_project
+
+    db = obj.db()
+    project_id = find_project(db, project)["_id"]
+    listed = ca_fallback.set_project_default(db, project_id, list(account_ids),
+                                             system_actor("cli"))
+    click.echo(f"project {project_id}: CA fallback {' -> '.join(listed) or 'none'}")

@@ -76,7 +76,43 @@ def resolve_list(db: Database[Doc], project_id: str, primary_id: str,
 
 
 def chain(cert: Doc) -> list[str]:
-    return [str(cert["account_id"]), *[str(a) for a in cert.get("ca_fallback") or []]]
+    """The primary, then the certificate's own fallback list, else its project's default
+    (copied onto the certificate as ``project_ca_fallback`` when the issuance reads it)."""
+    primary = str(cert["account_id"])
+    listed = cert.get("ca_fallback") or [a for a in cert.get("project_ca_fallback") or []
+                                         if a != primary]
+    return [primary, *[str(a) for a in listed]]
+
+
+def with_project_default(db: Database[Doc], cert: Doc) -> Doc:
+    """``cert`` with its project's default fallback list (``project_ca_fallback``), read
+    now: a certificate without a list of its own follows its project's."""
+    if cert.get("ca_fallback"):
+        return cert
+    project = dbm.retry(lambda: db[dbm.PROJECTS].find_one({"_id": cert.get("project_id")},
+                                                          {"ca_fallback": 1}),
+                        what="read the project's CA fallback") or {}
+    return {**cert, "project_ca_fallback": list(project.get("ca_fallback") or [])}
+
+
+def set_project_default(db: Database[Doc], project_id: str, account_ids: Any,
+                        actor: audit.Actor) -> list[str]:
+    """Set (or, with an empty list, clear) a project's default fallback list: accounts of
+    that project, used in order after a certificate's own account; audited."""
+    listed = validate_list(account_ids)
+    if db[dbm.PROJECTS].find_one({"_id": project_id}, {"_id": 1}) is None:
+        raise NotFound(f"project {project_id:.64} not found")
+    resolve_list(db, project_id, "", listed)
+
+    def save(session: ClientSession) -> None:
+        db[dbm.PROJECTS].update_one({"_id": project_id}, {"$set": {"ca_fallback": listed}},
+                                    session=session)
+        audit.record(db, session, actor=actor, action="project.ca_fallback_set",
+                     target=f"project:{project_id}", project_id=project_id,
+                     details={"ca_fallback": listed})
+
+    dbm.transaction(db, save, what="set the project's CA fallback")
+    return listed
 
 
 def active_index(cert: Doc) -> int:
@@ -107,6 +143,8 @@ def note_failure(db: Database[Doc], cert_id: str, account_id: str, exc: BaseExce
     """Count a failed attempt at ``account_id``; switch to the next CA when the policy
     says so (audited). Returns the account now in use when it switched."""
     cert = db[dbm.CERTIFICATES].find_one({"_id": cert_id})
+    if cert is not None:
+        cert = with_project_default(db, cert)
     if cert is None or len(chain(cert)) < 2:
         return None
     index = active_index(cert)

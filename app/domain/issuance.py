@@ -162,6 +162,7 @@ class IssuanceRun:
         if order is not None and order["state"] == orders.COMPLETED:
             return self._result(order, cert)  # done before a crash: nothing more to do
         # The CA in use by policy (the primary, or a fallback after failures there).
+        cert = ca_fallback.with_project_default(self.db, cert)
         self.account_id = ca_fallback.active_account_id(cert)
         if order is not None and order["state"] not in orders.TERMINAL \
                 and order.get("account_id") != self.account_id:

@@ -119,3 +119,45 @@ def test_bad_fallback_lists_are_refused_and_store_nothing(migrated_db, settings)
                 "ca_fallback": fallback}, ACTOR, settings=settings)
         assert fragment in err.value.message + str(err.value.errors), fallback
     assert db[dbm.CERTIFICATES].count_documents({}) == before
+
+
+def test_a_project_default_list_applies_to_certificates_without_their_own(
+        migrated_db, settings, cap_env, monkeypatch):
+    from click.testing import CliRunner
+
+    from app.cli.main import cli
+    from app.domain import ca_fallback, projects
+
+    db = migrated_db
+    project_id, elsewhere = make_project(db, "mine"), make_project(db, "theirs")
+    primary = make_account(db, project_id, settings)
+    spare = make_account(db, project_id, settings.with_overrides(
+        acme_directory_url="https://127.0.0.1:2/dir"), name="spare")
+    theirs = make_account(db, elsewhere, settings)
+    cert = certificates.create_certificate(db, project_id, {
+        "names": ["www.project-default.test"], "account_id": primary["_id"]}, ACTOR,
+        settings=settings)
+    for key, value in cap_env.items():
+        monkeypatch.setenv(key, value)
+
+    audit_before = db[dbm.AUDIT].count_documents({})
+    for bad, fragment in ((["acct_nope"], "unknown ACME account"),
+                          ([theirs["_id"]], "cannot mix projects")):
+        result = CliRunner().invoke(cli, ["ca", "fallback", project_id, *bad])
+        assert result.exit_code == 1 and fragment in result.output, result.output
+    assert "ca_fallback" not in projects.get_project(db, project_id)
+    assert db[dbm.AUDIT].count_documents({}) == audit_before
+
+    result = CliRunner().invoke(cli, ["ca", "fallback", project_id, spare["_id"]])
+    assert result.exit_code == 0, result.output
+    stored = db[dbm.CERTIFICATES].find_one({"_id": cert["_id"]})
+    assert ca_fallback.chain(ca_fallback.with_project_default(db, stored)) == [
+        primary["_id"], spare["_id"]]
+    # A certificate's own list wins over the project's.
+    own = certificates.create_certificate(db, project_id, {
+        "names": ["www.own-list.test"], "account_id": spare["_id"],
+        "ca_fallback": [primary["_id"]]}, ACTOR, settings=settings)
+    stored_own = db[dbm.CERTIFICATES].find_one({"_id": own["_id"]})
+    assert ca_fallback.chain(ca_fallback.with_project_default(db, stored_own)) == [
+        spare["_id"], primary["_id"]]
+    assert db[dbm.AUDIT].count_documents({"action": "project.ca_fallback_set"}) == 1
