@@ -12,7 +12,8 @@ not named; each value sets some of::
                                                    # per-account and per-domain buckets
 
 A limit is ``<count>/<duration>``: a positive whole count and a positive duration with a
-unit s, m, h or d. A limit means: never more than ``count`` in any ``duration`` window
+unit s, m, h or d; or ``"off"`` for no such bucket (a private CA without that limit, a
+benchmark against Pebble). A limit means: never more than ``count`` in any ``duration`` window
 (a token comes back ``duration`` after it was taken). Missing keys fall back to ``"*"``,
 then to the defaults. Errors name CAP_CA_BUDGETS and the offending key.
 """
@@ -48,10 +49,11 @@ class Limit:
 
 @dataclass(frozen=True)
 class BudgetPolicy:
-    new_orders_per_account: Limit
-    new_certificates_per_domain: Limit
-    failed_validations_per_identifier: Limit
-    orders_pace: Limit
+    # None: "off", no such bucket.
+    new_orders_per_account: Limit | None
+    new_certificates_per_domain: Limit | None
+    failed_validations_per_identifier: Limit | None
+    orders_pace: Limit | None
     ari_renewals_exempt: bool = True
 
 
@@ -84,9 +86,11 @@ class CaBudgets:
         return self.default
 
 
-def parse_limit(raw: object, where: str) -> Limit:
+def parse_limit(raw: object, where: str) -> Limit | None:
     expected = (f"{where}: <count>/<duration> with a positive count and a positive "
-                "duration in s, m, h or d, e.g. 300/3h")
+                "duration in s, m, h or d, e.g. 300/3h, or off")
+    if raw == "off":
+        return None
     match = _LIMIT_RE.match(raw) if isinstance(raw, str) else None
     if match is None:
         raise ConfigError(VARIABLE, _shown(raw), expected)

@@ -154,20 +154,25 @@ def order_buckets(settings: Settings, directory_url: str, account_id: str,
     policy = policy_for(settings, directory_url)
     buckets = []
     if not (replaces and policy.ari_renewals_exempt):
-        buckets.append(Bucket(directory_url, ORDERS_PER_ACCOUNT, account_id,
-                              policy.new_orders_per_account))
-        for domain in sorted({registered_domain(n) for n in names}):
-            buckets.append(Bucket(directory_url, CERTS_PER_DOMAIN, domain,
-                                  policy.new_certificates_per_domain))
-    buckets.append(Bucket(directory_url, PACE, "*", policy.orders_pace))
+        if policy.new_orders_per_account is not None:
+            buckets.append(Bucket(directory_url, ORDERS_PER_ACCOUNT, account_id,
+                                  policy.new_orders_per_account))
+        if policy.new_certificates_per_domain is not None:
+            for domain in sorted({registered_domain(n) for n in names}):
+                buckets.append(Bucket(directory_url, CERTS_PER_DOMAIN, domain,
+                                      policy.new_certificates_per_domain))
+    if policy.orders_pace is not None:
+        buckets.append(Bucket(directory_url, PACE, "*", policy.orders_pace))
     return buckets
 
 
 def validation_buckets(settings: Settings, directory_url: str, account_id: str,
                        names: Iterable[str]) -> list[Bucket]:
-    policy = policy_for(settings, directory_url)
-    return [Bucket(directory_url, FAILED_VALIDATIONS, f"{account_id}:{name.lower()}",
-                   policy.failed_validations_per_identifier) for name in sorted(set(names))]
+    limit = policy_for(settings, directory_url).failed_validations_per_identifier
+    if limit is None:
+        return []
+    return [Bucket(directory_url, FAILED_VALIDATIONS, f"{account_id}:{name.lower()}", limit)
+            for name in sorted(set(names))]
 
 
 # ------------------------------------------------------------------ bucket documents

@@ -132,3 +132,18 @@ def test_the_named_bucket_of_a_rate_limited_answer(settings):
         buckets)
     assert named is not None and named.kind == budget.CERTS_PER_DOMAIN
     assert budget.bucket_named_by("slow down", buckets).kind == budget.ORDERS_PER_ACCOUNT
+
+
+def test_an_off_limit_has_no_bucket(settings):
+    import json
+
+    from app.config import load_settings
+
+    env = {"CAP_MONGO_URI": settings.mongo_uri, "CAP_CA_BUDGETS": json.dumps({CA: {
+        "new_orders_per_account": "off", "new_certificates_per_domain": "off",
+        "failed_validations_per_identifier": "off"}})}
+    s = load_settings(env)
+    kinds = [b.kind for b in budget.order_buckets(s, CA, "acct-1", ["a.example.com"],
+                                                  replaces=False)]
+    assert kinds == [budget.PACE]
+    assert budget.validation_buckets(s, CA, "acct-1", ["a.example.com"]) == []

@@ -56,6 +56,13 @@ def test_bad_budgets_are_refused_naming_the_variable(value, fragment):
     assert fragment in str(err.value)
 
 
+def test_a_limit_can_be_off():
+    budgets = parse_ca_budgets({"CAP_CA_BUDGETS": json.dumps(
+        {PEBBLE: {"new_certificates_per_domain": "off"}})})
+    assert budgets.for_directory(PEBBLE).new_certificates_per_domain is None
+    assert budgets.for_directory(PEBBLE).new_orders_per_account == Limit(300, 10800.0)
+
+
 def test_not_json_is_refused():
     with pytest.raises(ConfigError, match="CAP_CA_BUDGETS"):
         load_settings({"CAP_CA_BUDGETS": "{300/3h"})
