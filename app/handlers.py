@@ -10,7 +10,7 @@ Add a kind here: its handler, attempts and backoff between attempts (see
 from __future__ import annotations
 
 from app.audit import jobs as audit_jobs
-from app.domain import issuance, renewal
+from app.domain import issuance, renewal, revocation_check
 from app.domain.certificates import ISSUE_JOB_KIND
 from app.jobs import handlers as job_handlers
 from app.jobs import registry
@@ -27,6 +27,8 @@ HANDLERS: tuple[HandlerSpec, ...] = (
                 validate=issuance.validate_issue_payload),
     HandlerSpec(renewal.SCAN_JOB_KIND, renewal.scan_handler, max_attempts=3,
                 backoff_base_seconds=5, backoff_max_seconds=30),
+    HandlerSpec(revocation_check.JOB_KIND, revocation_check.check_handler, max_attempts=3,
+                backoff_base_seconds=60, backoff_max_seconds=600),
     HandlerSpec(STEP_KIND, key_handlers.rotation_step, max_attempts=3),
     HandlerSpec(audit_jobs.KIND, audit_jobs.forward, max_attempts=3,
                 backoff_base_seconds=2.0, backoff_max_seconds=10.0),

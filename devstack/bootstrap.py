@@ -22,7 +22,8 @@ ENV_FILE = "dev.env"
 TOKEN_FILE = "admin-token"
 # What the CLI needs to reach the dev stack; everything else keeps its default.
 ENV_KEYS = ("CAP_MONGO_URI", "CAP_KEK_DIR", "CAP_KEK_FILE", "CAP_KEK_COMMAND",
-            "CAP_ACME_DIRECTORY_URL", "CAP_ACME_CA_BUNDLE", "CAP_API_BIND", "CAP_DATA_DIR")
+            "CAP_ACME_DIRECTORY_URL", "CAP_ACME_CA_BUNDLE", "CAP_CA_BUDGETS", "CAP_API_BIND",
+            "CAP_DATA_DIR")
 
 
 def write_private(path: Path, text: str) -> None:

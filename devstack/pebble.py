@@ -30,7 +30,10 @@ from devstack.embedded import free_port
 def write_tls_cert(directory: Path) -> tuple[Path, Path]:
     """A self-signed certificate for localhost / 127.0.0.1 (Pebble's own listener)."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    # A name of its own: two Pebbles' certificates in one CA bundle must not share a
+    # subject, or OpenSSL may pick the wrong one to verify with.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                         f"localhost pebble {os.urandom(4).hex()}")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -92,10 +95,11 @@ class Pebble:
 
 def start_pebble(directory: Path, env_extra: dict[str, str] | None = None,
                  eab_required: bool = False, http_port: int | None = None,
-                 port: int | None = None) -> Pebble:
+                 port: int | None = None, ocsp_responder_url: str = "") -> Pebble:
     """Start both. ``http_port`` is where the VA fetches HTTP-01 answers and ``port`` the
     directory's port: free ports unless given (the dev stack passes its api's port, and
-    keeps the directory URL stable across restarts so its stored account still matches)."""
+    keeps the directory URL stable across restarts so its stored account still matches).
+    ``ocsp_responder_url`` goes into the certificates' AIA (Pebble runs no responder)."""
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = write_tls_cert(directory)
     mgmt, tls_port = free_port(), free_port()
@@ -107,7 +111,7 @@ def start_pebble(directory: Path, env_extra: dict[str, str] | None = None,
         "managementListenAddress": f"127.0.0.1:{mgmt}",
         "certificate": str(cert), "privateKey": str(key),
         "httpPort": http_port, "tlsPort": tls_port,
-        "ocspResponderURL": "", "externalAccountBindingRequired": eab_required,
+        "ocspResponderURL": ocsp_responder_url, "externalAccountBindingRequired": eab_required,
         "externalAccountMACKeys": {
             "kid-1": "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"},
     }}

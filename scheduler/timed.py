@@ -23,6 +23,9 @@ class TimedWork:
 TIMED_WORK: list[TimedWork] = [
     # Enqueue an issuance for every certificate whose next_renewal_at has come.
     TimedWork("certificates.renewal_scan", 60, "certificates.renewal_scan"),
+    # Ask each current certificate's OCSP responder whether its CA revoked it; renew the
+    # revoked ones at once (app.domain.revocation_check).
+    TimedWork("certificates.revocation_check", 86400, "certificates.revocation_check"),
     # Re-claim jobs whose lease lapsed, re-publish queued jobs whose message was lost.
     TimedWork("jobs.reap", 15, "jobs.reap"),
     # Re-wrap the next batches of DEKs of a running KEK rotation (idle otherwise).

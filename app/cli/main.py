@@ -12,6 +12,7 @@ import click
 from app.cli import (
     accounts,
     audit,
+    ca,
     certs,
     dev,
     health,
@@ -21,6 +22,7 @@ from app.cli import (
     orders,
     probe,
     projects,
+    renewals,
     scheduler,
     tokens,
 )
@@ -41,6 +43,8 @@ COMMANDS: list[click.Command] = [
     audit.command,
     jobs.command,
     probe.command,
+    ca.command,
+    renewals.command,
 ]
 
 

@@ -21,6 +21,7 @@ from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
 
 from app.config.audit_sinks import SinkSpec, parse_sinks
+from app.config.ca_budgets import CaBudgets, parse_ca_budgets
 
 # Defined with the other errors so that the parsers of single settings (audit_sinks) need
 # not import this package; every caller keeps importing it from here.
@@ -117,6 +118,12 @@ class Settings:
     # aggregates; "aggregate": only counts by status and by days left and the soonest
     # expiry per project (one series per project, not per certificate: large fleets).
     metrics_certificate_series: str = "per-certificate"
+    # CAP_CA_BUDGETS: the ACME rate-limit budget shared by every worker, per directory
+    # (JSON; Let's Encrypt's published limits by default): see app/config/ca_budgets.py.
+    ca_budgets: CaBudgets = field(default_factory=CaBudgets)
+    # CAP_CA_FALLBACK_AFTER_FAILURES: consecutive failed attempts at one CA after which a
+    # certificate with a ca_fallback list moves to its next account.
+    ca_fallback_after_failures: int = 3
 
     def require_mongo_uri(self) -> str:
         if not self.mongo_uri:
@@ -377,6 +384,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         api_rate_limit=api_rate_limit,
         api_rate_window_seconds=api_rate_window,
         metrics_certificate_series=certificate_series,
+        ca_budgets=parse_ca_budgets(env),
+        ca_fallback_after_failures=_positive_int(env, "CAP_CA_FALLBACK_AFTER_FAILURES", 3,
+                                                 "a positive number of attempts"),
     )
 
 

@@ -31,6 +31,7 @@ from app.db.names import (
     ACME_ACCOUNTS,
     API_TOKENS,
     AUDIT,
+    CA_BUDGETS,
     CERTIFICATES,
     CHALLENGES,
     COUNTERS,
@@ -48,6 +49,7 @@ from app.db.names import (
     ORDERS,
     PROJECTS,
     RATE_LIMITS,
+    RENEWAL_BATCHES,
     SCHEDULE,
     SCHEDULER_LEASE_ID,
     SINKS,
@@ -57,11 +59,12 @@ from app.db.names import (
 from app.db.txn import transaction
 
 __all__ = [
-    "ACME_ACCOUNTS", "API_TOKENS", "AUDIT", "CERTIFICATES", "CHALLENGES", "COUNTERS",
+    "ACME_ACCOUNTS", "API_TOKENS", "AUDIT", "CA_BUDGETS", "CERTIFICATES", "CHALLENGES", "COUNTERS",
     "FIRES", "IDEMPOTENCY", "JOBS", "KEK_ROTATIONS", "KEK_VERSIONS", "KEYS", "LEASES",
     "METRICS_SNAPSHOTS",
     "MAJORITY", "MESSAGES_COLLECTION", "MIGRATIONS", "MIGRATIONS_LOCK_ID", "ORDERS",
-    "PROJECTS", "RATE_LIMITS", "SCHEDULE", "SCHEDULER_LEASE_ID", "SINKS", "WORKERS", "Doc",
+    "PROJECTS", "RATE_LIMITS", "RENEWAL_BATCHES", "SCHEDULE", "SCHEDULER_LEASE_ID", "SINKS",
+    "WORKERS", "Doc",
     "backoff_delay", "close_clients", "get_client", "get_db", "is_transient", "ping",
     "primary", "retry", "server_now", "transaction",
 ]

@@ -43,6 +43,13 @@ KEK_ROTATIONS = "kek_rotations"
 IDEMPOTENCY = "api_idempotency"
 RATE_LIMITS = "api_rate_limits"
 
+# The ACME rate-limit budget shared by every worker: one token bucket per document
+# (per CA and bucket kind and subject: an account, a registered domain, an identifier).
+CA_BUDGETS = "ca_budgets"
+
+# Emergency and bulk renewals: one document per tracked batch.
+RENEWAL_BATCHES = "renewal_batches"
+
 # Applied schema migrations.
 MIGRATIONS = "migrations"
 

@@ -25,7 +25,7 @@ from app import audit
 from app import db as dbm
 from app.config import Settings
 from app.db import Doc
-from app.domain import accounts
+from app.domain import accounts, ca_fallback
 from app.domain.certspec import SPEC_FIELDS, validate_spec
 from app.domain.projects import now_ms
 from app.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
@@ -33,7 +33,9 @@ from app.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 ISSUE_JOB_KIND = "certificates.issue"
 # "renewal" is the scheduled one (the scan): it asks the CA's ARI window first and may be
 # postponed. "renew_now" is an operator's (API/CLI): a new certificate now, no ARI gate.
-ISSUE_REASONS = ("initial", "renewal", "renew_now", "manual", "reissue")
+# "emergency": a bulk or emergency renewal (app.domain.renewal_batches), also of a
+# certificate the CA revoked.
+ISSUE_REASONS = ("initial", "renewal", "renew_now", "manual", "reissue", "emergency")
 
 STATUS_PENDING = "pending"    # never issued yet
 STATUS_ISSUED = "issued"      # a certificate is stored (a renewal may be in flight)
@@ -90,6 +92,8 @@ def create_certificate(db: Database[Doc], project_id: str, spec: Any, actor: aud
     account = _resolve_account(db, project_id, fields["account_id"])
     fields["account_id"] = account["_id"]
     fields["directory_url"] = account["directory_url"]
+    fields["ca_fallback"] = ca_fallback.resolve_list(db, project_id, account["_id"],
+                                                     fields["ca_fallback"])
     now = now_ms()
     doc: Doc = {
         "_id": "crt_" + secrets.token_hex(8), "project_id": project_id, **fields,
@@ -183,6 +187,8 @@ def update_certificate(db: Database[Doc], certificate_id: str, changes: Any,
     account = _resolve_account(db, current["project_id"], fields["account_id"])
     fields["account_id"] = account["_id"]
     fields["directory_url"] = account["directory_url"]
+    fields["ca_fallback"] = ca_fallback.resolve_list(db, current["project_id"],
+                                                     account["_id"], fields["ca_fallback"])
     reissue_fields = ("names", "key_type", "challenge", "account_id", "profile")
     needs_reissue = any(fields[k] != current.get(k) for k in reissue_fields)
     now = now_ms()

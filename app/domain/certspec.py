@@ -18,7 +18,8 @@ from app.errors import ValidationFailed
 
 KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 CHALLENGE_TYPES = ("http-01", "dns-01")
-SPEC_FIELDS = {"name", "names", "key_type", "challenge", "account_id", "profile", "renewal"}
+SPEC_FIELDS = {"name", "names", "key_type", "challenge", "account_id", "profile", "renewal",
+               "ca_fallback"}
 RENEWAL_FIELDS = {"renew_before_days", "use_ari", "reuse_key"}
 
 _LABEL = re.compile(r"^[\w .:@/-]{1,200}$")
@@ -102,6 +103,13 @@ def validate_spec(spec: Any, *, current: Doc | None = None) -> Doc:
     if label is not None and (not isinstance(label, str) or not _LABEL.match(label)):
         errors["name"] = ["1-200 printable characters"]
     renewal = _validate_renewal(merged.get("renewal"), errors)
+    fallback = merged.get("ca_fallback") or []
+    if not isinstance(fallback, list) or len(fallback) > 5 or not all(
+            isinstance(a, str) and 0 < len(a) <= 100 for a in fallback):
+        errors["ca_fallback"] = ["a list of at most 5 ACME account ids (used in order "
+                                 "after account_id)"]
+    elif len(set(fallback)) != len(fallback):
+        errors["ca_fallback"] = ["an account is listed twice"]
     if errors:
         raise ValidationFailed("invalid certificate: " + "; ".join(
             f"{k}: {', '.join(v)}" for k, v in errors.items()), errors=errors)
@@ -114,5 +122,6 @@ def validate_spec(spec: Any, *, current: Doc | None = None) -> Doc:
         "account_id": account_id,
         "profile": profile,
         "renewal": renewal,
+        "ca_fallback": list(fallback),
     }
 

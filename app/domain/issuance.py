@@ -34,7 +34,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 from acme import crypto_util
@@ -42,6 +42,7 @@ from pymongo.client_session import ClientSession
 from pymongo.database import Database
 
 from app import audit
+from app import db as dbm
 from app.acme import ari, solvers
 from app.acme.client import AcmeClient, OrderState, PollSchedule, poll
 from app.acme.errors import (
@@ -55,10 +56,18 @@ from app.acme.errors import (
 )
 from app.config import Settings
 from app.db import Doc
-from app.domain import accounts, certificates, challenges, orders, renewal
+from app.domain import (
+    accounts,
+    budget,
+    ca_fallback,
+    certificates,
+    challenges,
+    orders,
+    renewal,
+)
 from app.domain.issued import describe_issued
 from app.domain.projects import now_ms
-from app.jobs import JobContext, PermanentFailure, RetryLater
+from app.jobs import DeferUntil, JobContext, PermanentFailure, RetryLater
 from app.keys import KeyUnavailable, generate_private_key, open_private_key, seal_private_key
 
 log = logging.getLogger(__name__)
@@ -134,6 +143,8 @@ class IssuanceRun:
         self.schedule = PollSchedule(timeout=settings.acme_order_timeout_seconds)
         self.orders_created = 0
         self.resumed = False
+        self.account: Doc | None = None
+        self.account_id: str | None = None
 
     # ------------------------------------------------------------ entry point
     def run(self) -> Doc:
@@ -144,17 +155,24 @@ class IssuanceRun:
             return {"outcome": "skipped", "why": "certificate deleted",
                     "certificate_id": self.certificate_id}
         if cert.get("status") == certificates.STATUS_REVOKED and self.reason not in (
-                "manual", "reissue"):
+                "manual", "reissue", "emergency"):
             return {"outcome": "skipped", "why": "certificate revoked",
                     "certificate_id": self.certificate_id}
         order = orders.latest_for_job(self.db, self.fence.job_id) if self.fence.job_id else None
         if order is not None and order["state"] == orders.COMPLETED:
             return self._result(order, cert)  # done before a crash: nothing more to do
-        account = accounts.get_account(self.db, cert["account_id"])
+        # The CA in use by policy (the primary, or a fallback after failures there).
+        cert = ca_fallback.with_project_default(self.db, cert)
+        self.account_id = ca_fallback.active_account_id(cert)
+        if order is not None and order["state"] not in orders.TERMINAL \
+                and order.get("account_id") != self.account_id:
+            self._abandon(order, "the certificate moved to another CA")
+        account = accounts.get_account(self.db, self.account_id)
         client = accounts.client_for(self.db, account, self.settings)
         try:
             account = accounts.ensure_registered(self.db, account, client, self.actor,
                                                  fence=self.fence)
+            self.account = account
             if order is not None and order["state"] not in orders.TERMINAL:
                 self.resumed = True
                 return self._drive(order, cert, account, client, None)
@@ -169,6 +187,7 @@ class IssuanceRun:
                 "urn:certautopilot:error:accountNotRegistered", exc.message)) from None
         except AcmeProblem as problem:
             decision = classify(problem)
+            self._charge_budget(problem, account, cert)
             if decision is Decision.ACCOUNT_MISSING:
                 accounts.forget_account_url(self.db, account, self.actor, fence=self.fence)
                 current = orders.latest_for_job(self.db, self.fence.job_id) \
@@ -245,19 +264,31 @@ class IssuanceRun:
         return order
 
     def _new_order(self, order: Doc, client: AcmeClient) -> OrderState:
-        """newOrder at the CA; its URL is saved before anything else happens."""
+        """newOrder at the CA; its URL is saved before anything else happens. A token of
+        the shared CA budget is taken first (``app.domain.budget``), or the job is
+        deferred until one is free."""
         self.fence.check_lease()
+        grant = self._take_budget(order)
         try:
-            state = client.new_order(order["identifiers"], profile=order.get("profile"),
-                                     replaces=order.get("replaces"))
-        except AcmeProblem as problem:
-            if problem.problem_code == "alreadyReplaced" and order.get("replaces"):
-                # An earlier attempt's order (lost before its URL was saved) already
-                # claimed the replacement: order without it.
-                order["replaces"] = None
-                state = client.new_order(order["identifiers"], profile=order.get("profile"))
-            else:
-                raise
+            self.fence.check_lease()
+            try:
+                state = client.new_order(order["identifiers"], profile=order.get("profile"),
+                                         replaces=order.get("replaces"))
+            except AcmeProblem as problem:
+                if problem.problem_code == "alreadyReplaced" and order.get("replaces"):
+                    # An earlier attempt's order (lost before its URL was saved) already
+                    # claimed the replacement: order without it.
+                    order["replaces"] = None
+                    state = client.new_order(order["identifiers"],
+                                             profile=order.get("profile"))
+                else:
+                    raise
+        finally:
+            try:
+                budget.settle(self.db, grant)
+            except Exception as exc:  # noqa: BLE001 - the token keeps its take time
+                log.warning("could not settle a CA budget token", extra={
+                    "order_id": order["_id"], "error": str(exc)[:200]})
         orders.transition(self.db, order, orders.PENDING, expect=[orders.CREATED], fields={
             "order_url": state.url,
             "finalize_url": state.body.get("finalize"),
@@ -267,6 +298,49 @@ class IssuanceRun:
             "replaces": order.get("replaces"),
         })
         return state
+
+    # ------------------------------------------------------------ the shared CA budget
+    def _take_budget(self, order: Doc) -> budget.Grant:
+        account = self.account or {}
+        directory = str(account.get("directory_url") or self.settings.acme_directory_url)
+        account_id = str(account.get("_id") or order.get("account_id"))
+        names = [str(i["value"]) for i in order["identifiers"]]
+        refusal = budget.check(self.db, budget.validation_buckets(
+            self.settings, directory, account_id, names))
+        if refusal is None:
+            taken = budget.take(self.db, budget.order_buckets(
+                self.settings, directory, account_id, names,
+                replaces=bool(order.get("replaces"))))
+            if isinstance(taken, budget.Grant):
+                return taken
+            refusal = taken
+        log.info("CA budget spent; deferring the order", extra={
+            "certificate_id": order["certificate_id"], "bucket": refusal.bucket.kind,
+            "subject": refusal.bucket.subject, "until": refusal.until.isoformat()})
+        raise DeferUntil(refusal.until, dbm.server_now(self.db), refusal.reason())
+
+    def _charge_budget(self, problem: AcmeProblem, account: Doc, cert: Doc) -> None:
+        """What the CA counted against us: a failed validation spends the identifier's
+        token; a ``rateLimited`` answer drains the bucket it names until Retry-After."""
+        try:
+            directory = str(account.get("directory_url") or self.settings.acme_directory_url)
+            names = [str(i["value"]) for i in cert.get("identifiers") or []]
+            if isinstance(problem, ChallengeFailed):
+                failed = [problem.identifier] if problem.identifier else names
+                budget.spend(self.db, budget.validation_buckets(
+                    self.settings, directory, str(account["_id"]), failed))
+            elif problem.problem_code == "rateLimited":
+                buckets = budget.order_buckets(self.settings, directory,
+                                               str(account["_id"]), names, replaces=False)
+                named = budget.bucket_named_by(problem.detail, buckets)
+                delay = problem.retry_after if problem.retry_after is not None else \
+                    DEFAULT_RATE_LIMIT_DELAY
+                if named is not None:
+                    budget.drain(self.db, named, dbm.server_now(self.db)
+                                 + timedelta(seconds=delay))
+        except Exception as exc:  # noqa: BLE001 - bookkeeping never hides the CA's answer
+            log.warning("could not charge the CA budget", extra={
+                "certificate_id": cert.get("_id"), "error": str(exc)[:200]})
 
     # ------------------------------------------------------------ the state machine
     def _fetch(self, client: AcmeClient, url: str) -> OrderState | None:
@@ -492,7 +566,8 @@ class IssuanceRun:
                 current.get("key_type") != order["key_type"]:
             schedule["next_renewal_at"] = now  # the spec moved on: issue again
             schedule["renewal_source"] = "spec_changed"
-        updates = {**issued, **schedule, "status": certificates.STATUS_ISSUED,
+        by = ca_fallback.issued_fields(current, self.account) if self.account else {}
+        updates = {**issued, **schedule, **by, "status": certificates.STATUS_ISSUED,
                    "key_id": order["key_id"], "key_type_issued": order["key_type"],
                    "order_id": order["_id"], "issued_at": now, "failure": None,
                    "updated_at": now}
@@ -602,7 +677,18 @@ def run_issuance(db: Database[Doc], fence: Fence, certificate_id: str, *, reason
     started = time.monotonic()
     run = IssuanceRun(db, fence, settings, certificate_id, reason,
                       actor or audit.system_actor("worker"))
-    result = run.run()
+    try:
+        result = run.run()
+    except AcmeError as exc:
+        if run.account_id is not None and not isinstance(exc, AccountReset):
+            try:
+                ca_fallback.note_failure(db, certificate_id, run.account_id, exc,
+                                         threshold=settings.ca_fallback_after_failures,
+                                         actor=run.actor)
+            except Exception as err:  # noqa: BLE001 - the failure itself is what matters
+                log.warning("could not record a CA failure for fallback", extra={
+                    "certificate_id": certificate_id, "error": str(err)[:200]})
+        raise
     result["run_seconds"] = round(time.monotonic() - started, 4)
     return result
 

@@ -15,7 +15,8 @@ only wakes a worker. Public API::
         ctx.check_lease()            # LeaseLost if the lease is gone: before side effects
         ctx.transaction(fn)          # fn(session) committed only while the lease holds
         ctx.transaction(fn, complete=True)   # ... and the job completes in the same txn
-    raise RetryLater(delay_seconds, reason) | PermanentFailure(reason)
+    raise RetryLater(delay_seconds, reason) | DeferUntil(until, now, reason)
+          | PermanentFailure(reason)
 
     claim / heartbeat / complete / fail (fenced by the lease token)   # app.jobs.lifecycle
     get_job / list_jobs / retry_dead / cancel (operator actions)     # app.jobs.actions
@@ -29,6 +30,7 @@ from app.jobs.actions import cancel, get_job, list_jobs, retry_dead
 from app.jobs.context import JobContext
 from app.jobs.dedupe import active_dedupe_keys
 from app.jobs.errors import (
+    DeferUntil,
     InvalidJob,
     JobNotFound,
     JobStateConflict,
@@ -56,7 +58,8 @@ from app.jobs.stats import queue_depth
 
 __all__ = [
     "ACTIVE_STATES", "STATES", "InvalidJob", "JobContext", "JobNotFound",
-    "JobStateConflict", "LeaseLost", "PermanentFailure", "RetryLater", "active_dedupe_keys",
+    "JobStateConflict", "LeaseLost", "PermanentFailure", "RetryLater", "DeferUntil",
+    "active_dedupe_keys",
     "cancel", "claim", "complete", "enqueue", "enqueue_many", "fail", "fenced_transaction",
     "get_job", "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "queue_depth", "reap",
     "register_handler", "release", "retry_dead", "retry_later",

@@ -8,6 +8,8 @@ when its claim on the job is gone. Operator-facing errors derive from
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from app.errors import CertAutoPilotError, Conflict, NotFound
 
 
@@ -24,6 +26,16 @@ class RetryLater(Exception):  # noqa: N818 - a control signal, named for what it
 
     def __str__(self) -> str:
         return f"{self.reason} (retry in {self.delay_seconds:g}s)"
+
+
+class DeferUntil(RetryLater):
+    """Raised by a handler: the job may not run before ``until`` (the database server's
+    clock, as ``now`` was read): it is rescheduled then, neither failed nor charged an
+    attempt (e.g. a shared rate-limit budget with no token free before ``until``)."""
+
+    def __init__(self, until: datetime, now: datetime, reason: str = "deferred") -> None:
+        super().__init__(max(0.0, (until - now).total_seconds()), reason)
+        self.until = until
 
 
 class PermanentFailure(Exception):  # noqa: N818 - a control signal, named for what it asks

@@ -31,11 +31,13 @@ BODIES = {
                                         "register": False},
     ("PATCH", "/api/v1/acme-accounts/<account_id>"): {"terms_agreed": True},
     ("POST", "/api/v1/jobs/<job_id>/cancel"): {"reason": "walk"},
+    ("POST", "/api/v1/renewals"): {"issuer": "Pebble"},
 }
 # Collection routes whose body may name a project: another project's is 404.
-CREATE_IN_PROJECT = {"/api/v1/tokens", "/api/v1/certificates", "/api/v1/acme-accounts"}
+CREATE_IN_PROJECT = {"/api/v1/tokens", "/api/v1/certificates", "/api/v1/acme-accounts",
+                     "/api/v1/renewals"}
 # Routes that are the same for every project (no project-owned object in them).
-GLOBAL = {"/api/v1/status/scheduler", "/api/v1/status/workers"}
+GLOBAL = {"/api/v1/status/scheduler", "/api/v1/status/workers", "/api/v1/status/ca-budgets"}
 
 
 @pytest.fixture
@@ -67,6 +69,10 @@ def world(migrated_db, settings):
         attempt=1)
     orders.insert(db, order)
     ids["order_id"] = order["_id"]
+    ids["batch_id"] = "6b0000000000000000000001"
+    db[dbm.RENEWAL_BATCHES].insert_one({
+        "_id": ids["batch_id"], "project_id": a, "selector": {"all": True},
+        "reason": "emergency", "state": "active", "total": 0, "items": []})
     full = [READ, WRITE, KEYS_EXPORT]
     return {
         "client": app.test_client(), "app": app, "ids": ids, "a": a, "b": b,
@@ -226,12 +232,15 @@ def test_every_successful_mutation_writes_exactly_one_audit_entry(world, migrate
         ("POST", "/api/v1/jobs/<job_id>/cancel", owner, {"reason": "r"}, "job.cancel"),
         ("POST", "/api/v1/jobs/<job_id>/retry", owner, None, "job.retry",
          {"job_id": dead["_id"]}),
+        ("POST", "/api/v1/renewals/<batch_id>/cancel", owner, None, "renewal_batch.cancel"),
     ]
-    # Revoking needs an issued certificate and a CA: covered by the ACME tests. Every
-    # other mutating route must be in the list above.
+    # Revoking needs an issued certificate and a CA: covered by the ACME tests. A renewal
+    # batch is audited once for the batch and once per certificate: covered by
+    # test_renewal_batches.py. Every other mutating route must be in the list above.
     mutating = {(m, r) for m, r, _ in api_routes(world["app"]) if m != "GET"}
     assert mutating - {(s[0], s[1]) for s in steps} == {
-        ("POST", "/api/v1/certificates/<certificate_id>/revoke")}
+        ("POST", "/api/v1/certificates/<certificate_id>/revoke"),
+        ("POST", "/api/v1/renewals")}
     for step in steps:
         method, rule, tok, body, action = step[:5]
         url = url_for(rule, {**ids, **(step[5] if len(step) == 6 else {})})

@@ -50,6 +50,17 @@ class World:
             {"names": [f"{secrets.token_hex(4)}.example.com"]}, system_actor("cli"))
         return str(doc["_id"])
 
+    def project_of(self, certificate_id: str) -> str:
+        return str(self.db["certificates"].find_one({"_id": certificate_id})["project_id"])
+
+    def renewal_batch(self) -> str:
+        from app.domain import renewal_batches
+
+        project_id = self.project_of(self.issued_certificate())
+        batch = renewal_batches.start_batch(self.db, {"project_id": project_id},
+                                            system_actor("cli"))
+        return str(batch["_id"])
+
     def scratch(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="walk-export-")) / "out"
 
@@ -143,6 +154,17 @@ CLI: dict[str, Mutating | NotAudited] = {
     "certs export": Mutating(("certificate.private_key_export",), lambda w: [
         "certs", "export", w.issued_certificate(), "--out", str(w.scratch()), "--key",
         "--yes"], needs_ca=True),
+    "probe": NotAudited("reads this container's probe state file; changes nothing"),
+    "ca budgets": READS,
+    "ca fallback": Mutating(("project.ca_fallback_set",),
+                            lambda w: ["ca", "fallback", w.project()]),
+    "renewals renew": Mutating(("certificate.renew_requested", "renewal_batch.create"),
+                               lambda w: ["renewals", "renew", "--project",
+                                          w.project_of(w.issued_certificate())],
+                               needs_ca=True),
+    "renewals show": READS,
+    "renewals cancel": Mutating(("renewal_batch.cancel",), lambda w: [
+        "renewals", "cancel", w.renewal_batch()], needs_ca=True),
     "accounts list": READS,
     "accounts show": READS,
     "orders list": READS,
@@ -204,6 +226,13 @@ API: dict[str, Mutating | NotAudited] = {
         lambda w: (f"{P}/acme-accounts/{w.account()}", {"terms_agreed": True})),
     f"DELETE {P}/acme-accounts/<string:account_id>": Mutating(
         ("acme_account.delete",), lambda w: (f"{P}/acme-accounts/{w.account()}", None)),
+    f"POST {P}/renewals": Mutating(
+        ("certificate.renew_requested", "renewal_batch.create"),
+        lambda w: (f"{P}/renewals", {"project_id": w.project_of(w.issued_certificate())}),
+        needs_ca=True),
+    f"POST {P}/renewals/<string:batch_id>/cancel": Mutating(
+        ("renewal_batch.cancel",),
+        lambda w: (f"{P}/renewals/{w.renewal_batch()}/cancel", None), needs_ca=True),
     f"POST {P}/jobs/<string:job_id>/retry": Mutating(
         ("job.retry",), lambda w: (f"{P}/jobs/{w.dead_job()}/retry", None)),
     f"POST {P}/jobs/<string:job_id>/cancel": Mutating(

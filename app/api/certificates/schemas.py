@@ -42,6 +42,13 @@ class CertificateSchema(Schema):
     key_type = fields.String(required=True)
     challenge = JsonValue(required=True)
     account_id = fields.String(allow_none=True)
+    ca_fallback = fields.List(fields.String(), metadata={
+        "description": "ACME accounts used in order after account_id (CA fallback)"})
+    ca_state = JsonValue(allow_none=True, metadata={
+        "description": "The CA in use (active: 0 is the primary), failures there, the "
+                       "last switch and why"})
+    issued_by = JsonValue(allow_none=True, metadata={
+        "description": "The account and directory that issued the current certificate"})
     directory_url = fields.String(allow_none=True)
     profile = fields.String(allow_none=True)
     renewal = JsonValue(allow_none=True)
@@ -77,6 +84,11 @@ class CertificateCreateSchema(Schema):
     key_type = fields.String(validate=validate.OneOf(KEY_TYPES), metadata={"example":
                                                                             "ec256"})
     challenge = fields.Nested(ChallengeSchema)
+    ca_fallback = fields.List(fields.String(validate=validate.Length(min=1, max=100)),
+                              validate=validate.Length(max=5), metadata={
+                                  "description": "ACME accounts of this project, on other "
+                                                 "directories, used in order after "
+                                                 "account_id when it keeps failing"})
     account_id = fields.String(validate=validate.Length(min=1, max=100),
                                metadata={"description": "Default: the project's only "
                                                         "account"})
@@ -93,6 +105,11 @@ class CertificateUpdateSchema(Schema):
                         validate=validate.Length(min=1, max=100))
     key_type = fields.String(validate=validate.OneOf(KEY_TYPES))
     challenge = fields.Nested(ChallengeSchema)
+    ca_fallback = fields.List(fields.String(validate=validate.Length(min=1, max=100)),
+                              validate=validate.Length(max=5), metadata={
+                                  "description": "ACME accounts of this project, on other "
+                                                 "directories, used in order after "
+                                                 "account_id when it keeps failing"})
     account_id = fields.String(validate=validate.Length(min=1, max=100))
     profile = fields.String(allow_none=True, validate=validate.Length(min=1, max=64))
     renewal = fields.Nested(RenewalPolicySchema)

@@ -19,6 +19,7 @@ from flask.views import MethodView
 
 from app.api.common import Blueprint, current_db
 from app.audit.status import audit_metrics
+from app.domain.budget import budget_metrics
 from app.jobs.metrics import queue_depth_metrics
 from app.metrics import ScrapeFn, build_registry, render
 
@@ -28,7 +29,7 @@ blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 
 # State read from the database at scrape time besides the fleet snapshot's aggregates
 # (app.metrics adds the scheduler lease).
-SCRAPES: tuple[ScrapeFn, ...] = (queue_depth_metrics, audit_metrics)
+SCRAPES: tuple[ScrapeFn, ...] = (queue_depth_metrics, audit_metrics, budget_metrics)
 
 
 @blp.route("/metrics")

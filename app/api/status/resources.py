@@ -11,10 +11,15 @@ from marshmallow import fields, validate
 from app import db as dbm
 from app.api.auth import READ, scope
 from app.api.common import API_PREFIX, Blueprint, StrictQuery, current_db, principal
-from app.api.status.schemas import SchedulerStatusSchema, WorkersStatusSchema
+from app.api.status.schemas import (
+    CaBudgetsSchema,
+    SchedulerStatusSchema,
+    WorkersStatusSchema,
+)
 
 blp = Blueprint("status", __name__, url_prefix=f"{API_PREFIX}/status",
-                description="Scheduler leader lease and schedule; worker heartbeats.")
+                description="Scheduler leader lease and schedule; worker heartbeats; "
+                            "the shared CA rate-limit budget.")
 
 # A worker whose heartbeat is older than this is reported as not alive.
 WORKER_LIVENESS = timedelta(seconds=60)
@@ -72,3 +77,27 @@ class WorkersStatus(MethodView):
                 [{"$group": {"_id": "$state", "n": {"$sum": 1}}}])), what="count jobs")}
         return {"server_time": now, "alive": sum(1 for w in workers if w["alive"]),
                 "workers": workers, "queue": queue}
+
+
+class CaBudgetArgsSchema(StrictQuery):
+    ca = fields.String(load_default=None, validate=validate.Length(max=2000),
+                       metadata={"description": "Only this ACME directory URL"})
+
+
+@blp.route("/ca-budgets")
+class CaBudgets(MethodView):
+    @scope(READ)
+    @blp.arguments(CaBudgetArgsSchema, location="query")
+    @blp.response(200, CaBudgetsSchema)
+    def get(self, args: dict[str, Any]) -> dict[str, Any]:
+        """CA budgets: each shared rate-limit bucket's level (tokens free, next token)."""
+        from app.domain import budget
+
+        db = current_db()
+        rows = budget.levels(db, ca=args.get("ca"))
+        if not principal().is_admin:
+            # Accounts, domains and names of every project: for admins only.
+            for row in rows:
+                if row["subject"] != "*":
+                    row["subject"] = None
+        return {"server_time": dbm.server_now(db), "buckets": rows}

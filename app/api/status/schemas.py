@@ -67,3 +67,24 @@ class WorkersStatusSchema(Schema):
     workers = fields.List(fields.Nested(WorkerSchema), required=True)
     queue = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True,
                         metadata={"description": "Jobs by state"})
+
+
+class CaBudgetSchema(Schema):
+    ca = fields.String(required=True, metadata={"description": "ACME directory URL"})
+    bucket = fields.String(required=True, metadata={
+        "description": "new_orders_per_account, new_certificates_per_domain, "
+                       "failed_validations_per_identifier or orders_pace"})
+    subject = fields.String(allow_none=True, metadata={
+        "description": "account id, registered domain, account:identifier, or * "
+                       "(null unless the token is an admin's)"})
+    tokens = fields.Integer(required=True, metadata={"description": "tokens free now"})
+    capacity = fields.Integer(required=True)
+    window_seconds = fields.Float(required=True)
+    next_token_at = fields.DateTime(allow_none=True)
+    waiting_until = fields.DateTime(allow_none=True, metadata={
+        "description": "end of the line of deferred jobs waiting for this bucket"})
+
+
+class CaBudgetsSchema(Schema):
+    server_time = fields.DateTime(required=True)
+    buckets = fields.List(fields.Nested(CaBudgetSchema), required=True)
