@@ -9,7 +9,18 @@ from __future__ import annotations
 
 import click
 
-from app.cli import audit, dev, health, jobs, kek, migrate, projects, scheduler, tokens
+from app.cli import (
+    audit,
+    dev,
+    dns,
+    health,
+    jobs,
+    kek,
+    migrate,
+    projects,
+    scheduler,
+    tokens,
+)
 from app.cli.base import CapGroup, CliContext, adopt_dev_environment
 from app.config import load_or_exit
 
@@ -23,6 +34,7 @@ COMMANDS: list[click.Command] = [
     tokens.command,
     audit.command,
     jobs.command,
+    dns.command,
 ]
 
 

@@ -150,6 +150,8 @@ class IssuanceRun:
         order = orders.latest_for_job(self.db, self.fence.job_id) if self.fence.job_id else None
         if order is not None and order["state"] == orders.COMPLETED:
             return self._result(order, cert)  # done before a crash: nothing more to do
+        # a missing credential variable is reported before anything is asked of the CA
+        solvers.solver_for(cert["challenge"], challenges.Http01Records(self.db)).check()
         account = accounts.get_account(self.db, cert["account_id"])
         client = accounts.client_for(self.db, account, self.settings)
         try:
@@ -366,6 +368,7 @@ class IssuanceRun:
         challenge_type = order["challenge"]["type"]
         solver = self._solver(order)
         saved = {a.get("url"): a for a in order.get("authorizations") or []}
+        to_answer: list[tuple[str, Doc, Doc, Doc, solvers.Challenge]] = []
         for url in list(state.body.get("authorizations", [])):
             body, _ = client.get_authorization(url)
             status = body.get("status")
@@ -394,21 +397,35 @@ class IssuanceRun:
                 self._save_authorization(order, url, {
                     "url": url, "identifier": identifier, "status": "provisioning",
                     "challenge": challenge_doc})
-            solver.provision(solvers.Challenge(
+            challenge = solvers.Challenge(
                 type=challenge_type, token=token, identifier=identifier,
                 key_authorization=key_authorization, dns_value=dns_value,
                 order_id=order["_id"], certificate_id=order["certificate_id"],
-                project_id=order["project_id"]))
+                project_id=order["project_id"])
+            solver.provision(challenge)
+            to_answer.append((url, chall, challenge_doc, entry, challenge))
+        if to_answer:
+            # dns-01: only once every authoritative server serves every record
+            solver.ready([item[4] for item in to_answer], self._awaiting(order))
+        for url, chall, challenge_doc, entry, challenge in to_answer:
             if chall.get("status") == "pending":
                 # The CA's state is the truth: an answer it did not register is sent again.
                 self.fence.check_lease()
                 client.answer_challenge(str(chall["url"]), challenge_type)
-            answered = {"url": url, "identifier": identifier, "status": "answered",
+            answered = {"url": url, "identifier": challenge.identifier, "status": "answered",
                         "challenge": challenge_doc,
                         "answered_at": entry.get("answered_at") or now_ms()}
             self._save_authorization(order, url, answered)
         # 'ready' is not saved: finalizing (fenced, next) is the step that matters
         return self._poll_order(client, str(order["order_url"]), "pending", "validation")
+
+    def _awaiting(self, order: Doc) -> solvers.OnWait:
+        """Show on the order and its certificate what the solver waits for."""
+        def show(awaiting: Doc) -> None:
+            orders.save_fields(self.db, order, {"awaiting": awaiting or None})
+            certificates.store_awaiting(self.db, order["certificate_id"], awaiting)
+
+        return show
 
     def _save_authorization(self, order: Doc, url: str, entry: Doc) -> None:
         saved = list(order.get("authorizations") or [])
