@@ -244,6 +244,7 @@ class IssuanceRun:
                                   "job_id": self.fence.job_id})
 
         self.fence.transaction(insert)
+        self._sweep_leftovers(cert, order["_id"])
         return order
 
     def _new_order(self, order: Doc, client: AcmeClient) -> OrderState:
@@ -550,6 +551,15 @@ class IssuanceRun:
     def _solver(self, order: Doc) -> solvers.Solver:
         return solvers.solver_for(order["challenge"], challenges.Http01Records(self.db))
 
+    def _sweep_leftovers(self, cert: Doc, current_id: str) -> None:
+        """Remove the dns-01 records earlier attempts left behind (a killed worker, an
+        abandoned job): the TXT records would otherwise stay in the zone for good."""
+        for stale in orders.with_leftover_dns_records(self.db, cert["_id"], current_id):
+            if stale.get("job_id") == self.fence.job_id and \
+                    stale["state"] not in orders.TERMINAL:
+                continue  # this job's own order: it is resumed, not swept
+            self._cleanup(stale)
+
     def _cleanup(self, order: Doc) -> None:
         try:
             if order["challenge"]["type"] == "http-01":
@@ -563,8 +573,9 @@ class IssuanceRun:
                                       certificate_id=order["certificate_id"],
                                       project_id=order["project_id"])
                     for a in order.get("authorizations") or [] if a.get("challenge")])
-        except Exception as exc:  # noqa: BLE001 - records expire by TTL anyway
-            log.warning("challenge cleanup failed (records expire on their own)",
+            orders.mark_challenges_cleaned(self.db, order["_id"])
+        except Exception as exc:  # noqa: BLE001 - the next attempt sweeps what is left
+            log.warning("challenge cleanup failed (the next attempt removes them)",
                         extra={"order_id": order["_id"], "error": str(exc)[:200]})
 
     def _result(self, order: Doc, cert: Doc) -> Doc:

@@ -106,6 +106,24 @@ class Knot:
     def stop(self) -> None:
         _stop(self.proc)
 
+    def update(self, zone: str, name: str, txt: list[str], add: bool = True) -> None:
+        """Add (or delete) TXT values at ``name`` through a TSIG-signed RFC 2136 update."""
+        import dns.rcode
+        import dns.tsig
+        import dns.tsigkeyring
+        import dns.update
+
+        update = dns.update.Update(zone, keyring=dns.tsigkeyring.from_text(
+            {self.key_name: self.secret}), keyname=self.key_name,
+            keyalgorithm=dns.tsig.HMAC_SHA256)
+        for value in txt:
+            if add:
+                update.add(f"{name}.", 60, "TXT", f'"{value}"')
+            else:
+                update.delete(f"{name}.", "TXT", f'"{value}"')
+        reply = dns.query.tcp(update, self.address, timeout=5)
+        assert reply.rcode() == dns.rcode.NOERROR, dns.rcode.to_text(reply.rcode())
+
 
 def start_knot(directory: Path, address: str, zones: list[Zone],
                key_name: str = "cap-key") -> Knot:
