@@ -44,7 +44,9 @@ class Challenge:
 class Solver(Protocol):
     type: str
 
-    def check(self) -> None: ...
+    def check(self, identifiers: list[str]) -> None:
+        """Refuse (ValidationFailed) what would fail anyway, before the CA is asked:
+        a missing credential, a CNAME loop."""
 
     def provision(self, challenge: Challenge) -> None: ...
 
@@ -67,7 +69,7 @@ class Http01Solver:
     def __init__(self, store: Http01Store) -> None:
         self.store = store
 
-    def check(self) -> None:
+    def check(self, identifiers: list[str]) -> None:
         pass
 
     def ready(self, challenges: list[Challenge], on_wait: OnWait | None = None) -> None:
@@ -105,11 +107,16 @@ class Dns01Solver:
         self.config = config
         self.provider = dns_provider(config)
 
-    def check(self) -> None:
+    def check(self, identifiers: list[str]) -> None:
         self.provider.check()
+        for identifier in identifiers:
+            self._record_for(identifier)  # a CNAME loop is refused here
+
+    def _record_for(self, identifier: str) -> str:
+        return lookup.record_name(identifier.removeprefix("*."), self.config)
 
     def _record(self, challenge: Challenge) -> str:
-        return lookup.record_name(challenge.identifier, self.config)
+        return self._record_for(challenge.identifier)
 
     def provision(self, challenge: Challenge) -> None:
         if not challenge.dns_value:

@@ -58,6 +58,7 @@ from app.db import Doc
 from app.domain import accounts, certificates, challenges, orders, renewal
 from app.domain.issued import describe_issued
 from app.domain.projects import now_ms
+from app.errors import ValidationFailed
 from app.jobs import JobContext, PermanentFailure, RetryLater
 from app.keys import KeyUnavailable, generate_private_key, open_private_key, seal_private_key
 
@@ -150,8 +151,9 @@ class IssuanceRun:
         order = orders.latest_for_job(self.db, self.fence.job_id) if self.fence.job_id else None
         if order is not None and order["state"] == orders.COMPLETED:
             return self._result(order, cert)  # done before a crash: nothing more to do
-        # a missing credential variable is reported before anything is asked of the CA
-        solvers.solver_for(cert["challenge"], challenges.Http01Records(self.db)).check()
+        # a missing credential variable or a CNAME loop is refused before any CA call
+        solvers.solver_for(cert["challenge"], challenges.Http01Records(self.db)).check(
+            [str(i["value"]) for i in cert["identifiers"] if i["type"] == "dns"])
         account = accounts.get_account(self.db, cert["account_id"])
         client = accounts.client_for(self.db, account, self.settings)
         try:
@@ -654,6 +656,8 @@ def issue_handler(ctx: JobContext) -> dict[str, Any] | None:
                             settings=ctx.settings, actor=audit.system_actor("worker"))
     except IssuanceFailed as exc:
         raise PermanentFailure(str(exc)) from None
+    except ValidationFailed as exc:  # refused before any CA call (a CNAME loop...)
+        raise PermanentFailure(exc.message) from None
     except AccountReset as exc:
         raise RetryLater(1, str(exc)) from None
     except accounts.AccountNotRegistrable as exc:

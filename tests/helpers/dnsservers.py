@@ -12,14 +12,18 @@ import random
 import secrets
 import shutil
 import socket
+import socketserver
 import sqlite3
 import subprocess
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dns.flags
 import dns.message
+import dns.name
 import dns.query
 import dns.rdatatype
 
@@ -242,3 +246,66 @@ query-cache-ttl=0
                 raise RuntimeError(f"pdns API did not answer:\n{log.read_text()}") from None
             time.sleep(0.1)
     return PowerDns(address, api_url, api_key, proc)
+
+
+@dataclass
+class Forwarder:
+    """A recursive resolver for the test's zones: what the CA's resolver is in
+    production. Each question goes to the authoritative server of the closest zone, and
+    CNAMEs are chased across servers (the answer carries the whole chain)."""
+
+    address: str
+    server: socketserver.UDPServer
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def _authority(name: dns.name.Name, zones: dict[str, str]) -> str | None:
+    best = max((z for z in zones if name.is_subdomain(dns.name.from_text(z))),
+               key=len, default=None)
+    return zones[best] if best else None
+
+
+def start_forwarder(zones: dict[str, str]) -> Forwarder:
+    """Serve recursive answers on a free loopback address (port 53) for ``zones``
+    (zone -> address of its authoritative server)."""
+    address = free_loopback()
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            data, sock = self.request
+            request = dns.message.from_wire(data)
+            response = dns.message.make_response(request)
+            response.flags |= dns.flags.RA
+            question = request.question[0]
+            name, seen = question.name, set()
+            for _ in range(10):
+                server = _authority(name, zones)
+                if server is None or name in seen:
+                    break
+                seen.add(name)
+                reply = dns.query.udp(dns.message.make_query(name, question.rdtype),
+                                      server, timeout=2)
+                response.set_rcode(reply.rcode())
+                cname = None
+                for rrset in reply.answer:
+                    response.answer.append(rrset)
+                    if rrset.rdtype == dns.rdatatype.CNAME and rrset.name == name:
+                        cname = rrset[0].target
+                if cname is None or question.rdtype == dns.rdatatype.CNAME or any(
+                        r.rdtype == question.rdtype for r in reply.answer):
+                    if not reply.answer:
+                        response.authority = reply.authority
+                    break
+                name = cname
+            sock.sendto(response.to_wire(), self.client_address)
+
+    server = socketserver.ThreadingUDPServer((address, 53), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return Forwarder(address, server, thread)
