@@ -143,9 +143,18 @@ class Dns01Solver:
             raise RuntimeError("; ".join(errors))
 
 
+class TlsAlpn01Solver(Http01Solver):
+    """tls-alpn-01: the key authorization goes to the same shared record store; the api
+    role's responder (``app.acme.tlsalpn``) answers for the record's identifier."""
+
+    type = "tls-alpn-01"
+
+
 def solver_for(config: ChallengeConfig, http01: Http01Store) -> Solver:
     if config.get("type") == "http-01":
         return Http01Solver(http01)
+    if config.get("type") == "tls-alpn-01":
+        return TlsAlpn01Solver(http01)
     if config.get("type") == "dns-01":
         return Dns01Solver(config)
     raise ValidationFailed(f"no solver for challenge {config.get('type')!r}")

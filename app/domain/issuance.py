@@ -564,7 +564,7 @@ class IssuanceRun:
 
     def _cleanup(self, order: Doc) -> None:
         try:
-            if order["challenge"]["type"] == "http-01":
+            if order["challenge"]["type"] in ("http-01", "tls-alpn-01"):
                 challenges.remove_for_order(self.db, order["_id"])
             else:
                 self._solver(order).cleanup([

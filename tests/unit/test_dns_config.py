@@ -50,7 +50,7 @@ def test_rfc2136_zone_is_optional_now():
     assert "zone" not in out and out["port"] == 53
 
 
-@pytest.mark.parametrize("challenge", ["http-01"])
+@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
 def test_wildcards_need_dns01(challenge):
     with pytest.raises(ValidationFailed, match="wildcards need the dns-01 challenge"):
         certspec.validate_spec({"names": ["*.example.com"], "challenge": challenge})
