@@ -87,6 +87,12 @@ def test_dns_test_command(powerdns, cap_env):
     assert txt_at(powerdns.address, result["record"]) == []
     assert powerdns.api_key not in done.stdout + done.stderr
 
+    env[TOKEN_ENV] = "wrong-" + powerdns.api_key
+    done = cli(*args, env=env)
+    assert done.returncode == 1
+    assert "HTTP 401 from the provider's API" in done.stderr
+    assert powerdns.api_key not in done.stdout + done.stderr
+
     del env[TOKEN_ENV]
     done = cli(*args, env=env)
     assert done.returncode == 1

@@ -72,14 +72,25 @@ class LexiconProvider:
         except ValidationFailed:
             raise
         except Exception as exc:
-            # the provider's own message, never its request (which may carry a credential)
             raise RuntimeError(f"dns-01 provider {self.name} could not "
                                f"{'add' if add else 'remove'} the TXT record {fqdn} in "
-                               f"zone {zone}: {type(exc).__name__}: {str(exc)[:200]}") \
-                from None
+                               f"zone {zone}: {_describe(exc)}") from None
 
     def present(self, fqdn: str, value: str) -> None:
         self._run(fqdn, value, add=True)
 
     def cleanup(self, fqdn: str, value: str) -> None:
         self._run(fqdn, value, add=False)
+
+
+def _describe(exc: Exception) -> str:
+    """What went wrong, without the request: an HTTP error's text holds its URL, and some
+    providers put a credential in the query string."""
+    import requests
+
+    if isinstance(exc, requests.HTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        return f"HTTP {status} from the provider's API"
+    if isinstance(exc, requests.RequestException):
+        return f"{type(exc).__name__} (the provider's API did not answer)"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
