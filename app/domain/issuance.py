@@ -44,6 +44,7 @@ from pymongo.database import Database
 from app import audit
 from app.acme import ari, solvers
 from app.acme.client import AcmeClient, OrderState, PollSchedule, poll
+from app.acme.dns.lookup import PropagationTimeout
 from app.acme.errors import (
     AcmeError,
     AcmeProblem,
@@ -409,7 +410,12 @@ class IssuanceRun:
             to_answer.append((url, chall, challenge_doc, entry, challenge))
         if to_answer:
             # dns-01: only once every authoritative server serves every record
-            solver.ready([item[4] for item in to_answer], self._awaiting(order))
+            show = self._awaiting(order)
+            try:
+                solver.ready([item[4] for item in to_answer], show)
+            except PropagationTimeout:
+                show({})  # the job's error names the servers; a retry shows them again
+                raise
         for url, chall, challenge_doc, entry, challenge in to_answer:
             if chall.get("status") == "pending":
                 # The CA's state is the truth: an answer it did not register is sent again.

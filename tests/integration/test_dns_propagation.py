@@ -12,6 +12,9 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
+from app.acme.dns.lookup import PropagationTimeout
 from app.domain import accounts, certificates, orders
 from app.domain.issuance import run_issuance
 from tests.helpers.dnsservers import Zone, free_loopback, start_knot, txt_at
@@ -134,3 +137,33 @@ def test_next_attempt_removes_a_killed_workers_record(migrated_db, settings, tmp
     finally:
         pebble.stop()
         knot.stop()
+
+
+def test_a_server_that_never_serves_the_record_fails_the_attempt_unanswered(
+        migrated_db, settings, tmp_path, monkeypatch):
+    zone = "stuck.test"
+    first, second = free_loopback(), free_loopback()
+    servers = {f"ns1.{zone}": first, f"ns2.{zone}": second}
+    primary = start_knot(tmp_path / "ns1", first, [Zone(zone, servers)])
+    stuck = start_knot(tmp_path / "ns2", second, [Zone(zone, servers)])
+    monkeypatch.setenv("CAP_TEST_TSIG_SECRET", primary.secret)
+    pebble = start_pebble(tmp_path / "pebble", dns_server=f"{second}:53")
+    try:
+        s = acme(settings, pebble)
+        project_id = make_project(migrated_db)
+        accounts.create_account(migrated_db, project_id, {"terms_agreed": True}, ACTOR,
+                                settings=s)
+        cert = certificates.create_certificate(migrated_db, project_id, {
+            "names": [zone], "challenge": {**rfc2136_spec(primary, zone,
+                                                          "CAP_TEST_TSIG_SECRET"),
+                                           "propagation_timeout": 3}}, ACTOR, settings=s)
+        with pytest.raises(PropagationTimeout, match=f"ns2.{zone}"):
+            run_issuance(migrated_db, LocalFence(migrated_db, "job-stuck"), cert["_id"],
+                         reason="initial", settings=s)
+        order = orders.latest_for_job(migrated_db, "job-stuck")
+        assert not [a for a in order["authorizations"] if a.get("status") == "answered"]
+        assert certificates.get_certificate(migrated_db, cert["_id"]).get("awaiting") is None
+    finally:
+        pebble.stop()
+        primary.stop()
+        stuck.stop()
