@@ -121,3 +121,17 @@ def test_worker_pods_serve_their_metrics_on_a_named_port_unless_switched_off() -
                        "worker")["spec"]["template"]
     assert "ports" not in off["spec"]["containers"][0]
     assert all(e["name"] != "CAP_WORKER_METRICS_PORT" for e in off["spec"]["containers"][0]["env"])
+
+
+def test_tls_alpn_responder_is_off_unless_a_port_is_set() -> None:
+    docs = render(BASE)
+    api = by_component(docs["Deployment"], "api")["spec"]["template"]["spec"]["containers"][0]
+    assert all(e["name"] != "CAP_TLS_ALPN_PORT" for e in api["env"])
+    assert [p["name"] for p in by_component(docs["Service"], "api")["spec"]["ports"]] == \
+        ["http"]
+    docs = render({**BASE, "api": {"tlsAlpnPort": 8443}})
+    api = by_component(docs["Deployment"], "api")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "CAP_TLS_ALPN_PORT", "value": "8443"} in api["env"]
+    assert {"name": "tls-alpn", "containerPort": 8443} in api["ports"]
+    assert {"name": "tls-alpn", "port": 443, "targetPort": "tls-alpn"} in \
+        by_component(docs["Service"], "api")["spec"]["ports"]
