@@ -56,3 +56,26 @@ def test_wildcard_through_rfc2136(migrated_db, settings, tmp_path, monkeypatch):
     finally:
         pebble.stop()
         knot.stop()
+
+
+def test_dns_test_command_through_rfc2136(tmp_path, cap_env):
+    import subprocess
+    import sys
+
+    zone = "cli.test"
+    address = free_loopback()
+    knot = start_knot(tmp_path / "knot", address, [Zone(zone, {f"ns.{zone}": address})])
+    try:
+        env = dict(cap_env, CAP_TEST_TSIG_SECRET=knot.secret)
+        done = subprocess.run(
+            [sys.executable, "-m", "app.cli", "dns", "test", "rfc2136", zone,
+             "--option", f"server={address}", "--option", f"tsig_key_name={knot.key_name}",
+             "--credential-env", "tsig_secret_env=CAP_TEST_TSIG_SECRET",
+             "--resolver", address], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"ok: rfc2136 created, served and removed TXT "
+                                      f"_certautopilot-test.{zone}")
+        assert txt_at(address, f"_certautopilot-test.{zone}") == []
+        assert knot.secret not in done.stdout + done.stderr
+    finally:
+        knot.stop()
