@@ -106,14 +106,19 @@ class Dns01Solver:
     def __init__(self, config: ChallengeConfig) -> None:
         self.config = config
         self.provider = dns_provider(config)
+        self._records: dict[str, str] = {}  # identifier -> where its TXT goes
 
     def check(self, identifiers: list[str]) -> None:
         self.provider.check()
         for identifier in identifiers:
-            self._record_for(identifier)  # a CNAME loop is refused here
+            # a CNAME loop, or a target outside the configured zone, is refused here
+            self.provider.zone_for(self._record_for(identifier))
 
     def _record_for(self, identifier: str) -> str:
-        return lookup.record_name(identifier.removeprefix("*."), self.config)
+        base = identifier.removeprefix("*.")
+        if base not in self._records:
+            self._records[base] = lookup.record_name(base, self.config)
+        return self._records[base]
 
     def _record(self, challenge: Challenge) -> str:
         return self._record_for(challenge.identifier)
