@@ -133,7 +133,8 @@ class Lease(DbLease):
         self.renewed_at: datetime | None = None
         super().__init__(self.db[dbm.LEASES], {"_id": config.name},
                          holder or process_identity(), config.lease_seconds,
-                         schema=SCHEDULER_LEASE, upsert=True, what="scheduler lease")
+                         schema=SCHEDULER_LEASE, upsert=True, what="scheduler lease",
+                         fresh_clock=True)
 
     @property
     def db(self) -> Database[Doc]:
@@ -202,7 +203,7 @@ class Lease(DbLease):
         doc = self.read()
         if not doc or doc.get("holder") in (None, self.holder):
             return False
-        if doc.get("expires_at") is None or doc["expires_at"] > dbm.server_now(self.db):
+        if doc.get("expires_at") is None or doc["expires_at"] > self.now():
             return False
         lsid = doc.get("holder_lsid")
         if not lsid or "id" not in lsid:

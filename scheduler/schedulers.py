@@ -36,6 +36,7 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from app import db as dbm
+from app import probes
 from app.config import Settings, load_or_exit
 from app.db import Doc, txn
 from app.db.names import FIRES
@@ -139,7 +140,10 @@ class MongoLeaseScheduler(Scheduler):
             leading = self._renew_or_acquire()
         except DB_ERRORS as exc:
             self._cannot_prove(exc)
+            probes.record(self.settings, "scheduler", ok=False, error=exc)
             return False
+        probes.record(self.settings, "scheduler", ok=True,
+                      detail="leader" if leading else "standby")
         self._unreachable_logged = False
         if not leading and not self._standby_logged:
             self._standby_logged = True
@@ -219,7 +223,7 @@ class MongoLeaseScheduler(Scheduler):
         try:
             doc = self.lease.read()
             if doc is not None and doc.get("holder") and doc.get("expires_at"):
-                left = (doc["expires_at"] - dbm.server_now(self.db)).total_seconds()
+                left = (doc["expires_at"] - dbm.server_now(self.db, fresh=True)).total_seconds()
                 wait = max(0.05, min(retry, left + 0.05))
                 lapses = left + 0.05 <= retry
             elif doc is not None and not doc.get("holder"):
@@ -301,8 +305,14 @@ class MongoLeaseScheduler(Scheduler):
         be proven locally (at most 10 s)."""
         lease = self.lease
         deadline = time.monotonic() + max(1.0, min(10.0, lease.seconds_left()))
-        return txn.run(self.db, lambda session: body(session, dbm.server_now(self.db)),
-                       fence=lease.fence, session=self._fence_session(), attempts=1,
+        proven_at: list[datetime] = []  # the server time the fence proved the lease at
+
+        def fence(session: ClientSession) -> None:
+            proven_at[:] = [dbm.server_now(self.db, fresh=True)]
+            lease.fence(session, proven_at[0])
+
+        return txn.run(self.db, lambda session: body(session, proven_at[0]), fence=fence,
+                       session=self._fence_session(), attempts=1,
                        retry_while=lambda: time.monotonic() < deadline, what=what,
                        max_commit_time_ms=5000)
 
@@ -356,7 +366,7 @@ class MongoLeaseScheduler(Scheduler):
         """Fire every due entry (fenced), then return the delay until the next due entry
         or the next renewal, whichever comes first."""
         try:
-            now = dbm.server_now(self.db)
+            now = dbm.server_now(self.db, fresh=True)
             read_at = time.monotonic()
             due = list(self.db[dbm.SCHEDULE].find(
                 {"next_run_at": {"$lte": now}, "_id": {"$nin": sorted(self._bad_entries)}}

@@ -5,16 +5,20 @@ Pagination is by cursor: a list is sorted on keys ending in a unique one (creati
 then ``_id``; ``seq`` for the audit log) and the cursor holds the last item's keys, so a
 page is the next ``limit`` items *after* it. Items inserted while a client pages through
 never cause an item to be skipped or repeated.
+
+A cursor is the position itself, written plainly (``d<epoch ms>~s<id>``, ``i<seq>``), not
+an opaque blob: every string that matches ``CURSOR_PATTERN`` (published in the OpenAPI
+document) names a position and is accepted, so what the schema calls valid the server
+takes (a position of another list's shape just pages from there).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
+import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import flask_smorest
@@ -32,7 +36,6 @@ from app.errors import CertAutoPilotError, NotFound, PreconditionFailed
 API_PREFIX = "/api/v1"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
-
 
 
 class BadRequest(CertAutoPilotError):
@@ -67,11 +70,19 @@ class StrictQuery(Schema):
         unknown = RAISE
 
 
+# One position value: d<epoch ms> (a date), i<integer>, o<ObjectId hex>, s<id>, n (null).
+_CURSOR_VALUE = r"(?:d[0-9]{1,13}|i-?[0-9]{1,18}|o[0-9a-f]{24}|s[A-Za-z0-9_.:-]{0,200}|n)"
+CURSOR_PATTERN = rf"^{_CURSOR_VALUE}(?:~{_CURSOR_VALUE}){{0,3}}$"
+_CURSOR_RE = re.compile(CURSOR_PATTERN)
+_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{0,200}")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 class PageArgsSchema(StrictQuery):
     limit = fields.Integer(load_default=DEFAULT_LIMIT,
                            validate=validate.Range(min=1, max=MAX_LIMIT),
                            metadata={"description": f"Page size (1-{MAX_LIMIT})"})
-    cursor = fields.String(load_default=None, validate=validate.Length(max=500),
+    cursor = fields.String(load_default=None, validate=validate.Regexp(CURSOR_PATTERN),
                            metadata={"description": "next_cursor of the previous page"})
 
 
@@ -156,11 +167,16 @@ def required_project(requested: str | None) -> str:
     """For creates: the project the new object belongs to (admins must name one)."""
     project_id = project_scope(requested)
     if project_id is None:
-        from app.errors import ValidationFailed
-
-        raise ValidationFailed("an admin token must say which project: set project_id",
-                               errors={"project_id": ["required for admin tokens"]})
+        # 403, not 422: the body is well formed for the schema; what is missing is a
+        # project this credential implies (a project token's own), and an admin token
+        # has none.
+        raise ProjectRequired("an admin token must say which project: set project_id",
+                              errors={"project_id": ["required for admin tokens"]})
     return project_id
+
+
+class ProjectRequired(CertAutoPilotError):
+    status, code = 403, "project_required"
 
 
 def visibility_filter(project_id: str | None) -> Doc:
@@ -176,54 +192,53 @@ def current_db() -> Any:
 
 # -- cursors -------------------------------------------------------------------------
 
-def _encode_value(value: Any) -> Any:
+def _encode_value(value: Any) -> str:
     if value is None:
-        return {"n": 0}
+        return "n"
     if isinstance(value, ObjectId):
-        return {"o": str(value)}
+        return f"o{value}"
     if isinstance(value, datetime):
-        return {"d": value.astimezone(UTC).isoformat()}
-    if isinstance(value, (str, int)):
-        return value
+        # Exact integer milliseconds (BSON dates hold no more); float maths could land
+        # a millisecond early and repeat an item.
+        return f"d{(value.astimezone(UTC) - _EPOCH) // timedelta(milliseconds=1)}"
+    if isinstance(value, bool):
+        raise TypeError("cannot page on a boolean key")
+    if isinstance(value, int):
+        return f"i{value}"
+    if isinstance(value, str) and _ID_RE.fullmatch(value):
+        return f"s{value}"
     raise TypeError(f"cannot page on a key of type {type(value).__name__}")
 
 
-def _decode_value(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {"n"}:
+def _decode_value(token: str) -> Any:
+    kind, rest = token[0], token[1:]
+    if kind == "n":
         return None
-    if isinstance(value, dict) and set(value) == {"o"}:
-        return ObjectId(value["o"])
-    if isinstance(value, dict) and set(value) == {"d"}:
-        return datetime.fromisoformat(value["d"])
-    if isinstance(value, (str, int)) and not isinstance(value, bool):
-        return value
-    raise ValueError("bad cursor value")
+    if kind == "o":
+        return ObjectId(rest)
+    if kind == "d":
+        return _EPOCH + timedelta(milliseconds=int(rest))
+    if kind == "i":
+        return int(rest)
+    return rest
 
 
-def encode_cursor(keys: tuple[str, ...], values: list[Any]) -> str:
-    raw = json.dumps({"k": list(keys), "v": [_encode_value(v) for v in values]},
-                     separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+def encode_cursor(values: list[Any]) -> str:
+    return "~".join(_encode_value(v) for v in values)
 
 
-def decode_cursor(cursor: str, keys: tuple[str, ...]) -> list[Any]:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        if not isinstance(data, dict) or data.get("k") != list(keys):
-            raise ValueError("cursor of another list")
-        values = data["v"]
-        if not isinstance(values, list) or len(values) != len(keys):
-            raise ValueError("bad cursor values")
-        return [_decode_value(v) for v in values]
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+def decode_cursor(cursor: str) -> list[Any]:
+    if not _CURSOR_RE.match(cursor):  # the schema checks this too; keep the helper safe
         raise BadRequest("invalid cursor: pass next_cursor from a previous page unchanged",
-                         errors={"query": {"cursor": ["invalid"]}}) from None
+                         errors={"query": {"cursor": ["invalid"]}})
+    return [_decode_value(token) for token in cursor.split("~")]
 
 
 def _after(keys: tuple[str, ...], values: list[Any], descending: bool) -> Doc:
-    """Documents strictly after ``values`` in the (keys...) order."""
+    """Documents strictly after ``values`` in the (keys...) order; a shorter position
+    compares on its prefix, extra values are ignored."""
     op = "$lt" if descending else "$gt"
+    keys = keys[:len(values)]
     clauses = []
     for i, key in enumerate(keys):
         clause = {k: values[j] for j, k in enumerate(keys[:i])}
@@ -239,7 +254,7 @@ def paginate(collection: Collection[Doc], query: Doc, *, limit: int, cursor: str
     next_cursor}``. The default order is creation order, so items inserted while a
     client pages come last."""
     if cursor:
-        query = {"$and": [query, _after(keys, decode_cursor(cursor, keys), descending)]}
+        query = {"$and": [query, _after(keys, decode_cursor(cursor), descending)]}
     order = -1 if descending else 1
 
     def fetch() -> list[Doc]:
@@ -250,7 +265,7 @@ def paginate(collection: Collection[Doc], query: Doc, *, limit: int, cursor: str
     next_cursor = None
     if len(items) > limit:
         items = items[:limit]
-        next_cursor = encode_cursor(keys, [items[-1].get(k) for k in keys])
+        next_cursor = encode_cursor([items[-1].get(k) for k in keys])
     return {"items": items, "next_cursor": next_cursor}
 
 

@@ -54,8 +54,26 @@ def _errors_for(path: str, method: str, operation: dict[str, Any]) -> list[int]:
     return sorted(set(codes))
 
 
+def _merge_schema_meta_extras(api: Api) -> None:
+    """A schema's ``Meta.openapi_extra`` (JSON Schema keywords marshmallow cannot say,
+    e.g. a ``not`` over two fields) is merged into its component, so the document states
+    every rule the server enforces."""
+    converter = api.ma_plugin.converter
+    original = converter.schema2jsonschema
+
+    def schema2jsonschema(schema: Any) -> dict[str, Any]:
+        jsonschema: dict[str, Any] = original(schema)
+        extra = getattr(getattr(schema, "Meta", None), "openapi_extra", None)
+        if extra:
+            jsonschema.update(extra)
+        return jsonschema
+
+    converter.schema2jsonschema = schema2jsonschema
+
+
 def register_components(api: Api) -> None:
     """Before the blueprints: the components their docs may refer to."""
+    _merge_schema_meta_extras(api)
     spec = api.spec
     spec.components.security_scheme("bearerAuth", SECURITY_SCHEME)
     if "Error" not in spec.components.schemas:

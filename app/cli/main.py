@@ -10,13 +10,17 @@ from __future__ import annotations
 import click
 
 from app.cli import (
+    accounts,
     audit,
+    certs,
     dev,
     dns,
     health,
     jobs,
     kek,
     migrate,
+    orders,
+    probe,
     projects,
     scheduler,
     tokens,
@@ -28,6 +32,9 @@ COMMANDS: list[click.Command] = [
     migrate.command,
     health.command,
     dev.command,
+    certs.command,
+    accounts.command,
+    orders.command,
     scheduler.command,
     kek.command,
     projects.command,
@@ -35,6 +42,7 @@ COMMANDS: list[click.Command] = [
     audit.command,
     jobs.command,
     dns.command,
+    probe.command,
 ]
 
 

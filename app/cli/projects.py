@@ -9,7 +9,7 @@ from app.cli.base import CliContext, echo_json, pass_ctx
 
 @click.group("projects")
 def command() -> None:
-    """Projects (tenants): create, list."""
+    """Projects (tenants): create, list, delete."""
 
 
 @command.command("create")
@@ -43,3 +43,22 @@ def list_(obj: CliContext, as_json: bool) -> None:
         return
     for row in rows:
         click.echo(f"{row['_id']}  {row['name']:<30} {row.get('description', '')}")
+
+
+@command.command("delete")
+@click.argument("project", metavar="ID_OR_NAME")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@pass_ctx
+def delete(obj: CliContext, project: str, yes: bool) -> None:
+    """Delete an empty project and revoke its tokens (refused while it owns certificates
+    or ACME accounts)."""
+    from app.audit import system_actor
+    from app.domain import projects
+
+    db = obj.db()
+    doc = projects.find_project(db, project)
+    if not yes:
+        click.confirm(f"Delete project {doc['name']} ({doc['_id']}) and revoke its tokens?",
+                      abort=True)
+    projects.delete_project(db, str(doc["_id"]), actor=system_actor("cli"))
+    click.echo(f"deleted {doc['_id']}")

@@ -52,12 +52,14 @@ class ServerClock:
         # (pid, client) -> (server time at the sample, monotonic time of the sample)
         self._samples: dict[tuple[int, int], tuple[datetime, float]] = {}
 
-    def now(self, db: Database[Doc]) -> datetime:
-        """The server's current time (timezone-aware UTC, millisecond precision)."""
+    def now(self, db: Database[Doc], *, fresh: bool = False) -> datetime:
+        """The server's current time (timezone-aware UTC, millisecond precision); with
+        ``fresh`` read from the server now (and kept as the new sample)."""
         key = (os.getpid(), id(db.client))
         with self._lock:
             sample = self._samples.get(key)
-        if sample is not None and time.monotonic() - sample[1] < self.resample_seconds:
+        if not fresh and sample is not None \
+                and time.monotonic() - sample[1] < self.resample_seconds:
             return _millis(sample[0] + timedelta(seconds=time.monotonic() - sample[1]))
         sent = time.monotonic()
         server = read_server_time(db)
@@ -68,6 +70,8 @@ class ServerClock:
             if len(self._samples) >= _MAX_SAMPLES:
                 self._samples.clear()
             self._samples[key] = (base, base_mono)
+        if fresh:
+            return _millis(base)  # what the server said: fresh readings never go back
         return _millis(base + timedelta(seconds=received - base_mono))
 
     def reset(self) -> None:
@@ -84,6 +88,8 @@ def _millis(value: datetime) -> datetime:
 CLOCK = ServerClock()
 
 
-def server_now(db: Database[Doc]) -> datetime:
-    """The database server's current time (see the module docstring)."""
-    return CLOCK.now(db)
+def server_now(db: Database[Doc], *, fresh: bool = False) -> datetime:
+    """The database server's current time (see the module docstring). ``fresh=True``
+    costs a round trip; the scheduler uses it, whose coalescing of missed slots would
+    turn a jump of the estimate at a resample into a skipped slot."""
+    return CLOCK.now(db, fresh=fresh)

@@ -133,7 +133,7 @@ class Lease:
 
     def __init__(self, collection: Collection[Doc], key: Doc, holder: str, seconds: float,
                  *, schema: LeaseSchema = LeaseSchema(), upsert: bool = False,
-                 what: str = "lease") -> None:
+                 what: str = "lease", fresh_clock: bool = False) -> None:
         self.collection = collection
         self.key = key
         self.holder = holder
@@ -141,11 +141,13 @@ class Lease:
         self.schema = schema
         self.upsert = upsert
         self.what = what
+        # Read the server's clock at every step instead of the sampled estimate.
+        self.fresh_clock = fresh_clock
         self.token: Any = None
         self.expires_at: datetime | None = None
 
     def now(self) -> datetime:
-        return server_now(self.collection.database)
+        return server_now(self.collection.database, fresh=self.fresh_clock)
 
     def forget(self) -> None:
         """Drop our claim locally (lost, deposed or released)."""

@@ -37,9 +37,12 @@ STATUS_NEW = "new"                # stored, not yet known to the CA
 STATUS_REGISTERED = "registered"  # account URL known
 STATUS_DEACTIVATED = "deactivated"
 
-_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
-                    r"[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# The API schema publishes these patterns (app/api/accounts/schemas.py).
+EMAIL_PATTERN = (r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}"
+                 r"[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+ACCOUNT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+_EMAIL = re.compile(EMAIL_PATTERN)
+_NAME = re.compile(ACCOUNT_NAME_PATTERN)
 SPEC_FIELDS = {"name", "directory_url", "contact", "terms_agreed", "eab"}
 
 
@@ -171,9 +174,11 @@ def get_account(db: Database[Doc], account_id: str, *, project_id: str | None = 
     return doc
 
 
-def list_accounts(db: Database[Doc], project_id: str) -> list[Doc]:
+def list_accounts(db: Database[Doc], project_id: str | None) -> list[Doc]:
+    """A project's accounts (``None``: every project's), oldest first."""
+    query: Doc = {} if project_id is None else {"project_id": project_id}
     return dbm.retry(lambda: list(db[dbm.ACME_ACCOUNTS].find(
-        {"project_id": project_id}, sort=[("created_at", 1)])), what="list ACME accounts")
+        query, sort=[("created_at", 1)])), what="list ACME accounts")
 
 
 def client_for(db: Database[Doc], account: Doc, settings: Settings) -> acme_client.AcmeClient:

@@ -31,7 +31,9 @@ from app.domain.projects import now_ms
 from app.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
 
 ISSUE_JOB_KIND = "certificates.issue"
-ISSUE_REASONS = ("initial", "renewal", "manual", "reissue")
+# "renewal" is the scheduled one (the scan): it asks the CA's ARI window first and may be
+# postponed. "renew_now" is an operator's (API/CLI): a new certificate now, no ARI gate.
+ISSUE_REASONS = ("initial", "renewal", "renew_now", "manual", "reissue")
 
 STATUS_PENDING = "pending"    # never issued yet
 STATUS_ISSUED = "issued"      # a certificate is stored (a renewal may be in flight)
@@ -125,16 +127,44 @@ def get_certificate(db: Database[Doc], certificate_id: str, *, project_id: str |
     return doc
 
 
-def list_certificates(db: Database[Doc], project_id: str, *, status: str | None = None,
-                      name: str | None = None, limit: int = 100, skip: int = 0) -> list[Doc]:
-    query: Doc = {"project_id": project_id, "deleted_at": None}
+def list_certificates(db: Database[Doc], project_id: str | None, *,
+                      status: str | None = None, name: str | None = None,
+                      expiring_before: datetime | None = None, limit: int = 100,
+                      skip: int = 0) -> list[Doc]:
+    """Managed certificates in creation order; ``project_id=None``: every project."""
+    query: Doc = {"deleted_at": None}
+    if project_id is not None:
+        query["project_id"] = project_id
     if status is not None:
         query["status"] = status
     if name is not None:
         query["names"] = name
+    if expiring_before is not None:
+        query["not_after"] = {"$lt": expiring_before}
     return dbm.retry(lambda: list(db[dbm.CERTIFICATES].find(
         query, sort=[("created_at", 1), ("_id", 1)], skip=max(0, skip),
         limit=max(1, min(limit, 1000)))), what="list certificates")
+
+
+def export_private_key(db: Database[Doc], certificate_id: str, actor: audit.Actor, *,
+                       project_id: str | None = None) -> bytes:
+    """The certificate's private key (PKCS#8 PEM), audited as
+    ``certificate.private_key_export``: the one path the API and the CLI export by."""
+    from app.keys import open_private_key
+
+    doc = get_certificate(db, certificate_id, project_id=project_id)
+    key_id = doc.get("key_id")
+    if not key_id:
+        raise Conflict(f"certificate {certificate_id} has no private key yet")
+    pem = open_private_key(db, key_id, project_id=doc["project_id"])
+
+    def record(session: ClientSession) -> None:
+        audit.record(db, session, actor=actor, action="certificate.private_key_export",
+                     target=f"certificate:{certificate_id}", project_id=doc["project_id"],
+                     details={"key_id": key_id, "serial": doc.get("serial")})
+
+    dbm.transaction(db, record, what="audit private key export")
+    return pem
 
 
 def update_certificate(db: Database[Doc], certificate_id: str, changes: Any,
@@ -206,7 +236,7 @@ def request_issuance(db: Database[Doc], certificate_id: str, actor: audit.Actor,
     from app.jobs import enqueue, publish_wakeup
 
     if reason not in ISSUE_REASONS:
-        raise ValidationFailed("reason must be manual, initial, renewal or reissue")
+        raise ValidationFailed("reason must be one of " + ", ".join(ISSUE_REASONS))
     current = get_certificate(db, certificate_id, project_id=project_id)
 
     def save(session: ClientSession) -> Doc:

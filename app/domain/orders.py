@@ -155,9 +155,16 @@ def latest_for_job(db: Database[Doc], job_id: str) -> Doc | None:
 
 def list_for_certificate(db: Database[Doc], certificate_id: str, *, limit: int = 50,
                          project_id: str | None = None) -> list[Doc]:
-    query: Doc = {"certificate_id": certificate_id}
-    if project_id is not None:
-        query["project_id"] = project_id
+    return list_orders(db, certificate_id=certificate_id, project_id=project_id, limit=limit)
+
+
+def list_orders(db: Database[Doc], *, certificate_id: str | None = None,
+                project_id: str | None = None, state: str | None = None,
+                limit: int = 50) -> list[Doc]:
+    """Orders, newest first, filtered by whichever of the arguments are given."""
+    query: Doc = {key: value for key, value in (("certificate_id", certificate_id),
+                                                ("project_id", project_id),
+                                                ("state", state)) if value is not None}
     return dbm.retry(lambda: list(db[dbm.ORDERS].find(
         query, sort=[("created_at", DESCENDING)], limit=max(1, min(limit, 500)))),
         what="list orders")

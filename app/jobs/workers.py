@@ -22,6 +22,7 @@ from importlib import metadata
 from pymongo.database import Database
 
 from app import db as dbm
+from app import probes
 from app.config import Settings
 from app.db import Doc
 from app.db.clock import server_now
@@ -76,8 +77,10 @@ class WorkerHeartbeat:
         while not self._stop.is_set():
             try:
                 self.beat()
+                probes.record(self.settings, "worker", ok=True, detail=self.state)
             except Exception as exc:  # noqa: BLE001 - next beat retries
                 log.warning("worker heartbeat failed", extra={"error": str(exc)[:200]})
+                probes.record(self.settings, "worker", ok=False, detail=self.state, error=exc)
             if self.reap_every > 0 and time.monotonic() >= self._next_reap \
                     and self.state == "running":
                 self._next_reap = time.monotonic() + self.reap_every * random.uniform(0.8, 1.2)

@@ -42,14 +42,37 @@ app.kubernetes.io/component: {{ .component }}
 {{- if lt (int .Values.scheduler.replicas) 1 -}}
 {{- fail "scheduler.replicas must be at least 1 (2 recommended)" -}}
 {{- end -}}
+{{- with .Values.worker.autoscaling -}}
+{{- if gt (int .minReplicas) (int .maxReplicas) -}}
+{{- fail "worker.autoscaling.minReplicas must not exceed worker.autoscaling.maxReplicas" -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.api.hpa.enabled (gt (int .Values.api.hpa.minReplicas) (int .Values.api.hpa.maxReplicas)) -}}
+{{- fail "api.hpa.minReplicas must not exceed api.hpa.maxReplicas" -}}
+{{- end -}}
 {{- end -}}
 
-{{- define "cap.env" -}}
+{{/* The Secret holding CAP_MONGO_URI for the ordinary resources. */}}
+{{- define "cap.mongoSecretName" -}}
+{{ .Values.mongo.existingSecret | default (printf "%s-mongo" (include "cap.fullname" .)) }}
+{{- end -}}
+
+{{- define "cap.mongoSecretKey" -}}
+{{ if .Values.mongo.existingSecret }}{{ .Values.mongo.existingSecretKey }}{{ else }}mongo-uri{{ end }}
+{{- end -}}
+
+{{/* CAP_* environment; .secret names the Secret holding CAP_MONGO_URI (the migration
+hook Job reads its own hook copy, which exists before the ordinary resources do). */}}
+{{- define "cap.envWith" -}}
+{{- $root := .root -}}
 - name: CAP_MONGO_URI
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.mongo.existingSecret | default (printf "%s-mongo" (include "cap.fullname" .)) }}
-      key: {{ if .Values.mongo.existingSecret }}{{ .Values.mongo.existingSecretKey }}{{ else }}mongo-uri{{ end }}
+      name: {{ .secret }}
+      key: {{ include "cap.mongoSecretKey" $root }}
+- name: CAP_MONGO_DB
+  value: {{ $root.Values.mongo.database | quote }}
+{{- with $root }}
 - name: CAP_BROKER_DB
   value: {{ .Values.mongo.brokerDatabase | quote }}
 {{- if .Values.kek.existingSecret }}
@@ -63,6 +86,21 @@ app.kubernetes.io/component: {{ .component }}
 - name: {{ $name }}
   value: {{ $value | quote }}
 {{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "cap.env" -}}
+{{ include "cap.envWith" (dict "root" . "secret" (include "cap.mongoSecretName" .)) }}
+{{- end -}}
+
+{{/* The hook-time names of the migration Job's ServiceAccount and Secret. */}}
+{{- define "cap.migrationsServiceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}{{ include "cap.fullname" . }}-migrate
+{{- else -}}{{ default "default" .Values.serviceAccount.name }}{{- end -}}
+{{- end -}}
+
+{{- define "cap.migrationsSecretName" -}}
+{{ .Values.mongo.existingSecret | default (printf "%s-migrate-mongo" (include "cap.fullname" .)) }}
 {{- end -}}
 
 {{- define "cap.volumes" -}}
@@ -98,13 +136,35 @@ nodeSelector: {{- toYaml . | nindent 2 }}
 {{- with .root.Values.tolerations }}
 tolerations: {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- if .root.Values.topologySpreadAcrossZones }}
+{{- $strict := has .component (list "api" "scheduler") }}
+{{- with .root.Values.topologySpread }}
+{{- if .enabled }}
+{{- /* api and schedulers: DoNotSchedule by default, so one zone never holds them all */}}
 topologySpreadConstraints:
   - maxSkew: 1
-    topologyKey: topology.kubernetes.io/zone
-    whenUnsatisfiable: ScheduleAnyway
+    topologyKey: {{ .topologyKey }}
+    whenUnsatisfiable: {{ if $strict }}{{ .whenUnsatisfiable }}{{ else }}ScheduleAnyway{{ end }}
     labelSelector:
-      matchLabels: {{- include "cap.selector" . | nindent 8 }}
+      matchLabels: {{- include "cap.selector" $ | nindent 8 }}
+{{- end }}
+{{- end }}
+{{- $anti := ternary .root.Values.hostAntiAffinity "preferred" $strict }}
+{{- if ne $anti "none" }}
+affinity:
+  podAntiAffinity:
+    {{- if eq $anti "required" }}
+    requiredDuringSchedulingIgnoredDuringExecution:
+      - topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels: {{- include "cap.selector" . | nindent 12 }}
+    {{- else }}
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels: {{- include "cap.selector" . | nindent 14 }}
+    {{- end }}
 {{- end }}
 volumes: {{- include "cap.volumes" .root | nindent 2 }}
 {{- end -}}

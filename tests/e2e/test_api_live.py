@@ -133,6 +133,11 @@ def test_access_log_is_json_with_the_request_id_and_metrics_merge_workers(live) 
 # -- schemathesis --------------------------------------------------------------------
 
 MIN_CASES = 1000
+# Operations whose schema does not yet state every rule the server enforces (ST202): the
+# certificate spec's cross-field rules (a wildcard needs dns-01, http-01 takes no
+# options, dns-01's provider options) and IDN names. Every other operation's schema
+# accepts exactly what the server accepts.
+ST202_GAPS = {"POST /api/v1/certificates", "PATCH /api/v1/certificates/{certificate_id}"}
 
 
 def seed(db) -> dict[str, Any]:
@@ -151,6 +156,7 @@ def seed(db) -> dict[str, Any]:
         "token_id": make_token(db, pid, ["read"], name="fuzz-victim").id}}
 
 
+@pytest.mark.timeout(1200)
 def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_spec(live) -> None:
     import schemathesis
     from hypothesis import HealthCheck, assume, given, settings
@@ -161,6 +167,7 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_spec(live) -> No
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
         negative_data_rejection,
+        positive_data_acceptance,
         response_headers_conformance,
         response_schema_conformance,
         status_code_conformance,
@@ -172,6 +179,16 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_spec(live) -> No
     schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 30
+    @schemathesis.check
+    def positive_data_accepted(ctx: Any, response: Any, case: Any) -> bool | None:
+        """ST202, except a 412 to an If-Match: no schema can make a fuzzer's If-Match name
+        the object's current version (a precondition on server state, documented as 412
+        on those operations), so that one answer is not a rejected input."""
+        if response.status_code == 412 and "If-Match" in (case.headers or {}) \
+                and "412" in case.operation.definition.raw.get("responses", {}):
+            return None
+        return positive_data_acceptance(ctx, response, case)
+
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
               response_headers_conformance, response_schema_conformance]
     calls: dict[str, int] = {}
@@ -208,7 +225,10 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_spec(live) -> No
             response = case.call(base_url=base, session=http, headers=auth, timeout=30)
             calls[label] = calls.get(label, 0) + 1
             statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-            extra = [negative_data_rejection] if negative_mode else []
+            # ST202 / ST201: what the schema calls valid is accepted, and what it calls
+            # invalid is refused, so generated clients and fuzzers agree with the server.
+            extra = [negative_data_rejection] if negative_mode else \
+                [] if label in ST202_GAPS else [positive_data_accepted]
             try:
                 case.validate_response(response, checks=checks + extra)
             except Exception as exc:  # noqa: BLE001 - collect every failure, then report
@@ -235,7 +255,7 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_spec(live) -> No
             except Unsatisfiable:
                 # An operation without parameters or body has no invalid input to send.
                 assert fuzz is fuzz_negative, label
-            except Exception as exc:  # noqa: BLE001 - collect, then report them all
+            except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - collect all
                 if len(failures) == recorded:  # not a check failure: hypothesis itself
                     failures.append(f"{label} ({fuzz.__name__}): {exc!r}"[:2000])
 
@@ -248,7 +268,7 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_spec(live) -> No
           f" statuses {dict(sorted(statuses.items()))}")
     for label, count in sorted(calls.items()):
         print(f"  {count:4d}  {label}")
-    assert not failures, "\n\n".join(failures[:10])
+    assert not failures, f"{len(failures)} failures:\n\n" + "\n\n".join(failures[:40])
     assert total >= MIN_CASES, calls
     assert set(calls) == {f"{op.method.upper()} {op.path}" for op in operations}
     # Everything the fuzzing changed is in an intact audit chain.

@@ -1,5 +1,6 @@
 """`certautopilot dev` (what scripts/run ends in): the whole stack up, then down clean."""
 
+import json
 import os
 import signal
 import socket
@@ -67,6 +68,7 @@ def test_dev_brings_the_stack_up_and_ctrl_c_leaves_nothing_behind(dev_env, tmp_p
                  timeout=30, message="the ready banner")
         # api (gunicorn master + workers), 2 workers, 2 schedulers, the database, dev itself
         assert len(_pids_with_env(marker)) >= 6
+        first_ten_minutes(dev_env, tmp_path)
     finally:
         os.kill(dev.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground process
         dev.wait(60)
@@ -88,3 +90,35 @@ def test_dev_refuses_a_port_in_use_with_a_clear_error(dev_env) -> None:
     assert result.returncode == 2
     assert f"port {port} is already in use" in result.stderr
     assert "CAP_API_BIND" in result.stderr
+
+
+def first_ten_minutes(dev_env: dict[str, str], tmp_path: Path) -> None:
+    """What the README's first section promises a newcomer: the banner says where the
+    admin token is, and the CLI (no CAP_* exported but the data directory, which defaults
+    to .certautopilot in the checkout) finds the stack and issues from the local CA."""
+    data_dir = Path(dev_env["CAP_DATA_DIR"])
+    banner = (tmp_path / "dev.log").read_text()
+    token_file = data_dir / "admin-token"
+    assert f"Admin token: in {token_file}" in banner and "/dashboard" in banner
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert token_file.read_text().startswith("cap_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CAP_")}
+    env["CAP_DATA_DIR"] = str(data_dir)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "app.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=240)
+
+    issued = cli("certs", "issue", "--project", "demo", "www.example.test", "--json")
+    assert issued.returncode == 0, issued.stderr[-2000:]
+    cert = json.loads(issued.stdout)
+    assert cert["status"] == "issued" and "Pebble" in cert["issuer"]
+    out = tmp_path / "exported"
+    exported = cli("certs", "export", cert["id"], "--out", str(out), "--key", "--yes")
+    assert exported.returncode == 0, exported.stderr
+    assert (out / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert (out / "fullchain.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
+    orders = cli("orders", "list", "--certificate", cert["id"], "--json")
+    assert [o["state"] for o in json.loads(orders.stdout)] == ["completed"]
+    missing = cli("certs", "show", "crt_0000000000000000")
+    assert missing.returncode == 1 and "not found" in missing.stderr

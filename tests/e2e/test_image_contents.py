@@ -100,7 +100,8 @@ def test_every_role_starts_from_the_image_install(image: Path, cap_env, db, proc
     workdir = tmp_path / "run"  # nothing of the source tree on the path
     workdir.mkdir()
     port = free_port()
-    env = image_env(image, cap_env, {"CAP_API_BIND": f"127.0.0.1:{port}"})
+    env = image_env(image, cap_env, {"CAP_API_BIND": f"127.0.0.1:{port}",
+                                     "CAP_PROBE_DIR": str(tmp_path / "probe")})
     _, cmd = final_stage((ROOT / "Dockerfile").read_text())
     assert cmd[0] == "gunicorn"
 
@@ -125,6 +126,12 @@ def test_every_role_starts_from_the_image_install(image: Path, cap_env, db, proc
              message="the image's worker heartbeating")
     wait_for(lambda: (db[dbm.LEASES].find_one({"_id": SCHEDULER_LEASE_ID}) or {})
              .get("holder"), timeout=60, message="the image's scheduler holding the lease")
+    # The chart's exec probes run the image's own `certautopilot probe` (no database).
+    for role in ("worker", "scheduler"):
+        wait_for(lambda role=role: subprocess.run(
+            [str(image / "bin" / "certautopilot"), "probe", role], env=env, cwd=workdir,
+            capture_output=True, timeout=60).returncode == 0, timeout=90, interval=1,
+            message=f"the image's {role} probe passing")
     for proc in (api, worker, scheduler):
         assert proc.alive(), proc.log()[-3000:]
         assert str(ROOT) not in proc.log(), "a role ran code from the source tree"

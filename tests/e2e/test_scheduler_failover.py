@@ -186,6 +186,10 @@ def test_step_down_and_renewal_failpoints_give_no_double_leader_and_no_lost_slot
     env = scheduler_env(cap_env, every=every, lease=lease_s, renew=1, retry=retry_s)
     pair = [procs.scheduler(env), procs.scheduler(env)]
     leader_and_standby(db, pair)
+    # From here on the leader fires every slot. Before, its first tick (writing the
+    # schedule) may run late on a loaded machine and coalesce the first slots: startup,
+    # not a disturbance.
+    steady = time.time()
     time.sleep(3)
     windows = []
 
@@ -230,6 +234,8 @@ def test_step_down_and_renewal_failpoints_give_no_double_leader_and_no_lost_slot
     # one window, extended by the time a standby needs to acquire and fire.
     slack = retry_s + every + 3.0
     for before, after in _gaps(history, every):
+        if before.timestamp() + every <= steady:
+            continue  # its first lost slot was due before the leader settled
         covered = [name for start, end, name in windows
                    if before.timestamp() >= start - every - 1
                    and after.timestamp() <= end + slack]

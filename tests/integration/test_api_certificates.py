@@ -209,10 +209,11 @@ def test_other_projects_certificates_are_404(client, world) -> None:
     response = client.post(f"{API}/certificates", headers=b["rw"].headers,
                            json={"names": ["x.example.com"], "project_id": a["project"]})
     assert response.status_code == 404
-    # The admin must say which project.
+    # The admin must say which project (its token implies none).
     response = client.post(f"{API}/certificates", headers=world["admin"].headers,
                            json={"names": ["x.example.com"], "issue": False})
-    assert response.status_code == 422 and "project_id" in response.json["errors"]
+    assert response.status_code == 403 and "project_id" in response.json["errors"]
+    assert response.json["code"] == "project_required"
 
 
 def test_invalid_certificate_input_is_422_and_stores_nothing(client, world,

@@ -37,7 +37,7 @@ def test_repeat_with_same_key_returns_first_answer_and_does_nothing_again(
     assert migrated_db[dbm.AUDIT].count_documents({}) == audit_after_first
 
     other = client.post(f"{API}/projects", json={"name": "billing"}, headers=headers)
-    assert other.status_code == 422
+    assert other.status_code == 409 and other.json["code"] == "idempotency_key_reused"
     assert "Idempotency-Key" in other.json["errors"]["headers"]
     assert migrated_db[dbm.PROJECTS].count_documents({"name": "billing"}) == 0
 
@@ -127,8 +127,9 @@ def test_pagination_is_stable_under_concurrent_inserts(client, migrated_db) -> N
     assert len(seen) == len(set(seen)), "an item was returned twice"
     assert existing <= set(seen), "an item that existed before paging was skipped"
     assert set(seen) <= existing | set(inserted)
-    # Every page but the last is full; a cursor from another list is refused.
+    # Every page but the last is full; a cursor that is no position (the schema's
+    # pattern) is refused with the error naming it.
     assert len(seen) >= 23
-    bad = client.get(f"{API}/tokens?cursor={page.json['next_cursor'] or 'eyJrIjoiX2lkIn0'}",
-                     headers=admin.headers)
-    assert bad.status_code == 400
+    bad = client.get(f"{API}/tokens?cursor=eyJrIjoiX2lkIn0", headers=admin.headers)
+    assert bad.status_code == 422
+    assert "cursor" in bad.json["errors"]["query"]

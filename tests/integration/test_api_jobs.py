@@ -44,12 +44,13 @@ def test_renew_with_the_same_idempotency_key_enqueues_once(ctx, migrated_db) -> 
     assert migrated_db[dbm.AUDIT].count_documents({}) == audit_after_first
     job = first.json["job"]
     assert job["state"] == "queued" and job["kind"] == "certificates.issue"
-    assert job["payload"]["reason"] == "renewal"
-    # The same key on another certificate's renew is another request: 422.
+    assert job["payload"]["reason"] == "renew_now"
+    # The same key on another certificate's renew is another request: 409.
     other = client.post(f"{API}/certificates", headers=rw.headers,
                         json={"names": ["other.example.com"], "issue": False}).json["id"]
     reused = client.post(f"{API}/certificates/{other}/renew", headers=headers)
-    assert reused.status_code == 422
+    assert reused.status_code == 409
+    assert reused.json["code"] == "idempotency_key_reused"
     assert issue_jobs(migrated_db, other) == []
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ class World:
             self.db, self.project_with_account(),
             {"names": [f"{secrets.token_hex(4)}.example.com"]}, system_actor("cli"))
         return str(doc["_id"])
+
+    def scratch(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix="walk-export-")) / "out"
 
     def account(self, project_id: str | None = None) -> str:
         from app.domain import accounts
@@ -125,6 +129,24 @@ CLI: dict[str, Mutating | NotAudited] = {
     "projects create": Mutating(("project.create",),
                                 lambda w: ["projects", "create", "walked"]),
     "projects list": READS,
+    "projects delete": Mutating(("project.delete",),
+                                lambda w: ["projects", "delete", w.project(), "--yes"]),
+    "certs list": READS,
+    "certs show": READS,
+    "certs issue": Mutating(("certificate.issue_requested",),
+                            lambda w: ["certs", "issue", w.certificate(), "--no-wait"]),
+    "certs renew": Mutating(("certificate.issue_requested",),
+                            lambda w: ["certs", "renew", w.certificate(), "--no-wait"]),
+    "certs revoke": Mutating(("certificate.revoke",), lambda w: [
+        "certs", "revoke", w.issued_certificate(), "--yes"], needs_ca=True),
+    # The chain is public; the key's export is the audited part.
+    "certs export": Mutating(("certificate.private_key_export",), lambda w: [
+        "certs", "export", w.issued_certificate(), "--out", str(w.scratch()), "--key",
+        "--yes"], needs_ca=True),
+    "accounts list": READS,
+    "accounts show": READS,
+    "orders list": READS,
+    "orders show": READS,
     "tokens create": Mutating(("token.create",), lambda w: ["tokens", "create", "--admin"]),
     "tokens list": READS,
     "tokens revoke": Mutating(("token.revoke",), lambda w: [
@@ -189,6 +211,18 @@ API: dict[str, Mutating | NotAudited] = {
 }
 
 
+def with_the_ca(settings: Any, request: pytest.FixtureRequest, stack: ExitStack) -> Any:
+    """Pebble for a case that talks to the CA: its settings, also in the environment (some
+    domain calls read them from there, as in production), and the HTTP-01 responder."""
+    pebble = request.getfixturevalue("pebble")
+    settings = acme_settings(settings, pebble)
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setenv("CAP_ACME_DIRECTORY_URL", pebble.directory_url)
+    monkeypatch.setenv("CAP_ACME_CA_BUNDLE", str(pebble.ca_cert))
+    stack.enter_context(responder(settings, pebble.http_port))
+    return settings
+
+
 @pytest.fixture
 def world(migrated_db: Any, kek_dir: Path, settings: Any) -> World:
     from app.keys import canary
@@ -217,10 +251,15 @@ def test_api_routes_are_all_classified(settings: Any) -> None:
 
 
 @pytest.mark.parametrize("command", sorted(c for c, v in CLI.items() if isinstance(v, Mutating)))
-def test_each_mutating_command_writes_exactly_its_entries(world: World, command: str) -> None:
+def test_each_mutating_command_writes_exactly_its_entries(world: World, settings: Any,
+                                                         command: str,
+                                                         request: pytest.FixtureRequest) -> None:
     case = CLI[command]
     assert isinstance(case, Mutating)
-    argv = case.setup(world)
+    with ExitStack() as stack:
+        if case.needs_ca:
+            world.settings = with_the_ca(settings, request, stack)
+        argv = case.setup(world)
     with AuditProbe(world.db) as probe:
         outcome = CliRunner().invoke(cli, argv)
     assert outcome.exit_code == 0, outcome.output
@@ -242,13 +281,7 @@ def test_each_mutating_route_writes_exactly_its_entries(world: World, settings: 
     admin = make_admin(world.db)
     with ExitStack() as stack:
         if case.needs_ca:
-            pebble = request.getfixturevalue("pebble")
-            settings = world.settings = acme_settings(settings, pebble)
-            # Some domain calls read the settings from the environment, as in production.
-            monkeypatch = request.getfixturevalue("monkeypatch")
-            monkeypatch.setenv("CAP_ACME_DIRECTORY_URL", pebble.directory_url)
-            monkeypatch.setenv("CAP_ACME_CA_BUNDLE", str(pebble.ca_cert))
-            stack.enter_context(responder(settings, pebble.http_port))
+            settings = world.settings = with_the_ca(settings, request, stack)
         path, body = case.setup(world)
     client = create_app(settings).test_client()
     with AuditProbe(world.db) as probe:

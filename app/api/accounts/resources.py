@@ -77,6 +77,8 @@ class AccountById(MethodView):
     def patch(self, data: dict[str, Any], account_id: str) -> dict[str, Any]:
         """Change contact emails (also at the CA) or agree to the terms."""
         current = _load(account_id)
+        if not data:  # a merge patch that changes nothing (RFC 7396): no write, no audit
+            return current
         return accounts.update_account(current_db(), account_id, data, principal().actor,
                                        project_id=current["project_id"])
 

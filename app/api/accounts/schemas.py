@@ -1,6 +1,7 @@
 from marshmallow import Schema, fields, validate
 
 from app.api.common import JsonValue, PageArgsSchema, page_schema
+from app.domain.accounts import ACCOUNT_NAME_PATTERN, EMAIL_PATTERN
 
 
 class EabSchema(Schema):
@@ -29,16 +30,22 @@ class AccountSchema(Schema):
     last_error = JsonValue(allow_none=True)
 
 
+# An email address, optionally as a mailto: URI; at most 254 characters (RFC 5321).
+def contact_field() -> fields.String:
+    return fields.String(validate=[validate.Length(min=3, max=254),
+                                   validate.Regexp("^(?:mailto:)?" + EMAIL_PATTERN[1:])])
+
+
 class AccountCreateSchema(Schema):
     project_id = fields.String(load_default=None, validate=validate.Length(max=64),
                                metadata={"description": "Required for admin tokens"})
-    name = fields.String(validate=validate.Length(min=1, max=63),
+    name = fields.String(validate=validate.Regexp(ACCOUNT_NAME_PATTERN),
                          metadata={"example": "default"})
-    directory_url = fields.String(validate=validate.Length(min=9, max=2000), metadata={
+    directory_url = fields.String(validate=[validate.Length(min=9, max=2000),
+                                            validate.Regexp(r"^https://\S+$")], metadata={
         "description": "https:// URL of the CA's ACME directory (default: "
                        "CAP_ACME_DIRECTORY_URL)"})
-    contact = fields.List(fields.String(validate=validate.Length(min=3, max=261)),
-                          validate=validate.Length(max=10),
+    contact = fields.List(contact_field(), validate=validate.Length(max=10),
                           metadata={"example": ["ops@example.com"]})
     terms_agreed = fields.Boolean(metadata={"description": "You agree to the CA's terms"})
     eab = fields.Nested(EabSchema, metadata={"description": "External Account Binding"})
@@ -48,9 +55,9 @@ class AccountCreateSchema(Schema):
 
 
 class AccountUpdateSchema(Schema):
-    contact = fields.List(fields.String(validate=validate.Length(min=3, max=261)),
-                          validate=validate.Length(max=10))
-    terms_agreed = fields.Boolean()
+    contact = fields.List(contact_field(), validate=validate.Length(max=10))
+    terms_agreed = fields.Boolean(validate=validate.Equal(True), metadata={
+        "description": "Agree to the CA's terms (once agreed, they cannot be withdrawn)"})
 
 
 class AccountListArgsSchema(PageArgsSchema):

@@ -13,7 +13,6 @@ from typing import Any
 
 from flask import Response
 from flask.views import MethodView
-from pymongo.client_session import ClientSession
 
 from app import db as dbm
 from app.api.auth import KEYS_EXPORT, READ, WRITE, scope
@@ -42,7 +41,6 @@ from app.api.common import (
     project_scope,
     required_project,
 )
-from app.audit import record
 from app.domain import certificates, revocation
 from app.errors import Conflict, NotFound
 
@@ -137,6 +135,8 @@ class CertificateById(MethodView):
         profile re-issues it)."""
         current = _load(certificate_id)
         check_if_match(_etag(current))
+        if not data:  # a merge patch that changes nothing (RFC 7396): no write, no audit
+            return current, {"ETag": _etag(current)}
         doc = certificates.update_certificate(
             current_db(), certificate_id, data, principal().actor,
             project_id=current["project_id"], expected_version=current.get("version"))
@@ -156,7 +156,7 @@ class CertificateById(MethodView):
 def _request(certificate_id: str, reason: str) -> tuple[dict[str, Any], int]:
     current = _load(certificate_id)
     check_if_match(_etag(current))
-    if current.get("status") == certificates.STATUS_REVOKED and reason == "renewal":
+    if current.get("status") == certificates.STATUS_REVOKED and reason == "renew_now":
         raise Conflict("a revoked certificate is not renewed; use issue to get a new one")
     job = certificates.request_issuance(current_db(), certificate_id, principal().actor,
                                         reason, project_id=current["project_id"])
@@ -179,8 +179,9 @@ class RenewNow(MethodView):
     @blp.doc(parameters=[IF_MATCH_PARAM])
     @blp.response(202, IssueAcceptedSchema)
     def post(self, certificate_id: str) -> tuple[dict[str, Any], int]:
-        """Renew now: enqueue a renewal job (or return the one already active)."""
-        return _request(certificate_id, "renewal")
+        """Renew now: enqueue a renewal job (or return the one already active); the
+        CA's ARI window does not postpone it (it applies to scheduled renewals only)."""
+        return _request(certificate_id, "renew_now")
 
 
 @blp.route("/<string:certificate_id>/revoke")
@@ -244,22 +245,9 @@ class PrivateKey(MethodView):
                   description="The private key, PKCS#8 PEM. Audited; never cached.")
     def get(self, certificate_id: str) -> Response:
         """Export the certificate's private key (scope keys:export; audited)."""
-        from app.keys import open_private_key
-
         doc = _load(certificate_id)
-        key_id = doc.get("key_id")
-        if not key_id:
-            raise Conflict(f"certificate {certificate_id} has no private key yet")
-        db = current_db()
-        pem = open_private_key(db, key_id, project_id=doc["project_id"])
-        caller = principal()
-
-        def audit(session: ClientSession) -> None:
-            record(db, session, actor=caller.actor, action="certificate.private_key_export",
-                   target=f"certificate:{certificate_id}", project_id=doc["project_id"],
-                   details={"key_id": key_id, "serial": doc.get("serial")})
-
-        dbm.transaction(db, audit, what="audit private key export")
+        pem = certificates.export_private_key(current_db(), certificate_id, principal().actor,
+                                              project_id=doc["project_id"])
         response = Response(pem, mimetype="application/x-pem-file")
         response.headers["Cache-Control"] = "no-store, max-age=0"
         response.headers["Pragma"] = "no-cache"

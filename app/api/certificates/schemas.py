@@ -35,7 +35,9 @@ class ChallengeSchema(Schema):
 
 class RenewalPolicySchema(Schema):
     renew_before_days = fields.Float(allow_none=True,
-                                     validate=validate.Range(min=0, max=365, min_inclusive=False))
+                                     validate=validate.Range(min=0, max=365, min_inclusive=False),
+                                     # apispec drops min_inclusive=False; say it (3.0 form).
+                                     metadata={"exclusiveMinimum": True})
     use_ari = fields.Boolean()
     reuse_key = fields.Boolean()
 

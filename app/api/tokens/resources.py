@@ -15,9 +15,11 @@ from app.api.common import (
     ensure_visible,
     paginate,
     principal,
+    required_project,
     scoped_query,
 )
 from app.api.tokens.schemas import (
+    DEFAULT_SCOPES,
     CreatedTokenSchema,
     TokenCreateSchema,
     TokenListArgsSchema,
@@ -55,15 +57,8 @@ class Tokens(MethodView):
                 raise Forbidden("only an admin token can create admin tokens")
             project_id, scopes = None, [tokens.ADMIN]
         else:
-            project_id = data["project_id"] or caller.project_id
-            if project_id is None:
-                from app.errors import ValidationFailed
-
-                raise ValidationFailed("set project_id (or admin: true)",
-                                       errors={"project_id": ["required"]})
-            if not caller.can_see(project_id):
-                raise NotFound(f"project {project_id!r} not found")
-            scopes = data["scopes"]
+            project_id = required_project(data["project_id"])
+            scopes = data["scopes"] or list(DEFAULT_SCOPES)
         tokens.check_grant(caller, project_id, scopes)
         doc, plaintext = tokens.create_token(
             current_db(), project_id=project_id, scopes=scopes, actor=caller.actor,

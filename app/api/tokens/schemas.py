@@ -28,12 +28,22 @@ class CreatedTokenSchema(TokenSchema):
                        "hash and cannot be read again."})
 
 
+# A project token created without scopes can read only: the least it can be useful with.
+DEFAULT_SCOPES = ("read",)
+
+
 class TokenCreateSchema(Schema):
+    class Meta:
+        # An admin token belongs to no project: admin true with a project_id is refused.
+        openapi_extra = {"not": {"required": ["admin", "project_id"], "properties": {
+            "admin": {"enum": [True]}, "project_id": {"type": "string"}}}}
+
     name = fields.String(load_default="", validate=validate.Regexp(NAME_RE.pattern + "|^$"))
     scopes = fields.List(fields.String(validate=validate.OneOf(PROJECT_SCOPES)),
                          load_default=None, validate=validate.Length(min=1, max=3),
                          metadata={"description": "Among read, write, keys:export "
-                                                  "(ignored for admin tokens)"})
+                                                  "(default: read; ignored for admin "
+                                                  "tokens)"})
     project_id = fields.String(load_default=None, validate=validate.Length(max=64),
                                metadata={"description": "The project (admin callers); a "
                                                         "project token creates tokens of "
@@ -47,8 +57,6 @@ class TokenCreateSchema(Schema):
     def _shape(self, data: dict, **kwargs: object) -> None:
         if data.get("admin") and data.get("project_id"):
             raise ValidationError("an admin token belongs to no project", "project_id")
-        if not data.get("admin") and not data.get("scopes"):
-            raise ValidationError("at least one scope is required", "scopes")
 
 
 class TokenListArgsSchema(PageArgsSchema):
