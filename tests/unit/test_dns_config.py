@@ -30,6 +30,7 @@ def test_hosted_spec_is_normalised():
     ({"credentials_env": {"auth_token": "s3cret"}}, "must name a CAP_* environment"),
     ({"server": "127.0.0.1"}, "unknown dns-01 powerdns options: server"),
     ({"resolvers": ["not-an-ip"]}, "resolver 'not-an-ip' is not an IP address"),
+    ({"resolvers": [5]}, "resolver 5 is not an IP address"),
     ({"propagation_timeout": -1}, "propagation_timeout must be 0-3600"),
     ({"zone": "nodot"}, "zone must be a DNS name"),
 ])

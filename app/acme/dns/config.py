@@ -59,6 +59,8 @@ def _common(value: ChallengeConfig, provider: str) -> ChallengeConfig:
             raise ValidationFailed("dns-01: resolvers must be a list of 1-8 IP addresses")
         for item in resolvers:
             try:
+                if not isinstance(item, str):
+                    raise TypeError(item)
                 ipaddress.ip_address(item)
             except (TypeError, ValueError):
                 raise ValidationFailed(f"dns-01: resolver {item!r} is not an IP address") \
