@@ -12,6 +12,8 @@
   ...), built with json.dumps so a quote in a user agent cannot break the line. The
   request id is the ``X-Request-ID`` the app set on the answer (the caller's or a new
   one); the same id is in the app's own log records and in audit entries.
+- TLS-ALPN-01: with ``CAP_TLS_ALPN_PORT`` set, every worker starts the responder
+  (``post_worker_init``).
 - Prometheus multiprocess mode: metrics of all workers are merged by ``/metrics``.
   ``PROMETHEUS_MULTIPROC_DIR`` must be set before any metric is created, i.e. here, in
   the master, before the app is imported; a fresh directory per start (or the one the
@@ -82,6 +84,15 @@ def on_starting(server: Any) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for path in directory.glob("*.db"):
         path.unlink(missing_ok=True)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Each worker also answers TLS-ALPN-01 when CAP_TLS_ALPN_PORT is set (SO_REUSEPORT:
+    all workers share the port), after the fork so no MongoDB client crosses it."""
+    from app import start_tls_alpn_responder
+    from app.config import load_or_exit
+
+    start_tls_alpn_responder(load_or_exit())
 
 
 def child_exit(server: Any, worker: Any) -> None:

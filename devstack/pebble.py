@@ -95,14 +95,18 @@ class Pebble:
 
 def start_pebble(directory: Path, env_extra: dict[str, str] | None = None,
                  eab_required: bool = False, http_port: int | None = None,
-                 port: int | None = None, ocsp_responder_url: str = "") -> Pebble:
+                 port: int | None = None, ocsp_responder_url: str = "",
+                 dns_server: str | None = None, tls_port: int | None = None) -> Pebble:
     """Start both. ``http_port`` is where the VA fetches HTTP-01 answers and ``port`` the
     directory's port: free ports unless given (the dev stack passes its api's port, and
     keeps the directory URL stable across restarts so its stored account still matches).
-    ``ocsp_responder_url`` goes into the certificates' AIA (Pebble runs no responder)."""
+    ``ocsp_responder_url`` goes into the certificates' AIA (Pebble runs no responder).
+    ``dns_server`` (``host:port``): Pebble resolves through it instead of
+    pebble-challtestsrv, which is then not started (the dns-01 tests' own servers).
+    ``tls_port``: where the VA connects for TLS-ALPN-01."""
     directory.mkdir(parents=True, exist_ok=True)
     cert, key = write_tls_cert(directory)
-    mgmt, tls_port = free_port(), free_port()
+    mgmt, tls_port = free_port(), tls_port or free_port()
     port = port or free_port()
     http_port = http_port or free_port()
     dns_port, chall_mgmt = free_port(), free_port()
@@ -121,17 +125,21 @@ def start_pebble(directory: Path, env_extra: dict[str, str] | None = None,
     out = open(log_path, "ab")  # noqa: SIM115 - owned by the processes until stop()
     env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_VA_ALWAYS_VALID="0",
                **(env_extra or {}))
-    chall = subprocess.Popen(
-        ["pebble-challtestsrv", "-dns01", f"127.0.0.1:{dns_port}", "-http01", "",
-         "-https01", "", "-tlsalpn01", "", "-management",
-         f"127.0.0.1:{chall_mgmt}", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
-        stdout=out, stderr=out)
+    procs = []
+    if dns_server is None:
+        procs.append(subprocess.Popen(
+            ["pebble-challtestsrv", "-dns01", f"127.0.0.1:{dns_port}", "-http01", "",
+             "-https01", "", "-tlsalpn01", "", "-management",
+             f"127.0.0.1:{chall_mgmt}", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
+            stdout=out, stderr=out))
     peb = subprocess.Popen(["pebble", "-config", str(config_path), "-dnsserver",
-                            f"127.0.0.1:{dns_port}"], stdout=out, stderr=out, env=env)
+                            dns_server or f"127.0.0.1:{dns_port}"], stdout=out, stderr=out,
+                           env=env)
+    procs.append(peb)
     out.close()
     instance = Pebble(f"https://127.0.0.1:{port}/dir", cert, http_port,
                       f"https://127.0.0.1:{mgmt}", f"http://127.0.0.1:{chall_mgmt}",
-                      dns_port, log_path, [chall, peb])
+                      dns_port, log_path, procs)
     context = ssl.create_default_context(cafile=str(cert))
     deadline = time.monotonic() + 30
     while True:

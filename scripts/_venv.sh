@@ -32,5 +32,12 @@ apt_install() {
     apt-get update -qq
     mkdir -p /var/lib/apt/periodic && touch /var/lib/apt/periodic/cap-updated
   fi
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  # other sessions on the machine may hold the dpkg lock for a while: retry, then fail
+  local attempt
+  for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null && return 0
+    echo "scripts: apt-get install $* failed (attempt $attempt; lock?), retrying" >&2
+    sleep 15
+  done
+  return 1
 }

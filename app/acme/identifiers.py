@@ -23,8 +23,8 @@ MAX_LABEL_LENGTH = 63
 _LDH = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 # What each challenge type can prove (RFC 8555 section 8, RFC 8738).
-CHALLENGE_ALLOWS_WILDCARD = {"http-01": False, "dns-01": True}
-CHALLENGE_ALLOWS_IP = {"http-01": True, "dns-01": False}
+CHALLENGE_ALLOWS_WILDCARD = {"http-01": False, "dns-01": True, "tls-alpn-01": False}
+CHALLENGE_ALLOWS_IP = {"http-01": True, "dns-01": False, "tls-alpn-01": False}
 
 
 @dataclass(frozen=True)

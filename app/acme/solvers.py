@@ -3,29 +3,28 @@
 - ``http-01``: the key authorization is handed to a record store (``Http01Store``; the
   application's is ``app.domain.challenges.Http01Records``) that every api replica's
   responder reads from (``app.acme.responder``).
-- ``dns-01`` (``provider: rfc2136``): a TXT record at ``_acme-challenge.<name>`` through
-  an RFC 2136 dynamic update signed with TSIG. The TSIG secret is never stored: the spec
-  names the environment variable that holds it (``tsig_secret_env``).
+- ``dns-01``: a TXT record at ``_acme-challenge.<name>`` (or where its CNAME chain
+  ends) through a provider adapter (``app.acme.dns``: RFC 2136 or a dns-lexicon hosted
+  provider), answered only once every authoritative server serves it. Secrets are never
+  stored: the spec names the environment variables that hold them.
 """
 
 from __future__ import annotations
 
-import base64
-import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from app.acme.dns import DnsProvider, lookup
+from app.acme.dns.config import BUILTIN, ChallengeConfig, validate_dns01_config
 from app.errors import ValidationFailed
 
-# A certificate's challenge spec (``{"type": "dns-01", "provider": "rfc2136", ...}``).
-ChallengeConfig = dict[str, Any]
+__all__ = ["ChallengeConfig", "validate_dns01_config", "solver_for", "Challenge"]
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
-_HOST = re.compile(r"^[A-Za-z0-9.:-]{1,253}$")
-_ENV = re.compile(r"^CAP_[A-Z0-9_]{1,100}$")
-_KEYNAME = re.compile(r"^[A-Za-z0-9._-]{1,253}\.?$")
-TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512")
+# Told what a solver still waits for before the CA may validate ({} once nothing).
+OnWait = Callable[[dict[str, Any]], None]
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,13 @@ class Challenge:
 class Solver(Protocol):
     type: str
 
+    def check(self, identifiers: list[str]) -> None:
+        """Refuse (ValidationFailed) what would fail anyway, before the CA is asked:
+        a missing credential, a CNAME loop."""
+
     def provision(self, challenge: Challenge) -> None: ...
+
+    def ready(self, challenges: list[Challenge], on_wait: OnWait | None = None) -> None: ...
 
     def cleanup(self, challenges: list[Challenge]) -> None: ...
 
@@ -64,6 +69,12 @@ class Http01Solver:
     def __init__(self, store: Http01Store) -> None:
         self.store = store
 
+    def check(self, identifiers: list[str]) -> None:
+        pass
+
+    def ready(self, challenges: list[Challenge], on_wait: OnWait | None = None) -> None:
+        pass  # the record store is read by every replica as soon as it is written
+
     def provision(self, challenge: Challenge) -> None:
         if not TOKEN_RE.match(challenge.token):
             raise ValidationFailed("the CA sent a challenge token outside the base64url "
@@ -74,102 +85,81 @@ class Http01Solver:
         self.store.remove([c.token for c in challenges])
 
 
-def validate_dns01_config(value: ChallengeConfig) -> ChallengeConfig:
-    """Check a dns-01 challenge spec; return it normalised."""
-    allowed = {"type", "provider", "server", "port", "zone", "tsig_key_name",
-               "tsig_algorithm", "tsig_secret_env"}
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise ValidationFailed(f"unknown dns-01 options: {', '.join(unknown)}")
-    if value.get("provider") != "rfc2136":
-        raise ValidationFailed("dns-01 needs provider 'rfc2136'")
-    server = value.get("server")
-    if not isinstance(server, str) or not _HOST.match(server):
-        raise ValidationFailed("dns-01 rfc2136: server must be a host name or IP address")
-    port = value.get("port", 53)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ValidationFailed("dns-01 rfc2136: port must be between 1 and 65535")
-    zone = value.get("zone")
-    if not isinstance(zone, str) or not _KEYNAME.match(zone) or "." not in zone.strip("."):
-        raise ValidationFailed("dns-01 rfc2136: zone must be a DNS name")
-    key_name = value.get("tsig_key_name")
-    if not isinstance(key_name, str) or not _KEYNAME.match(key_name):
-        raise ValidationFailed("dns-01 rfc2136: tsig_key_name must be a key name")
-    algorithm = value.get("tsig_algorithm", "hmac-sha256")
-    if algorithm not in TSIG_ALGORITHMS:
-        raise ValidationFailed(f"dns-01 rfc2136: tsig_algorithm one of "
-                               f"{', '.join(TSIG_ALGORITHMS)}")
-    secret_env = value.get("tsig_secret_env")
-    if not isinstance(secret_env, str) or not _ENV.match(secret_env):
-        raise ValidationFailed("dns-01 rfc2136: tsig_secret_env must name a CAP_* environment "
-                               "variable holding the base64 TSIG secret (never the secret)")
-    return {"type": "dns-01", "provider": "rfc2136", "server": server, "port": port,
-            "zone": zone.rstrip(".").lower(), "tsig_key_name": key_name,
-            "tsig_algorithm": algorithm, "tsig_secret_env": secret_env}
+def dns_provider(config: ChallengeConfig) -> DnsProvider:
+    """The adapter for a validated dns-01 config (``app.acme.dns.config``)."""
+    if config.get("provider") == BUILTIN:
+        from app.acme.dns.rfc2136 import Rfc2136Provider
+
+        return Rfc2136Provider(config)
+    from app.acme.dns.hosted import LexiconProvider
+
+    return LexiconProvider(config)
 
 
-class Rfc2136Solver:
-    """dns-01 via RFC 2136 dynamic updates (BIND, Knot, PowerDNS...)."""
+class Dns01Solver:
+    """dns-01 through a provider adapter: the TXT goes where ``_acme-challenge.<name>``
+    points (CNAMEs followed), and ``ready`` waits until every authoritative server of
+    that zone serves it."""
 
     type = "dns-01"
 
-    def __init__(self, config: ChallengeConfig, timeout: float = 10.0) -> None:
+    def __init__(self, config: ChallengeConfig) -> None:
         self.config = config
-        self.timeout = timeout
+        self.provider = dns_provider(config)
+        self._records: dict[str, str] = {}  # identifier -> where its TXT goes
 
-    def _keyring(self) -> Any:
-        import dns.tsigkeyring
+    def check(self, identifiers: list[str]) -> None:
+        self.provider.check()
+        for identifier in identifiers:
+            # a CNAME loop, or a target outside the configured zone, is refused here
+            self.provider.zone_for(self._record_for(identifier))
 
-        secret = os.environ.get(self.config["tsig_secret_env"])
-        if not secret:
-            raise ValidationFailed(f"{self.config['tsig_secret_env']} is not set in this "
-                                   "worker's environment (the TSIG secret for dns-01)")
-        try:
-            base64.b64decode(secret, validate=True)
-        except ValueError:
-            raise ValidationFailed(f"{self.config['tsig_secret_env']} is not base64") from None
-        return dns.tsigkeyring.from_text({self.config["tsig_key_name"]: secret})
+    def _record_for(self, identifier: str) -> str:
+        base = identifier.removeprefix("*.")
+        if base not in self._records:
+            self._records[base] = lookup.record_name(base, self.config)
+        return self._records[base]
 
-    def _update(self, challenges: list[Challenge], add: bool) -> None:
-        import dns.name
-        import dns.query
-        import dns.rcode
-        import dns.tsig
-        import dns.update
-
-        zone = dns.name.from_text(self.config["zone"])
-        algorithm = {"hmac-sha256": dns.tsig.HMAC_SHA256, "hmac-sha384": dns.tsig.HMAC_SHA384,
-                     "hmac-sha512": dns.tsig.HMAC_SHA512}[self.config["tsig_algorithm"]]
-        update = dns.update.Update(zone, keyring=self._keyring(),
-                                   keyname=dns.name.from_text(self.config["tsig_key_name"]),
-                                   keyalgorithm=algorithm)
-        for challenge in challenges:
-            record = dns.name.from_text(f"_acme-challenge.{challenge.identifier}")
-            if not record.is_subdomain(zone):
-                raise ValidationFailed(f"{challenge.identifier} is not inside the dns-01 zone "
-                                       f"{self.config['zone']}")
-            relative = record.relativize(zone)
-            if add:
-                update.add(relative, 60, "TXT", f'"{challenge.dns_value}"')
-            else:
-                update.delete(relative, "TXT", f'"{challenge.dns_value}"')
-        response = dns.query.tcp(update, self.config["server"], port=self.config["port"],
-                                 timeout=self.timeout)
-        if response.rcode() != dns.rcode.NOERROR:
-            raise RuntimeError(f"dns-01 update refused by {self.config['server']}: "
-                               f"{dns.rcode.to_text(response.rcode())}")
+    def _record(self, challenge: Challenge) -> str:
+        return self._record_for(challenge.identifier)
 
     def provision(self, challenge: Challenge) -> None:
-        self._update([challenge], add=True)
+        if not challenge.dns_value:
+            raise ValidationFailed("dns-01 challenge without a TXT value")
+        self.provider.present(self._record(challenge), challenge.dns_value)
+
+    def ready(self, challenges: list[Challenge], on_wait: OnWait | None = None) -> None:
+        records: dict[str, set[str]] = {}
+        for challenge in challenges:
+            if challenge.dns_value:
+                records.setdefault(self._record(challenge), set()).add(challenge.dns_value)
+        lookup.wait_propagated(records, self.config, on_wait)
 
     def cleanup(self, challenges: list[Challenge]) -> None:
-        if challenges:
-            self._update(challenges, add=False)
+        errors = []
+        for challenge in challenges:
+            if not challenge.dns_value:
+                continue
+            try:
+                self.provider.cleanup(self._record(challenge), challenge.dns_value)
+            except Exception as exc:  # noqa: BLE001 - remove the others, then report
+                errors.append(str(exc)[:200])
+        if errors:
+            raise RuntimeError("; ".join(errors))
+
+
+class TlsAlpn01Solver(Http01Solver):
+    """tls-alpn-01: the key authorization goes to the same shared record store; the api
+    role's responder (``app.acme.tlsalpn``) answers for the record's identifier."""
+
+    type = "tls-alpn-01"
 
 
 def solver_for(config: ChallengeConfig, http01: Http01Store) -> Solver:
     if config.get("type") == "http-01":
         return Http01Solver(http01)
-    if config.get("type") == "dns-01" and config.get("provider") == "rfc2136":
-        return Rfc2136Solver(config)
+    if config.get("type") == "tls-alpn-01":
+        return TlsAlpn01Solver(http01)
+    if config.get("type") == "dns-01":
+        return Dns01Solver(config)
     raise ValidationFailed(f"no solver for challenge {config.get('type')!r}")

@@ -130,7 +130,8 @@ def list_cmd(obj: CliContext, project: str | None, status: str | None, name: str
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
 def show_cmd(obj: CliContext, certificate_id: str, as_json: bool) -> None:
-    """One certificate: names, status, issuer, validity, next renewal and why, failure."""
+    """One certificate: names, status, issuer, validity, next renewal and why, failure,
+    and what a running issuance waits for (dns-01 propagation)."""
     from app.domain import certificates
 
     doc = certificates.get_certificate(obj.db(), certificate_id)
@@ -142,7 +143,7 @@ def show_cmd(obj: CliContext, certificate_id: str, as_json: bool) -> None:
                        ("not after", "not_after"), ("next renewal", "next_renewal_at"),
                        ("renewal source", "renewal_source"), ("account", "account_id"),
                        ("challenge", "challenge"), ("key type", "key_type"),
-                       ("failure", "failure")):
+                       ("failure", "failure"), ("awaiting", "awaiting")):
         value = doc.get(key)
         if isinstance(value, datetime):
             value = f"{value:%Y-%m-%d %H:%M:%S} UTC"

@@ -84,6 +84,9 @@ class Settings:
     # CAP_WORKER_METRICS_PORT: port on which a Celery worker serves its own Prometheus
     # metrics (ACME requests, job attempts); 0 (the default) serves none.
     worker_metrics_port: int = 0
+    # CAP_TLS_ALPN_PORT: port on which each api process answers TLS-ALPN-01 validations
+    # (RFC 8737; the host is CAP_API_BIND's); 0 (the default) serves none.
+    tls_alpn_port: int = 0
     # CAP_PROBE_DIR: where a worker or scheduler records what its loop last did, for
     # `certautopilot probe worker|scheduler` (Kubernetes exec probes; app/probes.py).
     probe_dir: Path = Path("/tmp/certautopilot-probe")
@@ -377,6 +380,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         data_dir=Path(env.get("CAP_DATA_DIR") or ".certautopilot"),
         dev_mongo_port=_port(env, "CAP_DEV_MONGO_PORT", 27117),
         worker_metrics_port=_optional_port(env, "CAP_WORKER_METRICS_PORT"),
+        tls_alpn_port=_optional_port(env, "CAP_TLS_ALPN_PORT"),
         probe_dir=Path(env.get("CAP_PROBE_DIR") or "/tmp/certautopilot-probe"),
         **_acme_settings(env),
         audit_hmac_key=audit_hmac_key(env),

@@ -291,6 +291,14 @@ def store_schedule(db: Database[Doc], session: ClientSession, certificate_id: st
                                     session=session)
 
 
+def store_awaiting(db: Database[Doc], certificate_id: str, awaiting: Doc | None) -> None:
+    """Show what the running issuance waits for (None once nothing); not a spec change,
+    so the version stays."""
+    dbm.retry(lambda: db[dbm.CERTIFICATES].update_one(
+        {"_id": certificate_id}, {"$set": {"awaiting": awaiting or None}}),
+        what="store what the issuance awaits")
+
+
 # ------------------------------------------------------------------ due renewals
 def due_query(now: datetime) -> Doc:
     """The renewal scan's filter: on the (deleted_at, next_renewal_at) index (m0010), so

@@ -1,8 +1,8 @@
 """The spec of a managed certificate: what the user asks for, checked and normalised.
 
 A spec names the identifiers (DNS names, IP addresses, wildcards with dns-01), the key
-type, the challenge (http-01, or dns-01 through an RFC 2136 server), the issuer account,
-an optional ACME profile and the renewal policy (``renew_before_days``, ``use_ari``,
+type, the challenge (http-01, tls-alpn-01, or dns-01 through a provider adapter), the
+issuer account, an optional ACME profile and the renewal policy (``renew_before_days``, ``use_ari``,
 ``reuse_key``). ``validate_spec`` names every bad field in one ValidationFailed.
 """
 
@@ -17,7 +17,7 @@ from app.db import Doc
 from app.errors import ValidationFailed
 
 KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
-CHALLENGE_TYPES = ("http-01", "dns-01")
+CHALLENGE_TYPES = ("http-01", "dns-01", "tls-alpn-01")
 SPEC_FIELDS = {"name", "names", "key_type", "challenge", "account_id", "profile", "renewal",
                "ca_fallback"}
 RENEWAL_FIELDS = {"renew_before_days", "use_ari", "reuse_key"}
@@ -34,10 +34,10 @@ def _validate_challenge(value: Any, errors: dict[str, list[str]]) -> Doc:
     if not isinstance(value, dict) or value.get("type") not in CHALLENGE_TYPES:
         errors["challenge"] = [f"an object with type one of {', '.join(CHALLENGE_TYPES)}"]
         return {}
-    if value["type"] == "http-01":
+    if value["type"] in ("http-01", "tls-alpn-01"):
         if set(value) - {"type"}:
-            errors["challenge"] = ["http-01 takes no options"]
-        return {"type": "http-01"}
+            errors["challenge"] = [f"{value['type']} takes no options"]
+        return {"type": value["type"]}
     try:
         return solvers.validate_dns01_config(value)
     except ValidationFailed as exc:

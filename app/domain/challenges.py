@@ -1,10 +1,11 @@
-"""HTTP-01 challenge records (the ``challenges`` collection).
+"""HTTP-01 and TLS-ALPN-01 challenge records (the ``challenges`` collection).
 
 A record holds one token's key authorization while the CA validates it (token unique,
 TTL index on ``expires_at``); every api replica serves it at
 ``/.well-known/acme-challenge/<token>`` (``app.acme.responder``, given ``key_authorization``
-as its lookup). Records are removed after use and expire on their own if a worker dies
-first.
+as its lookup), and answers TLS-ALPN-01 for the record's identifier
+(``app.acme.tlsalpn``, given ``tls_alpn_key_authorization``). Records are removed after
+use and expire on their own if a worker dies first.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Http01Records:
         now = datetime.now(UTC)
         dbm.retry(lambda: self.db[dbm.CHALLENGES].update_one(
             {"_id": challenge.token},
-            {"$set": {"token": challenge.token,
+            {"$set": {"token": challenge.token, "type": challenge.type,
                       "key_authorization": challenge.key_authorization,
                       "identifier": challenge.identifier, "order_id": challenge.order_id,
                       "certificate_id": challenge.certificate_id,
@@ -58,5 +59,16 @@ def key_authorization(db: Database[Doc], token: str) -> str | None:
     doc = dbm.retry(lambda: primary[dbm.CHALLENGES].find_one({"_id": token},
                                                              {"key_authorization": 1}),
                     what="read http-01 challenge", attempts=3)
+    value = doc.get("key_authorization") if doc else None
+    return str(value) if value else None
+
+
+def tls_alpn_key_authorization(db: Database[Doc], identifier: str) -> str | None:
+    """The key authorization of the newest pending tls-alpn-01 challenge for
+    ``identifier`` (the SNI name of the CA's validation connection)."""
+    primary = dbm.primary(db)
+    doc = dbm.retry(lambda: primary[dbm.CHALLENGES].find_one(
+        {"identifier": identifier, "type": "tls-alpn-01"}, {"key_authorization": 1},
+        sort=[("created_at", -1)]), what="read tls-alpn-01 challenge", attempts=3)
     value = doc.get("key_authorization") if doc else None
     return str(value) if value else None

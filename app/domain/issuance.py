@@ -45,6 +45,7 @@ from app import audit
 from app import db as dbm
 from app.acme import ari, solvers
 from app.acme.client import AcmeClient, OrderState, PollSchedule, poll
+from app.acme.dns.lookup import PropagationTimeout
 from app.acme.errors import (
     AcmeError,
     AcmeProblem,
@@ -67,6 +68,7 @@ from app.domain import (
 )
 from app.domain.issued import describe_issued
 from app.domain.projects import now_ms
+from app.errors import ValidationFailed
 from app.jobs import DeferUntil, JobContext, PermanentFailure, RetryLater
 from app.keys import KeyUnavailable, generate_private_key, open_private_key, seal_private_key
 
@@ -161,6 +163,9 @@ class IssuanceRun:
         order = orders.latest_for_job(self.db, self.fence.job_id) if self.fence.job_id else None
         if order is not None and order["state"] == orders.COMPLETED:
             return self._result(order, cert)  # done before a crash: nothing more to do
+        # a missing credential variable or a CNAME loop is refused before any CA call
+        solvers.solver_for(cert["challenge"], challenges.Http01Records(self.db)).check(
+            [str(i["value"]) for i in cert["identifiers"] if i["type"] == "dns"])
         # The CA in use by policy (the primary, or a fallback after failures there).
         cert = ca_fallback.with_project_default(self.db, cert)
         self.account_id = ca_fallback.active_account_id(cert)
@@ -261,6 +266,7 @@ class IssuanceRun:
                                   "job_id": self.fence.job_id})
 
         self.fence.transaction(insert)
+        self._sweep_leftovers(cert, order["_id"])
         return order
 
     def _new_order(self, order: Doc, client: AcmeClient) -> OrderState:
@@ -440,6 +446,7 @@ class IssuanceRun:
         challenge_type = order["challenge"]["type"]
         solver = self._solver(order)
         saved = {a.get("url"): a for a in order.get("authorizations") or []}
+        to_answer: list[tuple[str, Doc, Doc, Doc, solvers.Challenge]] = []
         for url in list(state.body.get("authorizations", [])):
             body, _ = client.get_authorization(url)
             status = body.get("status")
@@ -468,21 +475,40 @@ class IssuanceRun:
                 self._save_authorization(order, url, {
                     "url": url, "identifier": identifier, "status": "provisioning",
                     "challenge": challenge_doc})
-            solver.provision(solvers.Challenge(
+            challenge = solvers.Challenge(
                 type=challenge_type, token=token, identifier=identifier,
                 key_authorization=key_authorization, dns_value=dns_value,
                 order_id=order["_id"], certificate_id=order["certificate_id"],
-                project_id=order["project_id"]))
+                project_id=order["project_id"])
+            solver.provision(challenge)
+            to_answer.append((url, chall, challenge_doc, entry, challenge))
+        if to_answer:
+            # dns-01: only once every authoritative server serves every record
+            show = self._awaiting(order)
+            try:
+                solver.ready([item[4] for item in to_answer], show)
+            except PropagationTimeout:
+                show({})  # the job's error names the servers; a retry shows them again
+                raise
+        for url, chall, challenge_doc, entry, challenge in to_answer:
             if chall.get("status") == "pending":
                 # The CA's state is the truth: an answer it did not register is sent again.
                 self.fence.check_lease()
                 client.answer_challenge(str(chall["url"]), challenge_type)
-            answered = {"url": url, "identifier": identifier, "status": "answered",
+            answered = {"url": url, "identifier": challenge.identifier, "status": "answered",
                         "challenge": challenge_doc,
                         "answered_at": entry.get("answered_at") or now_ms()}
             self._save_authorization(order, url, answered)
         # 'ready' is not saved: finalizing (fenced, next) is the step that matters
         return self._poll_order(client, str(order["order_url"]), "pending", "validation")
+
+    def _awaiting(self, order: Doc) -> solvers.OnWait:
+        """Show on the order and its certificate what the solver waits for."""
+        def show(awaiting: Doc) -> None:
+            orders.save_fields(self.db, order, {"awaiting": awaiting or None})
+            certificates.store_awaiting(self.db, order["certificate_id"], awaiting)
+
+        return show
 
     def _save_authorization(self, order: Doc, url: str, entry: Doc) -> None:
         saved = list(order.get("authorizations") or [])
@@ -608,9 +634,18 @@ class IssuanceRun:
     def _solver(self, order: Doc) -> solvers.Solver:
         return solvers.solver_for(order["challenge"], challenges.Http01Records(self.db))
 
+    def _sweep_leftovers(self, cert: Doc, current_id: str) -> None:
+        """Remove the dns-01 records earlier attempts left behind (a killed worker, an
+        abandoned job): the TXT records would otherwise stay in the zone for good."""
+        for stale in orders.with_leftover_dns_records(self.db, cert["_id"], current_id):
+            if stale.get("job_id") == self.fence.job_id and \
+                    stale["state"] not in orders.TERMINAL:
+                continue  # this job's own order: it is resumed, not swept
+            self._cleanup(stale)
+
     def _cleanup(self, order: Doc) -> None:
         try:
-            if order["challenge"]["type"] == "http-01":
+            if order["challenge"]["type"] in ("http-01", "tls-alpn-01"):
                 challenges.remove_for_order(self.db, order["_id"])
             else:
                 self._solver(order).cleanup([
@@ -621,8 +656,9 @@ class IssuanceRun:
                                       certificate_id=order["certificate_id"],
                                       project_id=order["project_id"])
                     for a in order.get("authorizations") or [] if a.get("challenge")])
-        except Exception as exc:  # noqa: BLE001 - records expire by TTL anyway
-            log.warning("challenge cleanup failed (records expire on their own)",
+            orders.mark_challenges_cleaned(self.db, order["_id"])
+        except Exception as exc:  # noqa: BLE001 - the next attempt sweeps what is left
+            log.warning("challenge cleanup failed (the next attempt removes them)",
                         extra={"order_id": order["_id"], "error": str(exc)[:200]})
 
     def _result(self, order: Doc, cert: Doc) -> Doc:
@@ -712,6 +748,8 @@ def issue_handler(ctx: JobContext) -> dict[str, Any] | None:
                             settings=ctx.settings, actor=audit.system_actor("worker"))
     except IssuanceFailed as exc:
         raise PermanentFailure(str(exc)) from None
+    except ValidationFailed as exc:  # refused before any CA call (a CNAME loop...)
+        raise PermanentFailure(exc.message) from None
     except AccountReset as exc:
         raise RetryLater(1, str(exc)) from None
     except accounts.AccountNotRegistrable as exc:

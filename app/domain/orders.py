@@ -174,6 +174,28 @@ def list_orders(db: Database[Doc], *, certificate_id: str | None = None,
         what="list orders")
 
 
+# How many of a certificate's earlier orders a new attempt looks at for leftover records.
+LEFTOVER_LOOKBACK = 10
+
+
+def with_leftover_dns_records(db: Database[Doc], certificate_id: str,
+                              exclude_id: str) -> list[Doc]:
+    """Earlier orders of the certificate whose dns-01 records were never removed (the
+    worker died, or the removal failed): the next attempt removes them."""
+    return dbm.retry(lambda: list(dbm.primary(db)[dbm.ORDERS].find(
+        {"certificate_id": certificate_id, "_id": {"$ne": exclude_id},
+         "challenges_cleaned_at": None, "authorizations.challenge.type": "dns-01"},
+        sort=[("created_at", DESCENDING)], limit=LEFTOVER_LOOKBACK)),
+        what="find orders with leftover dns-01 records")
+
+
+def mark_challenges_cleaned(db: Database[Doc], order_id: str) -> None:
+    """Every challenge record of the order is gone (whatever its state)."""
+    dbm.retry(lambda: db[dbm.ORDERS].update_one(
+        {"_id": order_id}, {"$set": {"challenges_cleaned_at": now_ms()}}),
+        what="mark order's challenges cleaned")
+
+
 def transition(db: Database[Doc], order: Doc, target: str, *,
                fields: Doc | None = None, session: ClientSession | None = None,
                expect: Iterable[str] | None = None, extra_query: Doc | None = None) -> Doc:

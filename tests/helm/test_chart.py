@@ -313,6 +313,23 @@ def test_network_policy_is_off_by_default_and_fences_every_role() -> None:
     assert worker["spec"]["ingress"] == []
 
 
+def test_tls_alpn_responder_is_off_unless_a_port_is_set() -> None:
+    docs = render(BASE)
+    api = container(by_component(docs["Deployment"], "api"))
+    assert all(e["name"] != "CAP_TLS_ALPN_PORT" for e in api["env"])
+    assert [p["name"] for p in by_component(docs["Service"], "api")["spec"]["ports"]] == \
+        ["http"]
+    docs = render({**BASE, "api": {"tlsAlpnPort": 8443}, "networkPolicy": {"enabled": True}})
+    api = container(by_component(docs["Deployment"], "api"))
+    assert {"name": "CAP_TLS_ALPN_PORT", "value": "8443"} in api["env"]
+    assert {"name": "tls-alpn", "containerPort": 8443} in api["ports"]
+    assert {"name": "tls-alpn", "port": 443, "targetPort": "tls-alpn"} in \
+        by_component(docs["Service"], "api")["spec"]["ports"]
+    # the CA validates from the internet: the responder's port is open to any source
+    policy = next(p for p in docs["NetworkPolicy"] if p["metadata"]["name"].endswith("-api"))
+    assert {"ports": [{"port": "tls-alpn", "protocol": "TCP"}]} in policy["spec"]["ingress"]
+
+
 def test_network_policy_egress_destinations_come_from_the_values() -> None:
     mongo = [{"ipBlock": {"cidr": "10.20.0.0/16"}}]
     extra = [{"ports": [{"port": 6514, "protocol": "TCP"}]}]

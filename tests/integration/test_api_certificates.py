@@ -221,7 +221,7 @@ def test_invalid_certificate_input_is_422_and_stores_nothing(client, world,
     a = world["alpha"]
     for body in ({"names": []}, {"names": ["not a name"]}, {"names": ["a.example.com"],
                                                            "key_type": "dsa"},
-                 {"names": ["a.example.com"], "challenge": {"type": "tls-alpn-01"}},
+                 {"names": ["*.example.com"], "challenge": {"type": "tls-alpn-01"}},
                  {"names": ["*.example.com"], "challenge": {"type": "http-01"}},
                  {"names": ["a.example.com"], "account_id": "acc_missing"}):
         response = client.post(f"{API}/certificates", headers=a["rw"].headers, json=body)

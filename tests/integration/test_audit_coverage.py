@@ -183,6 +183,8 @@ CLI: dict[str, Mutating | NotAudited] = {
     "jobs cancel": Mutating(("job.cancel",), lambda w: ["jobs", "cancel", w.queued_job()]),
     "jobs depth": READS,
     "jobs workers": READS,
+    "dns test": NotAudited("adds and removes a test TXT record at the DNS provider; "
+                           "nothing of CertAutoPilot's changes"),
 }
 
 # ---------------------------------------------------------------- API routes

@@ -22,6 +22,12 @@ BAD_SPECS = [
     ({"names": ["ok.example.test"], "key_type": "rsa1024"}, "key_type"),
     ({"names": ["ok.example.test"], "key_type": "dsa"}, "key_type"),
     ({"names": []}, "names"),
+    ({"names": ["*.example.test"], "challenge": "tls-alpn-01"}, "names"),
+    ({"names": ["ok.example.test"], "challenge": {"type": "dns-01", "provider": "magic"}},
+     "challenge"),
+    ({"names": ["ok.example.test"], "challenge": {
+        "type": "dns-01", "provider": "cloudflare", "options": {"auth_token": "s3cret"}}},
+     "challenge"),
 ]
 
 

@@ -37,7 +37,7 @@ def test_unknown_key_types_are_refused(key_type):
 @pytest.mark.parametrize("spec, field", [
     ({"names": ["a.example"], "colour": "red"}, "colour"),
     ({}, "names"),
-    ({"names": ["a.example"], "challenge": {"type": "tls-alpn-01"}}, "challenge"),
+    ({"names": ["a.example"], "challenge": {"type": "tls-alpn-01", "x": 1}}, "challenge"),
     ({"names": ["a.example"], "challenge": {"type": "http-01", "x": 1}}, "challenge"),
     ({"names": ["a.example"], "challenge": {"type": "dns-01", "provider": "magic"}}, "challenge"),
     ({"names": ["a.example"], "renewal": {"renew_before_days": 0}}, "renewal"),

@@ -12,8 +12,9 @@ STATUSES = ("pending", "issued", "failed", "revoked")
 
 class ChallengeSchema(Schema):
     type = fields.String(required=True, validate=validate.OneOf(CHALLENGE_TYPES))
-    provider = fields.String(validate=validate.OneOf(["rfc2136"]),
-                             metadata={"description": "dns-01 only"})
+    provider = fields.String(validate=validate.Length(min=1, max=64), metadata={
+        "description": "dns-01 only: rfc2136, or a dns-lexicon provider (powerdns, "
+                       "cloudflare, route53...)"})
     server = fields.String(validate=validate.Length(min=1, max=255))
     port = fields.Integer(validate=validate.Range(min=1, max=65535))
     zone = fields.String(validate=validate.Length(min=1, max=255))
@@ -22,6 +23,14 @@ class ChallengeSchema(Schema):
     tsig_secret_env = fields.String(validate=validate.Length(min=1, max=128), metadata={
         "description": "Name of the CAP_* variable holding the TSIG secret (never the "
                        "secret itself)"})
+    options = JsonValue(metadata={"description": "dns-lexicon provider settings (no "
+                                                 "credentials)"})
+    credentials_env = JsonValue(metadata={
+        "description": "provider option -> name of the CAP_* variable holding it"})
+    resolvers = fields.List(fields.String(validate=validate.Length(min=1, max=64)),
+                            metadata={"description": "resolvers for CNAME/SOA/NS lookups"})
+    propagation_timeout = fields.Float(validate=validate.Range(min=0, max=3600))
+    follow_cname = fields.Boolean()
 
 
 class RenewalPolicySchema(Schema):
@@ -69,6 +78,8 @@ class CertificateSchema(Schema):
     failure = JsonValue(allow_none=True, metadata={"description": "The last failure, if "
                                                                    "any"})
     ari = JsonValue(allow_none=True)
+    awaiting = JsonValue(allow_none=True, metadata={
+        "description": "What the running issuance waits for (dns-01 propagation)"})
     revoked_at = fields.DateTime(allow_none=True)
     revocation_reason = fields.Integer(allow_none=True)
 
