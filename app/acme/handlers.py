@@ -94,4 +94,18 @@ def issue_certificate(ctx: JobContext) -> dict[str, Any] | None:
                   backoff_max_seconds=30)
 def renewal_scan(ctx: JobContext) -> dict[str, Any] | None:
     """Enqueue due renewals (dedupe key per certificate), in batches."""
+    # One scan at a time. Each slot is its own job, so on a loaded database a slow scan
+    # overlaps the next slots' scans; they then fight over the same due certificates
+    # (WriteConflict on every batch, leases lapsing) and held every worker in the HA
+    # drills. A skipped slot is harmless: the running scan enqueues what is due.
+    if _another_scan_running(ctx):
+        return {"enqueued": 0, "batches": 0, "skipped": "another renewal scan is running"}
     return certificates.renewal_scan(ctx.db, fence=_JobFence(ctx))
+
+
+def _another_scan_running(ctx: JobContext) -> bool:
+    from app import db as dbm
+
+    return ctx.db[dbm.JOBS].count_documents({
+        "kind": certificates.SCAN_JOB_KIND, "state": "running", "_id": {"$ne": ctx.job_id},
+        "lease.expires_at": {"$gt": dbm.server_now(ctx.db)}}, limit=1) > 0
