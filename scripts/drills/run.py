@@ -68,6 +68,7 @@ ISSUE = "certificates.issue"
 CONVERGE_S = 300.0  # "background jobs eventually consistent within 5 minutes"
 API_TARGET = 0.9995
 PROMOTION_S = 30.0
+WAIT_S = 600.0  # longest wait for the renewals, after the disturbance
 
 
 @dataclass
@@ -135,7 +136,8 @@ class Ctx:
         return sum(counts.get(i, 0) > base.issue_counts.get(i, 0) for i in self.ids)
 
     def wait_renewed(self, base: Baseline, timeout: float) -> float | None:
-        """Seconds from the drill's start until every certificate was renewed, or None."""
+        """Seconds from the drill's start until every certificate was renewed, or None
+        after ``timeout`` more seconds (the pass conditions compare it with 5 minutes)."""
         try:
             wait_until(lambda: self.renewed(base) == len(self.ids), timeout,
                        "every certificate renewed", interval=0.5)
@@ -252,7 +254,7 @@ def rolling_restart(ctx: Ctx) -> dict[str, Any]:
         old.popen.wait(60)
         stack.schedulers[index] = new
         steps.append("scheduler (leader)" if old is leader else "scheduler")
-    converged = ctx.wait_renewed(base, CONVERGE_S)
+    converged = ctx.wait_renewed(base, WAIT_S)
     released = [j for j in dbm.primary(ctx.db)[dbm.JOBS].find(
         {"kind": ISSUE, "history.event": "released",
          "_id": {"$nin": list(base.renewal_jobs)}}, {"_id": 1})]
@@ -285,7 +287,7 @@ def worker_loss(ctx: Ctx) -> dict[str, Any]:
         stack.workers[index] = stack.start_worker()  # the supervisor restarts it
         kills += 1
         log(f"worker_loss: kill -9 #{kills}; renewed {ctx.renewed(base)}/{len(ctx.ids)}")
-    converged = ctx.wait_renewed(base, max(1.0, CONVERGE_S - (time.time() - base.started)))
+    converged = ctx.wait_renewed(base, WAIT_S)
     result = ctx.finish(base, {"converged_s": converged, "workers_killed": kills})
     result["passed"] = bool(
         result["renewed"] == len(ctx.ids) and result["duplicate_orders"] == 0
@@ -342,7 +344,7 @@ def scheduler_loss(ctx: Ctx) -> dict[str, Any]:
     late = [f for f in _fires_since(ctx, stopped_at)
             if f["holder"] == paused_holder and f["term"] == paused_term
             and f["fired_at"] > takeover_at]
-    converged = ctx.wait_renewed(base, CONVERGE_S)
+    converged = ctx.wait_renewed(base, WAIT_S)
     fires = _fires_since(ctx, base.started)
     slots = Counter(f["slot"] for f in fires)
     keys = Counter(j["dedupe_key"] for j in dbm.primary(ctx.db)[dbm.JOBS].find(
@@ -406,7 +408,7 @@ def database_faults(ctx: Ctx) -> dict[str, Any]:
                    "s": round(returned_at - started, 1)})
     log(f"database_faults: the database is back after {phases[-1]['s']} s")
     wait_until(writable, 120, "the restarted database writable")
-    converged = ctx.wait_renewed(base, CONVERGE_S)
+    converged = ctx.wait_renewed(base, WAIT_S)
     after_return = round(base.started + converged - returned_at, 1) if converged else None
     result = ctx.finish(base, {"converged_s": converged,
                                "renewed_after_db_return_s": after_return,
@@ -434,7 +436,7 @@ def api_loss(ctx: Ctx) -> dict[str, Any]:
     stack.wait_ready_behind_haproxy(index)
     back = round(time.time() - killed_at, 1)
     time.sleep(5)
-    converged = ctx.wait_renewed(base, CONVERGE_S)
+    converged = ctx.wait_renewed(base, WAIT_S)
     result = ctx.finish(base, {"converged_s": converged, "killed": f"api{index}",
                                "taken_out_after_s": taken_out, "back_after_s": back})
     result["passed"] = bool((result["probe_success_ratio"] or 0) >= API_TARGET
