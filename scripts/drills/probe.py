@@ -6,8 +6,9 @@ ones (a slow or failed answer does not lower the offered load). The mix, per 10 
 ``POST /api/v1/projects`` with an ``Idempotency-Key`` (every second POST repeats the
 previous one: the answer must be the replay of the first). A success is a 2xx answer;
 everything else is counted by status (500s apart, and 503s with and without
-``Retry-After``), and transport errors (no answer) apart. Projects whose creation was
-acknowledged (2xx) are remembered, so a drill can check none was lost.
+``Retry-After``), and transport errors (no answer within the client's 30 s timeout,
+HAProxy's own server timeout being 60 s) apart; latencies of answers are kept. Projects
+whose creation was acknowledged (2xx) are remembered, so a drill can check none was lost.
 """
 
 from __future__ import annotations
@@ -31,15 +32,22 @@ class Tally:
     status: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
     replay_mismatch: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds, answered requests
 
     def minus(self, other: Tally) -> Tally:
         return Tally(self.requests - other.requests, self.ok - other.ok,
                      self.status - other.status, self.errors - other.errors,
-                     self.replay_mismatch - other.replay_mismatch)
+                     self.replay_mismatch - other.replay_mismatch,
+                     self.latencies[len(other.latencies):])
 
     def copy(self) -> Tally:
         return Tally(self.requests, self.ok, Counter(self.status), Counter(self.errors),
-                     self.replay_mismatch)
+                     self.replay_mismatch, list(self.latencies))
+
+    def latency(self, q: float) -> float | None:
+        ordered = sorted(self.latencies)
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3) \
+            if ordered else None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -53,12 +61,15 @@ class Tally:
                               if not s.startswith("2")},
             "probe_transport_errors": dict(self.errors),
             "probe_replay_mismatch": self.replay_mismatch,
+            "probe_p50_s": self.latency(0.5), "probe_p99_s": self.latency(0.99),
+            "probe_max_s": self.latency(1.0),
+            "probe_slower_than_5s": sum(t > 5 for t in self.latencies),
         }
 
 
 class Probe:
     def __init__(self, base_url: str, admin_token: str, certificate_ids: list[str],
-                 rate: float, timeout: float = 15.0) -> None:
+                 rate: float, timeout: float = 30.0) -> None:
         self.base = base_url.rstrip("/") + "/api/v1"
         self.headers = {"Authorization": f"Bearer {admin_token}"}
         self.ids = certificate_ids
@@ -149,3 +160,4 @@ class Probe:
             self.tally.requests += 1
             self.tally.ok += 200 <= answer.status_code < 300
             self.tally.status[label] += 1
+            self.tally.latencies.append(answer.elapsed.total_seconds())

@@ -482,7 +482,8 @@ def report(name: str, result: dict[str, Any]) -> None:
     keys = ["renewed", "certificates", "failed_renewal_jobs", "duplicate_orders",
             "lost_jobs", "lost_writes", "converged_s", "probe_requests",
             "probe_success_ratio", "probe_500", "probe_503_retry_after", "probe_non_2xx",
-            "probe_transport_errors", "audit_verify_ok", "health_ok"]
+            "probe_transport_errors", "probe_p50_s", "probe_p99_s", "probe_max_s",
+            "audit_verify_ok", "health_ok"]
     for key in keys + sorted(k for k in result if k not in keys and k != "passed"):
         print(f"   {key:<34} {result.get(key)}")
     sys.stdout.flush()
