@@ -30,7 +30,7 @@ import pytest
 from app.config import Settings, load_settings
 from devstack import embedded
 from tests.helpers.pebble import Pebble, start_pebble
-from tests.helpers.processes import ProcessManager
+from tests.helpers.processes import ProcessManager, kill_all_sessions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -220,19 +220,7 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest, mongo_base_uri: str
                 print(f"===== embedded server: {path}")
                 print(_tail(path, 30))
         manager.stop_all()
-        _kill_all_sessions(mongo_base_uri)
-
-
-def _kill_all_sessions(uri: str) -> None:
-    from pymongo import MongoClient
-
-    client: MongoClient[dict[str, object]] = MongoClient(uri, serverSelectionTimeoutMS=5000)
-    try:
-        client.admin.command("killAllSessions", [])
-    except Exception as exc:  # noqa: BLE001 - best effort; the next test still runs
-        print(f"killAllSessions failed: {exc!r}")
-    finally:
-        client.close()
+        kill_all_sessions(mongo_base_uri)
 
 
 @pytest.fixture

@@ -250,5 +250,12 @@ def renewal_scan(db: Database[Doc], *, batch_size: int = SCAN_BATCH,
 
 def scan_handler(ctx: jobs.JobContext) -> dict[str, Any] | None:
     """The ``certificates.renewal_scan`` job: enqueue due renewals (dedupe key per
-    certificate), in batches."""
+    certificate), in batches.
+
+    One scan at a time. Each slot is its own job, so on a loaded database a slow scan
+    overlaps the next slots' scans; they then fight over the same due certificates
+    (WriteConflict on every batch, leases lapsing) and held every worker in the HA drills.
+    A skipped slot is harmless: the running scan enqueues what is due."""
+    if jobs.running_under_live_lease(ctx.db, SCAN_JOB_KIND, exclude_id=ctx.job_id):
+        return {"enqueued": 0, "batches": 0, "skipped": "another renewal scan is running"}
     return renewal_scan(ctx.db, fence=ctx)

@@ -21,6 +21,7 @@ only wakes a worker. Public API::
     claim / heartbeat / complete / fail (fenced by the lease token)   # app.jobs.lifecycle
     get_job / list_jobs / retry_dead / cancel (operator actions)     # app.jobs.actions
     queue_depth(db)                                                  # app.jobs.stats
+    running_under_live_lease(db, kind, exclude_id=...)               # app.jobs.stats
     reap(db)                                                         # app.jobs.reaper
 
 The application's job kinds are listed in ``app.handlers`` (nothing registers by import).
@@ -54,7 +55,7 @@ from app.jobs.lifecycle import (
 )
 from app.jobs.reaper import reap
 from app.jobs.registry import load_modules, register_handler
-from app.jobs.stats import queue_depth
+from app.jobs.stats import queue_depth, running_under_live_lease
 
 __all__ = [
     "ACTIVE_STATES", "STATES", "InvalidJob", "JobContext", "JobNotFound",
@@ -62,5 +63,5 @@ __all__ = [
     "active_dedupe_keys",
     "cancel", "claim", "complete", "enqueue", "enqueue_many", "fail", "fenced_transaction",
     "get_job", "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "queue_depth", "reap",
-    "register_handler", "release", "retry_dead", "retry_later",
+    "register_handler", "release", "retry_dead", "retry_later", "running_under_live_lease",
 ]

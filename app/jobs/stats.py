@@ -1,6 +1,6 @@
 """Queue statistics: queued jobs by kind, how many are due, how long the oldest has
 waited (the signal to scale workers on: ``app.jobs.metrics``, ``certautopilot jobs
-depth``)."""
+depth``); whether another job of a kind runs under a live lease."""
 
 from __future__ import annotations
 
@@ -46,3 +46,14 @@ def queue_depth(db: Database[Doc]) -> dict[str, Any]:
             "by_kind": by_kind, "due_by_kind": due_by_kind,
             "oldest_queued_age_seconds": oldest_age,
             "oldest_queued_age_seconds_by_kind": oldest_by_kind, "running": running}
+
+
+def running_under_live_lease(db: Database[Doc], kind: str, *, exclude_id: str | None = None
+                             ) -> bool:
+    """Whether a job of ``kind`` (other than ``exclude_id``) is running and its lease has
+    not lapsed, by the server's clock: a dead worker's job no longer counts."""
+    query: Doc = {"kind": kind, "state": RUNNING,
+                  "lease.expires_at": {"$gt": server_now(db)}}
+    if exclude_id is not None:
+        query["_id"] = {"$ne": exclude_id}
+    return _jobs(db).count_documents(query, limit=1) > 0

@@ -109,3 +109,18 @@ class ProcessManager:
                 proc.terminate()
         for proc in self.procs:
             proc.wait_then_kill(grace)
+
+
+def kill_all_sessions(uri: str) -> None:
+    """End every session on the server: a process SIGKILLed in the middle of a transaction
+    would otherwise leave it open until the server's transaction lifetime (60 s) ends it,
+    and the embedded server holds other writes behind it."""
+    from pymongo import MongoClient
+
+    client: MongoClient[dict[str, object]] = MongoClient(uri, serverSelectionTimeoutMS=5000)
+    try:
+        client.admin.command("killAllSessions", [])
+    except Exception as exc:  # noqa: BLE001 - best effort; the next test still runs
+        print(f"killAllSessions failed: {exc!r}")
+    finally:
+        client.close()

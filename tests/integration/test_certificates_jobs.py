@@ -114,6 +114,33 @@ def test_scan_job_then_renewal_job_renews(env):
     assert renewed["next_renewal_at"] > dbm.server_now(db) + timedelta(days=365)
 
 
+def test_a_scan_job_skips_while_another_scan_runs(env):
+    """Overlapping scans (slow scans on a loaded database) would fight over the same due
+    certificates: a scan that finds another one running under a live lease does nothing."""
+    from app.jobs import enqueue
+
+    db, s, project_id = env
+    cert = certificates.create_certificate(db, project_id, {"names": ["one.scan.test"]},
+                                           ACTOR, settings=s)
+    running = enqueue(db, "certificates.renewal_scan", {}, publish=False)
+    db[dbm.JOBS].update_one({"_id": running["_id"]}, {"$set": {
+        "state": "running", "lease": {"owner": "peer", "token": "t",
+                                      "expires_at": dbm.server_now(db) + timedelta(minutes=1)}}})
+    scan = enqueue(db, "certificates.renewal_scan", {}, publish=False)
+    assert _run(db, s, scan["_id"]) == "succeeded"
+    assert db[dbm.JOBS].find_one({"_id": scan["_id"]})["result"]["skipped"]
+    assert db[dbm.JOBS].count_documents({"kind": "certificates.issue"}) == 0
+
+    # Once the other scan's lease has lapsed (its worker died), scans run again.
+    db[dbm.JOBS].update_one({"_id": running["_id"]}, {"$set": {
+        "lease.expires_at": dbm.server_now(db) - timedelta(seconds=1)}})
+    scan = enqueue(db, "certificates.renewal_scan", {}, publish=False)
+    assert _run(db, s, scan["_id"]) == "succeeded"
+    assert db[dbm.JOBS].find_one({"_id": scan["_id"]})["result"]["enqueued"] == 1
+    assert db[dbm.JOBS].find_one({"kind": "certificates.issue"})["payload"] == {
+        "certificate_id": cert["_id"], "reason": "initial"}
+
+
 def test_validation_failure_fails_the_job_and_backs_off_the_certificate(env, pebble):
     from tests.integration.test_acme_helpers import challtest
 
