@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import json
 import logging
 import os
 import secrets
@@ -28,7 +27,7 @@ from app import db as dbm
 from app.config import Settings, load_settings
 from app.migrations import migrate
 from devstack import bootstrap, embedded
-from devstack.pebble import Pebble, start_pebble
+from devstack.pebble import Pebble, start_pebble, unlimited_budget
 
 log = logging.getLogger("certautopilot.dev")
 
@@ -166,9 +165,7 @@ def start_local_ca(settings: Settings, data_dir: Path, ca: str, api_port: int,
     env["CAP_ACME_CA_BUNDLE"] = str(pebble.ca_cert)
     # A local test CA has none of Let's Encrypt's limits (the default budget): trying
     # fifty example.test names must not be deferred for a week. The pace stays.
-    env.setdefault("CAP_CA_BUDGETS", json.dumps({pebble.directory_url: {
-        "new_orders_per_account": "off", "new_certificates_per_domain": "off",
-        "failed_validations_per_identifier": "off"}}))
+    env.setdefault("CAP_CA_BUDGETS", unlimited_budget(pebble.directory_url))
     return pebble
 
 

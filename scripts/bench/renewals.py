@@ -51,7 +51,7 @@ from app import db as dbm  # noqa: E402
 from app.audit import system_actor  # noqa: E402
 from app.config import load_settings  # noqa: E402
 from devstack import embedded  # noqa: E402
-from tests.helpers.pebble import Pebble, start_pebble  # noqa: E402
+from devstack.pebble import Pebble, start_pebble, unlimited_budget  # noqa: E402
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -134,9 +134,7 @@ def bench_ours(pebble: Pebble, workdir: Path, count: int, workers: int) -> dict[
            "CAP_ACME_CA_BUNDLE": str(pebble.ca_cert), "CAP_API_RATE_LIMIT": "off",
            # Pebble has no rate limits: Let's Encrypt's default budget (50 certificates
            # per registered domain a week) would hold the benchmark back for days.
-           "CAP_CA_BUDGETS": json.dumps({pebble.directory_url: {
-               "new_orders_per_account": "off", "new_certificates_per_domain": "off",
-               "failed_validations_per_identifier": "off"}}),
+           "CAP_CA_BUDGETS": unlimited_budget(pebble.directory_url),
            "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     os.environ.update({k: v for k, v in env.items() if k.startswith("CAP_")})
     settings = load_settings()

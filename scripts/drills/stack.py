@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from devstack import embedded  # noqa: E402
-from tests.helpers.pebble import Pebble, start_pebble  # noqa: E402
+from devstack.pebble import Pebble, start_pebble, unlimited_budget  # noqa: E402
 from tests.helpers.processes import Proc, ProcessManager, kill_all_sessions  # noqa: E402
 
 CERTAUTOPILOT = str(Path(sys.executable).with_name("certautopilot"))
@@ -214,9 +214,7 @@ class Stack:
             # Pebble has none of Let's Encrypt's limits (the default budget): 2 x 200
             # certificates under drills.test would otherwise be deferred for days. The same
             # budget as the dev stack's local CA (devstack/server.py); the pace stays.
-            "CAP_CA_BUDGETS": json.dumps({self.pebble.directory_url: {
-                "new_orders_per_account": "off", "new_certificates_per_domain": "off",
-                "failed_validations_per_identifier": "off"}}),
+            "CAP_CA_BUDGETS": unlimited_budget(self.pebble.directory_url),
             "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
         })
         return env

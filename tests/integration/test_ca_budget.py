@@ -135,13 +135,10 @@ def test_the_named_bucket_of_a_rate_limited_answer(settings):
 
 
 def test_an_off_limit_has_no_bucket(settings):
-    import json
-
     from app.config import load_settings
+    from devstack.pebble import unlimited_budget
 
-    env = {"CAP_MONGO_URI": settings.mongo_uri, "CAP_CA_BUDGETS": json.dumps({CA: {
-        "new_orders_per_account": "off", "new_certificates_per_domain": "off",
-        "failed_validations_per_identifier": "off"}})}
+    env = {"CAP_MONGO_URI": settings.mongo_uri, "CAP_CA_BUDGETS": unlimited_budget(CA)}
     s = load_settings(env)
     kinds = [b.kind for b in budget.order_buckets(s, CA, "acct-1", ["a.example.com"],
                                                   replaces=False)]
