@@ -18,7 +18,8 @@ import click
 from app.config import Settings, load_or_exit
 from app.errors import CertAutoPilotError
 
-# Modules contributing a subcommand (attribute ``command``). Add new ones here.
+# Modules contributing a subcommand (attribute ``command``, or ``commands``: a list of
+# top-level commands). Add new ones here.
 COMMAND_MODULES: list[str] = [
     "app.scheduler_cli",
     "app.keys.cli",
@@ -26,6 +27,7 @@ COMMAND_MODULES: list[str] = [
     "app.tokens_cli",
     "app.audit.cli",
     "app.jobs.cli",
+    "app.backup_cli",
 ]
 
 
@@ -132,7 +134,8 @@ def dev(obj: CliContext) -> None:
 def _load_subcommands() -> None:
     for module_name in COMMAND_MODULES:
         module = importlib.import_module(module_name)
-        cli.add_command(module.command)
+        for command in getattr(module, "commands", None) or [module.command]:
+            cli.add_command(command)
 
 
 _load_subcommands()

@@ -55,6 +55,7 @@ AUDIT = "audit"
 WORKERS = "workers"
 MIGRATIONS = "migrations"
 COUNTERS = "counters"
+RESTORES = "restores"  # one document per `certautopilot restore` into this database
 
 MAJORITY = WriteConcern(w="majority")
 
