@@ -78,9 +78,12 @@ def backup(obj: CliContext, out: Path, gzipped: bool, as_json: bool) -> None:
               help="A backup directory (certautopilot backup, or plain mongodump output).")
 @click.option("--drop", is_flag=True,
               help="Replace the target databases if they hold data (else refused).")
+@click.option("--mongodump", is_flag=True,
+              help="DIR is plain mongodump output (no manifest.json): restore it without "
+                   "hash, count and chain-head checks.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_ctx
-def restore(obj: CliContext, source: Path, drop: bool, as_json: bool) -> None:
+def restore(obj: CliContext, source: Path, drop: bool, mongodump: bool, as_json: bool) -> None:
     """Verify a backup, then restore it into empty databases and migrate it."""
     from app.ops.restore import read_backup, run_restore
 
@@ -94,7 +97,7 @@ def restore(obj: CliContext, source: Path, drop: bool, as_json: bool) -> None:
         except (OSError, ValueError, AttributeError):
             files = 0
     with _progress("verifying", not as_json, files) as bar:
-        backup = read_backup(source, progress=bar.update)
+        backup = read_backup(source, progress=bar.update, mongodump=mongodump)
     db = obj.db()
     with _progress("restoring", not as_json, backup.total) as bar:
         report = run_restore(db, obj.settings.broker_db, backup, drop=drop,

@@ -35,7 +35,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -88,6 +88,9 @@ class Source:
     indexes: list[Doc]
     uuid: str | None
     estimate: int
+    # TTL scratch: its indexes and options are kept (a restore must recreate them, the
+    # migrations that made them being recorded as applied), its documents are not.
+    skip_documents: str | None = None
 
     @property
     def capped(self) -> bool:
@@ -120,9 +123,9 @@ def plan(db: Database[Doc], broker_db: str) -> Plan:
             if info.get("type", "collection") != "collection":
                 result.skipped[f"{name}.{cname}"] = f"a {info.get('type')}, not a collection"
                 continue
-            if role == APP and cname in SKIPPED_COLLECTIONS:
-                result.skipped[f"{name}.{cname}"] = SKIPPED_COLLECTIONS[cname]
-                continue
+            skip = SKIPPED_COLLECTIONS.get(cname) if role == APP else None
+            if skip:
+                result.skipped[f"{name}.{cname}"] = f"documents not backed up: {skip}"
             coll = database[cname]
             indexes = [dict(ix) for ix in dbm.retry(lambda c=coll: list(c.list_indexes()),  # type: ignore[misc]
                                                    what="list indexes")]
@@ -130,7 +133,8 @@ def plan(db: Database[Doc], broker_db: str) -> Plan:
             result.sources.append(Source(
                 role, name, cname, dict(info.get("options") or {}), indexes,
                 ui.hex() if ui is not None and hasattr(ui, "hex") else None,
-                int(dbm.retry(coll.estimated_document_count, what="count documents"))))
+                0 if skip else int(dbm.retry(coll.estimated_document_count,
+                                             what="count documents")), skip))
     return result
 
 
@@ -177,7 +181,7 @@ class _Dumper:
         writer = HashingWriter(self.root / rel, self.gzipped)
         count = 0
         try:
-            cursor = database[source.name].find_raw_batches(
+            cursor: Iterable[Any] = [] if source.skip_documents else database[source.name].find_raw_batches(
                 {}, session=session, batch_size=BATCH_SIZE)
             for item in cursor:
                 batch = cast(bytes, item)  # a raw batch: concatenated BSON documents

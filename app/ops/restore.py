@@ -182,12 +182,21 @@ def _scan_mongodump(root: Path) -> Backup:
     return Backup(root, None, entries, sorted(migrations), notes)
 
 
-def read_backup(root: Path, progress: Progress | None = None) -> Backup:
-    """Check a backup without writing anything; BackupError says what is wrong."""
+def read_backup(root: Path, progress: Progress | None = None, *,
+                mongodump: bool = False) -> Backup:
+    """Check a backup without writing anything; BackupError says what is wrong.
+
+    A directory without ``manifest.json`` is refused unless ``mongodump`` (the operator
+    says it is plain mongodump output): a certautopilot backup that lost its manifest
+    must not be restored unverified by accident."""
     if not root.is_dir():
         raise BackupError(f"--from {root} is not a directory")
     if (root / MANIFEST).exists():
         return _verify_manifest(root, _load_manifest(root), progress)
+    if not mongodump:
+        raise BackupError(f"{root} has no manifest.json: refusing to restore it unverified "
+                          "(a certautopilot backup always has one). For plain mongodump "
+                          "output pass --mongodump; nothing was restored")
     return _scan_mongodump(root)
 
 
