@@ -40,10 +40,16 @@ def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Compl
 
 
 @pytest.fixture
-def source(migrated_db: Any, settings: Any) -> dict[str, Any]:
+def source(migrated_db: Any, settings: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """A database with a bit of everything: projects, tokens, an account (sealed key),
-    certificates with queued issuance jobs (and their broker wake-ups), sealed keys."""
+    certificates with queued issuance jobs (and a wake-up each in the broker database),
+    sealed keys. (Real kombu publishes are in tests/e2e/test_backup_dr_e2e.py; an
+    in-process kombu publisher here leaves a client that only closes at exit.)"""
     db = migrated_db
+    broker = db.client[settings.broker_db]
+    monkeypatch.setattr("app.jobs.publish_wakeup", lambda job_id, *a, **k: bool(
+        broker["messages"].insert_one({"queue": "certautopilot", "payload": job_id,
+                                       "priority": 9})))
     project_id = make_project(db, "backup-src")
     make_token(db, project_id, ["read", "write"])
     account = make_account(db, project_id, settings)
