@@ -28,7 +28,7 @@ from app import embedded
 from app.audit import system_actor
 from app.audit.verify import verify_chain
 from app.config import load_settings
-from app.domain import accounts, certificates
+from app.domain import accounts
 from app.keys import open_private_key
 from tests.conftest import uri_with_db
 from tests.e2e.test_acme_e2e import stack_env, start_api, wait_issued
@@ -94,21 +94,24 @@ def test_backup_live_restore_fresh_server_and_dr_test(migrated_db, settings, peb
         accounts.create_account(db, project_id, {"contact": ["ops@example.test"],
                                                  "terms_agreed": True}, ACTOR,
                                 register=False, settings=s)
+    # Through the api process (an in-process kombu publisher would outlive the test).
+    admin = make_admin(db)
+    base = f"http://127.0.0.1:{pebble.http_port}/api/v1"
     specs = [(fixture_id, ["dr.e2e.test"])] + [
         (work_id, [f"w{i}.backup.e2e.test"]) for i in range(4)]
-    certs = [certificates.create_certificate(db, p, {"names": n}, ACTOR, settings=s)
-             for p, n in specs]
-    for cert in certs:
-        certificates.request_issuance(db, cert["_id"], ACTOR, "initial")
-    issued = [wait_issued(db, c["_id"]) for c in certs]
+    certs = []
+    for project_id, names in specs:
+        answer = requests.post(f"{base}/certificates", headers=admin.headers, timeout=30,
+                               json={"project_id": project_id, "names": names})
+        assert answer.status_code == 201, answer.text
+        certs.append(answer.json()["id"])
+    issued = [wait_issued(db, c) for c in certs]
 
     # Renewals fall due (the scan enqueues them every 2 s) and API calls go on while the
     # backup runs.
     for doc in issued[1:]:
         db[dbm.CERTIFICATES].update_one({"_id": doc["_id"]}, {"$set": {
             "next_renewal_at": dbm.server_now(db)}})
-    admin = make_admin(db)
-    base = f"http://127.0.0.1:{pebble.http_port}/api/v1"
     stop = threading.Event()
     created: list[str] = []
 
