@@ -181,8 +181,9 @@ class _Dumper:
         writer = HashingWriter(self.root / rel, self.gzipped)
         count = 0
         try:
-            cursor: Iterable[Any] = [] if source.skip_documents else database[source.name].find_raw_batches(
-                {}, session=session, batch_size=BATCH_SIZE)
+            cursor: Iterable[Any] = [] if source.skip_documents else \
+                database[source.name].find_raw_batches({}, session=session,
+                                                       batch_size=BATCH_SIZE)
             for item in cursor:
                 batch = cast(bytes, item)  # a raw batch: concatenated BSON documents
                 n = count_documents(batch)
@@ -212,13 +213,15 @@ def _snapshot_read(db: Database[Doc], sources: list[Source], dumper: _Dumper) ->
             head = app_db[dbm.COUNTERS].find_one({"_id": CHAIN_ID}, session=session) or {}
             applied = sorted(int(d["_id"]) for d in app_db[dbm.MIGRATIONS].find(
                 {}, {"_id": 1}, session=session))
+            audit_count = 0
             for source in sources:
                 if source.capped:
                     continue
                 database = client.get_database(source.db_name,
                                                read_preference=ReadPreference.PRIMARY)
-                dumper.documents(database, source, session, in_snapshot=True)
-            audit_count = app_db[dbm.AUDIT].count_documents({}, session=session)
+                count = dumper.documents(database, source, session, in_snapshot=True)
+                if source.role == APP and source.name == dbm.AUDIT:
+                    audit_count = count
             last = app_db[dbm.AUDIT].find_one({}, {"seq": 1, "hash": 1}, sort=[("seq", -1)],
                                               session=session)
     return {"head": head, "applied": applied, "audit_count": audit_count, "last": last}
