@@ -50,15 +50,14 @@ def _tool_version() -> str:
 @pass_ctx
 def backup(obj: CliContext, out: Path, gzipped: bool, as_json: bool) -> None:
     """Back up the application and broker databases at one point in time."""
-    from app.ops.backup import Plan, run_backup
+    from app.ops.backup import check_target, plan, run_backup
 
+    check_target(out)
     db = obj.db()
-    with _progress("backing up", not as_json) as bar:
-        def on_plan(plan: Plan) -> None:
-            bar.length = plan.estimate
-
+    the_plan = plan(db, obj.settings.broker_db)
+    with _progress("backing up", not as_json, the_plan.estimate) as bar:
         manifest = run_backup(db, obj.settings.broker_db, out, gzipped=gzipped,
-                              progress=bar.update, on_plan=on_plan,
+                              progress=bar.update, the_plan=the_plan,
                               tool_version=_tool_version())
     if as_json:
         echo_json({"out": str(out.absolute()), **manifest})
@@ -69,7 +68,7 @@ def backup(obj: CliContext, out: Path, gzipped: bool, as_json: bool) -> None:
                f"{manifest['migration_version']}, audit head seq {head.get('seq', 0)}, "
                f"{manifest['seconds']:.1f}s")
     for name, reason in manifest["skipped"].items():
-        click.echo(f"  not backed up: {name}: {reason}")
+        click.echo(f"  {name}: {reason}")
 
 
 @click.command("restore")
@@ -151,7 +150,7 @@ def dr_test(obj: CliContext, directory: str, project: str, names: tuple[str, ...
 
     def show(step: Step) -> None:
         if not as_json:
-            flag = "ok  " if step.ok else "FAIL"
+            flag = "ok  " if step.ok else "skip" if step.skipped else "FAIL"
             click.echo(f"{flag} {step.name:<7} {step.seconds:7.2f}s  {step.message}")
 
     report = run_dr_test(obj.db(), obj.settings, DrOptions(

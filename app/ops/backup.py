@@ -146,7 +146,7 @@ def _metadata(source: Source) -> bytes:
     return json_util.dumps(doc, json_options=json_util.CANONICAL_JSON_OPTIONS).encode()
 
 
-def _check_target(out: Path) -> None:
+def check_target(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
             raise BackupError(f"--out {out} exists and is not a directory")
@@ -240,18 +240,16 @@ def _check_consistent(seen: Doc) -> None:
 
 
 def run_backup(db: Database[Doc], broker_db: str, out: Path, *, gzipped: bool = False,
-               progress: Progress | None = None,
-               on_plan: Callable[[Plan], None] | None = None,
+               progress: Progress | None = None, the_plan: Plan | None = None,
                tool_version: str = "unknown") -> Doc:
-    """Write a backup into ``out`` (absent or empty); return its manifest."""
+    """Write a backup into ``out`` (absent or empty); return its manifest. ``the_plan``
+    (from ``plan()``, e.g. to size a progress bar) is made here when not given."""
     out = out.absolute()
-    _check_target(out)
+    check_target(out)
     started = time.monotonic()
     work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
-        the_plan = plan(db, broker_db)
-        if on_plan:
-            on_plan(the_plan)
+        the_plan = the_plan or plan(db, broker_db)
         work.mkdir()
         dumper = _Dumper(work, gzipped, progress)
         for source in the_plan.sources:

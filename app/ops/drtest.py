@@ -67,10 +67,12 @@ class Step:
     seconds: float
     message: str
     detail: Doc = field(default_factory=dict)
+    skipped: bool = False
 
     def as_dict(self) -> Doc:
-        return {"name": self.name, "ok": self.ok, "seconds": round(self.seconds, 3),
-                "message": self.message, "detail": self.detail}
+        return {"name": self.name, "ok": self.ok, "skipped": self.skipped,
+                "seconds": round(self.seconds, 3), "message": self.message,
+                "detail": self.detail}
 
 
 @dataclass
@@ -359,7 +361,7 @@ def run_dr_test(db: Database[Doc], settings: Settings, options: DrOptions,
                 tokens.revoke_token(db, minted, actor=actor)
     else:
         for name in ("issue", "revoke"):
-            add(Step(name, False, 0.0, "skipped: an earlier step failed"))
+            add(Step(name, False, 0.0, "skipped: an earlier step failed", skipped=True))
     failed = next((s for s in steps if not s.ok), None)
     return {"ok": failed is None, "failed_step": failed.name if failed else None,
             "directory": options.directory, "project": options.project,
