@@ -43,6 +43,7 @@ from app.ops.layout import (
     APP,
     BROKER,
     FORMAT,
+    FORMAT_VERSION,
     MANIFEST,
     BackupError,
     iter_raw_documents,
@@ -97,6 +98,13 @@ def _load_manifest(root: Path) -> Doc:
             not isinstance(manifest.get("files"), dict) or \
             not isinstance(manifest.get("collections"), list):
         raise BackupError(f"{root / MANIFEST} is not a certautopilot backup manifest: "
+                          "nothing was restored")
+    if not isinstance(manifest.get("format_version"), int) or \
+            manifest["format_version"] > FORMAT_VERSION:
+        raise BackupError(f"{root / MANIFEST} has backup format "
+                          f"{manifest.get('format_version')!r}, newer than this code's "
+                          f"({FORMAT_VERSION}): restore it with certautopilot "
+                          f"{manifest.get('tool_version', 'of that version')} or newer; "
                           "nothing was restored")
     return manifest
 

@@ -230,14 +230,21 @@ def test_missing_manifest_is_refused(backup_dir, target) -> None:
     assert "no manifest.json" in message and "--mongodump" in message
 
 
-def test_newer_schema_is_refused(backup_dir, target) -> None:
+@pytest.mark.parametrize("newer", ["migration", "format"])
+def test_newer_schema_is_refused(backup_dir, target, newer: str) -> None:
     env, tdb, tbroker = target
     manifest = json.loads((backup_dir / "manifest.json").read_text())
-    manifest["migrations"].append(9999)
-    manifest["migration_version"] = 9999
+    if newer == "migration":
+        manifest["migrations"].append(9999)
+        manifest["migration_version"] = 9999
+    else:
+        manifest["format_version"] = 2
     (backup_dir / "manifest.json").write_text(json.dumps(manifest))
     message = refused(env, tdb, tbroker, "--from", str(backup_dir))
-    assert "newer schema" in message and "9999" in message
+    if newer == "migration":
+        assert "newer schema" in message and "9999" in message
+    else:
+        assert "backup format 2, newer than this code's" in message
 
 
 def test_non_empty_target_is_refused_without_drop(backup_dir, source, cap_env) -> None:
