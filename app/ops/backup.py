@@ -76,6 +76,7 @@ Progress = Callable[[int], None]
 _SNAPSHOT_LOST = {
     251: "NoSuchTransaction", 290: "TransactionExceededLifetimeLimitSeconds",
     239: "SnapshotTooOld", 246: "SnapshotUnavailable", 112: "WriteConflict",
+    43: "CursorNotFound",  # the aborted transaction took its cursor with it
 }
 
 
