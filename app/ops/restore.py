@@ -26,6 +26,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from app.ops.layout import (
 Progress = Callable[[int], None]
 INSERT_BATCH_DOCS = 1000
 INSERT_BATCH_BYTES = 8 * 1024 * 1024
+INDEX_BUILDERS = 2
 # What `migrate`, a started scheduler or api writes into an empty database: a target
 # holding only these still counts as empty (they are rebuilt, not data).
 BOOKKEEPING = frozenset({dbm.MIGRATIONS, dbm.COUNTERS, dbm.LEASES, dbm.SCHEDULE,
@@ -261,7 +263,36 @@ def _metadata(entry: Entry) -> Doc:
     return value if isinstance(value, dict) else {}
 
 
-def _load_collection(database: Database[Doc], entry: Entry, progress: Progress | None) -> int:
+class _IndexBuilds:
+    """Index builds run on threads beside the loads. On the embedded server building the
+    indexes over loaded documents costs more than loading them (measured: 96 s for the 4
+    audit indexes over 20,000 entries that loaded in 37 s; creating them before the load
+    made the load take 235 s), so the next collection loads while they are built."""
+
+    def __init__(self, workers: int = INDEX_BUILDERS) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers,
+                                        thread_name_prefix="restore-index")
+        self._futures: list[Future[Any]] = []
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        self._futures.append(self._pool.submit(fn))
+
+    def wait(self) -> None:
+        """Wait for every build; raise the first failure."""
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _load_collection(database: Database[Doc], entry: Entry, progress: Progress | None,
+                     build: Callable[[Callable[[], Any]], None]) -> int:
+    """Create the collection, load its documents, and hand its index build to ``build``
+    (a thread pool), so that the next collection loads while the indexes are built."""
     meta = _metadata(entry)
     options = {k: v for k, v in (meta.get("options") or {}).items()}
     database.command("create", entry.name, **options)
@@ -276,7 +307,7 @@ def _load_collection(database: Database[Doc], entry: Entry, progress: Progress |
     indexes = [{k: v for k, v in ix.items() if k not in ("v", "ns")}
                for ix in meta.get("indexes") or [] if ix.get("name") != "_id_"]
     if indexes:
-        database.command("createIndexes", entry.name, indexes=indexes)
+        build(lambda: database.command("createIndexes", entry.name, indexes=indexes))
     return count
 
 
@@ -294,6 +325,7 @@ def run_restore(db: Database[Doc], broker_db: str, backup: Backup, *, drop: bool
     client = db.client
     restore_id = "rst_" + uuid.uuid4().hex[:16]
     counts: dict[str, int] = {}
+    index_builds = _IndexBuilds()
     try:
         client.drop_database(db.name)
         client.drop_database(broker_db)
@@ -312,7 +344,9 @@ def run_restore(db: Database[Doc], broker_db: str, backup: Backup, *, drop: bool
                     if progress:
                         progress(len(batch))
                 continue
-            counts[f"{entry.role}.{entry.name}"] = _load_collection(database, entry, progress)
+            counts[f"{entry.role}.{entry.name}"] = _load_collection(
+                database, entry, progress, index_builds.submit)
+        index_builds.wait()
         mismatched = {f"{e.role}.{e.name}": (counts.get(f"{e.role}.{e.name}"), e.count)
                       for e in backup.entries
                       if e.count is not None and counts.get(f"{e.role}.{e.name}") != e.count}
@@ -342,6 +376,8 @@ def run_restore(db: Database[Doc], broker_db: str, backup: Backup, *, drop: bool
         raise BackupError(f"restore failed: database error: {exc.__class__.__name__}: "
                           f"{str(exc)[:300]}; the target is incomplete: run the restore "
                           "again with --drop") from exc
+    finally:
+        index_builds.abandon()
     return {"restore_id": restore_id, "database": db.name, "broker_database": broker_db,
             "documents": sum(counts.values()), "counts": counts,
             "migrations_applied": applied, "verified": backup.manifest is not None,
