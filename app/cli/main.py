@@ -12,8 +12,10 @@ import click
 from app.cli import (
     accounts,
     audit,
+    backup,
     certs,
     dev,
+    drtest,
     health,
     jobs,
     kek,
@@ -21,6 +23,7 @@ from app.cli import (
     orders,
     probe,
     projects,
+    restore,
     scheduler,
     tokens,
 )
@@ -41,6 +44,9 @@ COMMANDS: list[click.Command] = [
     audit.command,
     jobs.command,
     probe.command,
+    backup.command,
+    restore.command,
+    drtest.command,
 ]
 
 

@@ -48,6 +48,7 @@ from app.db.names import (
     ORDERS,
     PROJECTS,
     RATE_LIMITS,
+    RESTORES,
     SCHEDULE,
     SCHEDULER_LEASE_ID,
     SINKS,
@@ -61,7 +62,8 @@ __all__ = [
     "FIRES", "IDEMPOTENCY", "JOBS", "KEK_ROTATIONS", "KEK_VERSIONS", "KEYS", "LEASES",
     "METRICS_SNAPSHOTS",
     "MAJORITY", "MESSAGES_COLLECTION", "MIGRATIONS", "MIGRATIONS_LOCK_ID", "ORDERS",
-    "PROJECTS", "RATE_LIMITS", "SCHEDULE", "SCHEDULER_LEASE_ID", "SINKS", "WORKERS", "Doc",
+    "PROJECTS", "RATE_LIMITS", "RESTORES", "SCHEDULE", "SCHEDULER_LEASE_ID", "SINKS",
+    "WORKERS", "Doc",
     "backoff_delay", "close_clients", "get_client", "get_db", "is_transient", "ping",
     "primary", "retry", "server_now", "transaction",
 ]

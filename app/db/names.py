@@ -46,6 +46,9 @@ RATE_LIMITS = "api_rate_limits"
 # Applied schema migrations.
 MIGRATIONS = "migrations"
 
+# One document per `certautopilot restore` into this database (app/ops/restore.py).
+RESTORES = "restores"
+
 # kombu's collection of queued Celery messages, in the broker database (CAP_BROKER_DB).
 MESSAGES_COLLECTION = "messages"
 
