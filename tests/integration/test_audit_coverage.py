@@ -161,6 +161,7 @@ CLI: dict[str, Mutating | NotAudited] = {
     "jobs cancel": Mutating(("job.cancel",), lambda w: ["jobs", "cancel", w.queued_job()]),
     "jobs depth": READS,
     "jobs workers": READS,
+    "probe": NotAudited("reads only this container's probe state file (no database)"),
     "backup": NotAudited("reads only (writes files outside the database)"),
     "restore": NotAudited("replaces the whole database with a backup; appends one "
                           "ops.restore entry to the restored chain (checked in "
