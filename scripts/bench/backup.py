@@ -214,12 +214,13 @@ def main() -> None:
                                          / figures["floor_docs_per_s"], 3)
         print(json.dumps(figures))
     finally:
-        try:
-            client = dbm.get_client(load_settings({"CAP_MONGO_URI": base}))
-            for name in names:
-                client.drop_database(name)
-        except Exception:  # noqa: BLE001 - best effort cleanup
-            pass
+        if proc is None:  # an external server keeps nothing of ours; ours is just removed
+            try:
+                client = dbm.get_client(load_settings({"CAP_MONGO_URI": base}))
+                for name in names:
+                    client.drop_database(name)
+            except Exception:  # noqa: BLE001 - best effort cleanup
+                pass
         dbm.close_clients()
         if proc is not None:
             proc.terminate()
