@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,25 @@ pass_ctx = click.make_pass_decorator(CliContext, ensure=True)
 
 def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
+
+
+class _NoBar:
+    length: int | None = None
+
+    def update(self, n: int) -> None:
+        pass
+
+
+@contextmanager
+def progress_bar(label: str, enabled: bool, length: int | None = None) -> Iterator[Any]:
+    """A progress bar on stderr when it is a terminal (and ``enabled``, i.e. not --json);
+    otherwise an updater that does nothing, so scripts and logs get no control codes."""
+    if not enabled or not sys.stderr.isatty():
+        yield _NoBar()
+        return
+    with click.progressbar(length=length or 0, label=label, file=sys.stderr, show_pos=True,
+                           show_eta=True) as bar:
+        yield bar
 
 
 class CapGroup(click.Group):

@@ -12,10 +12,12 @@ import click
 from app.cli import (
     accounts,
     audit,
+    backup,
     ca,
     certs,
     dev,
     dns,
+    drtest,
     health,
     jobs,
     kek,
@@ -24,6 +26,7 @@ from app.cli import (
     probe,
     projects,
     renewals,
+    restore,
     scheduler,
     tokens,
 )
@@ -47,6 +50,9 @@ COMMANDS: list[click.Command] = [
     probe.command,
     ca.command,
     renewals.command,
+    backup.command,
+    restore.command,
+    drtest.command,
 ]
 
 

@@ -53,6 +53,9 @@ RENEWAL_BATCHES = "renewal_batches"
 # Applied schema migrations.
 MIGRATIONS = "migrations"
 
+# One document per `certautopilot restore` into this database (app/ops/restore.py).
+RESTORES = "restores"
+
 # kombu's collection of queued Celery messages, in the broker database (CAP_BROKER_DB).
 MESSAGES_COLLECTION = "messages"
 

@@ -185,6 +185,13 @@ CLI: dict[str, Mutating | NotAudited] = {
     "jobs workers": READS,
     "dns test": NotAudited("adds and removes a test TXT record at the DNS provider; "
                            "nothing of CertAutoPilot's changes"),
+    "backup": NotAudited("reads only (writes files outside the database)"),
+    "restore": NotAudited("replaces the whole database with a backup; appends one "
+                          "ops.restore entry to the restored chain (checked in "
+                          "tests/integration/test_backup_restore.py)"),
+    "dr-test": NotAudited("changes go through the domain functions and the API, which audit "
+                          "them (token.create, acme_account.create, certificate.create, ..., "
+                          "certificate.revoke, token.revoke; tests/e2e/test_backup_dr_e2e.py)"),
 }
 
 # ---------------------------------------------------------------- API routes
