@@ -22,6 +22,7 @@ from pymongo.uri_parser import parse_uri
 
 if TYPE_CHECKING:
     from app.audit.sinkconfig import SinkSpec
+    from app.ops.watchconfig import WatchSettings
 
 
 class ConfigError(Exception):
@@ -115,6 +116,8 @@ class Settings:
     # api_rate_limit 0 means no limit.
     api_rate_limit: int = 6000
     api_rate_window_seconds: int = 60
+    # CAP_DRIFT_* and CAP_ALERT_*: drift scans and alerts (app/ops/watchconfig.py).
+    watch: WatchSettings | None = None
 
     def require_mongo_uri(self) -> str:
         if not self.mongo_uri:
@@ -366,7 +369,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         audit_sinks=_audit_sinks(env),
         api_rate_limit=api_rate_limit,
         api_rate_window_seconds=api_rate_window,
+        watch=_watch(env),
     )
+
+
+def _watch(env: Mapping[str, str]) -> WatchSettings:
+    from app.ops.watchconfig import parse_watch
+
+    return parse_watch(env)
 
 
 def _audit_sinks(env: Mapping[str, str]) -> tuple[SinkSpec, ...]:

@@ -55,6 +55,11 @@ AUDIT = "audit"
 WORKERS = "workers"
 MIGRATIONS = "migrations"
 COUNTERS = "counters"
+# Drift scans and alerts (app/ops/drift.py, app/ops/alerts/).
+ENDPOINT_SCANS = "endpoint_scans"
+ALERT_CHANNELS = "alert_channels"
+ALERTS = "alerts"
+ALERT_DELIVERIES = "alert_deliveries"
 
 MAJORITY = WriteConcern(w="majority")
 

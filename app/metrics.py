@@ -173,6 +173,15 @@ def scheduler_metrics(db: Any) -> Iterator[Metric]:
     yield expires
 
 
+def watch_metrics(db: Any) -> Iterator[Metric]:
+    """Drift scans (per endpoint) and open alerts (app/ops/)."""
+    from app.ops import drift
+    from app.ops.alerts import engine
+
+    yield from drift.endpoint_metrics(db)
+    yield from engine.alert_metrics(db)
+
+
 class DatabaseCollector(Collector):
     """Reads state metrics from MongoDB at scrape time."""
 
@@ -185,7 +194,7 @@ class DatabaseCollector(Collector):
         try:
             db = self._get_db()
             families: list[Metric] = []
-            for fn in (certificate_metrics, job_metrics, scheduler_metrics,
+            for fn in (certificate_metrics, job_metrics, scheduler_metrics, watch_metrics,
                        *_scrape_extensions.values()):
                 families.extend(fn(db))
         except Exception as exc:  # noqa: BLE001 - a scrape reports, never fails

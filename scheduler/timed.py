@@ -29,4 +29,8 @@ TIMED_WORK: list[TimedWork] = [
     TimedWork("kek.rotation_step", 10, "kek.rotation_step"),
     # Forward new audit entries to the CAP_AUDIT_SINKS (SIEM): at least once, in order.
     TimedWork("audit.forward", 10, "audit.forward"),
+    # Probe the endpoints due for a drift scan (each once per CAP_DRIFT_SCAN_INTERVAL_SECONDS).
+    TimedWork("certificates.drift_scan", 60, "certificates.drift_scan"),
+    # Open and resolve alerts, wake the delivery of channels with messages waiting.
+    TimedWork("alerts.evaluate", 30, "alerts.evaluate"),
 ]

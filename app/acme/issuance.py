@@ -45,6 +45,7 @@ from app.acme.errors import (
 )
 from app.config import Settings
 from app.domain import accounts, certificates, orders
+from app.ops import drift
 
 log = logging.getLogger(__name__)
 
@@ -547,6 +548,9 @@ class IssuanceRun:
                     session=session)
                 if not result.matched_count:
                     raise _CertificateMoved()
+                if is_renewal:  # drift (app/ops/drift.py): check what the endpoints serve
+                    drift.schedule_verification(self.db, session, current, issued,
+                                                settings=self.settings)
             orders.transition(self.db, order, orders.COMPLETED, session=session,
                               fields={"serial": issued["serial"],
                                       "not_after": issued["not_after"]})

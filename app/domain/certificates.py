@@ -37,6 +37,7 @@ from app import db as dbm
 from app.acme.identifiers import normalize_names
 from app.config import Settings, load_settings
 from app.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
+from app.ops import drift
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ Doc = dict[str, Any]
 
 KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 CHALLENGE_TYPES = ("http-01", "dns-01")
-SPEC_FIELDS = {"name", "names", "key_type", "challenge", "account_id", "profile", "renewal"}
+SPEC_FIELDS = {"name", "names", "key_type", "challenge", "account_id", "profile", "renewal",
+               "endpoints"}
 RENEWAL_FIELDS = {"renew_before_days", "use_ari", "reuse_key"}
 
 ISSUE_JOB_KIND = "certificates.issue"
@@ -161,6 +163,11 @@ def validate_spec(spec: Any, *, current: Doc | None = None) -> Doc:
     if label is not None and (not isinstance(label, str) or not _LABEL.match(label)):
         errors["name"] = ["1-200 printable characters"]
     renewal = _validate_renewal(merged.get("renewal"), errors)
+    endpoints: list[Doc] = []
+    try:  # where the certificate is served, for drift scans (app/ops/drift.py)
+        endpoints = drift.validate_endpoints(merged.get("endpoints"))
+    except ValidationFailed as exc:
+        errors["endpoints"] = exc.errors.get("endpoints") or [exc.message]
     if errors:
         raise ValidationFailed("invalid certificate: " + "; ".join(
             f"{k}: {', '.join(v)}" for k, v in errors.items()), errors=errors)
@@ -173,6 +180,7 @@ def validate_spec(spec: Any, *, current: Doc | None = None) -> Doc:
         "account_id": account_id,
         "profile": profile,
         "renewal": renewal,
+        "endpoints": endpoints,
     }
 
 
@@ -233,6 +241,7 @@ def create_certificate(db: Database[Doc], project_id: str, spec: Any, actor: aud
 
     def insert(session: ClientSession) -> None:
         db[dbm.CERTIFICATES].insert_one(doc, session=session)
+        drift.sync_endpoints(db, session, doc["_id"], project_id, fields["endpoints"])
         audit.record(db, session, actor=actor, action="certificate.create",
                      target=f"certificate:{doc['_id']}", project_id=project_id,
                      details={"names": fields["names"], "key_type": fields["key_type"],
@@ -300,6 +309,8 @@ def update_certificate(db: Database[Doc], certificate_id: str, changes: Any,
             {"$set": updates, "$inc": {"version": 1}}, session=session)
         if not result.matched_count:
             raise Conflict(f"certificate {certificate_id} changed meanwhile; retry")
+        drift.sync_endpoints(db, session, certificate_id, current["project_id"],
+                             fields["endpoints"])
         audit.record(db, session, actor=actor, action="certificate.update",
                      target=f"certificate:{certificate_id}", project_id=current["project_id"],
                      details={"changed": sorted(changed), "reissue": needs_reissue})
@@ -324,6 +335,7 @@ def delete_certificate(db: Database[Doc], certificate_id: str, actor: audit.Acto
                       "updated_at": now}, "$inc": {"version": 1}}, session=session)
         if not result.matched_count:
             raise NotFound(f"certificate {certificate_id} not found")
+        drift.sync_endpoints(db, session, certificate_id, current["project_id"], [])
         audit.record(db, session, actor=actor, action="certificate.delete",
                      target=f"certificate:{certificate_id}", project_id=current["project_id"],
                      details={"names": current.get("names")})

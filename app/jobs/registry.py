@@ -34,6 +34,7 @@ HANDLER_MODULES: list[str] = [
     "app.acme.handlers",  # certificates.issue, certificates.renewal_scan
     "app.keys.handlers",  # kek.rotation_step
     "app.audit.jobs",  # audit.forward
+    "app.ops.handlers",  # certificates.drift_scan / verify_served, alerts.evaluate / deliver
 ]
 
 Handler = Callable[["JobContext"], "dict[str, Any] | None"]

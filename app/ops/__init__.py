@@ -1,0 +1,1 @@
+"""Operations: watching what is served (drift scans) and telling people (alerts)."""
