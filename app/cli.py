@@ -26,6 +26,8 @@ COMMAND_MODULES: list[str] = [
     "app.tokens_cli",
     "app.audit.cli",
     "app.jobs.cli",
+    "app.alerts_cli",
+    "app.endpoints_cli",
 ]
 
 
