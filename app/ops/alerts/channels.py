@@ -102,6 +102,10 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
     enabled = spec.get("enabled", True)
     if not isinstance(enabled, bool):
         raise _fail("enabled", "true or false")
+    if scheme not in ("https", "http", "smtp", "smtps"):
+        raise _fail("url", f"unknown scheme {scheme + '://' if scheme else '(none)'}: use "
+                           "https:// (webhook), http:// with allow_http, smtp:// (STARTTLS) "
+                           "or smtps:// (TLS)")
     if not parts.hostname:
         raise _fail("url", "a host is required")
     doc: Doc = {"name": name, "allow_http": allow_http, "ca_file": ca_file, "rules": rules,
@@ -165,9 +169,7 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
                    target=f"{scheme}://{username + '@' if username else ''}"
                           f"{parts.hostname}:{port}")
         return doc, None
-    raise _fail("url", f"unknown scheme {scheme + '://' if scheme else '(none)'}: use "
-                       "https:// (webhook), http:// with allow_http, smtp:// (STARTTLS) "
-                       "or smtps:// (TLS)")
+    raise AssertionError(scheme)  # every scheme was checked above
 
 
 def public_view(doc: Doc) -> Doc:
