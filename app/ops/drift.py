@@ -158,8 +158,8 @@ def validate_endpoints(value: Any) -> list[Doc]:
             raise ValidationFailed(f"endpoints[{index}]: {exc}",
                                    errors={"endpoints": [f"[{index}]: {exc}"]}) from None
         if endpoint.key in found:
-            raise ValidationFailed(f"endpoints[{index}]: {endpoint.key} is listed twice",
-                                   errors={"endpoints": [f"[{index}]: duplicate"]})
+            message = f"[{index}]: {endpoint.key} is listed twice"
+            raise ValidationFailed(f"endpoints{message}", errors={"endpoints": [message]})
         found[endpoint.key] = endpoint
     return [e.as_doc() for e in found.values()]
 

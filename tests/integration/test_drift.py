@@ -1,0 +1,254 @@
+"""Drift scans against real local TLS servers (tests/helpers/receivers.py): the current,
+an older and a foreign certificate, one that is down, STARTTLS for SMTP, IMAP and
+PostgreSQL; what the API and /metrics show; the spread of scans over the interval; and
+a real renewal against Pebble whose endpoint switches to the new certificate."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import create_app
+from app import db as dbm
+from app.audit import system_actor
+from app.domain import certificates, orders
+from app.ops import drift
+from app.ops.watchconfig import WatchSettings
+from tests.helpers.api import make_admin
+from tests.helpers.receivers import CertFactory, Leaf, TlsEndpoint, closed_port
+from tests.integration.test_acme_helpers import (
+    acme_settings,
+    make_account,
+    make_project,
+    responder,
+)
+
+ACTOR = system_actor("cli")
+
+
+def txn(db: Any) -> Any:
+    return lambda fn: dbm.transaction(db, fn)
+
+
+def make_issued(db: Any, settings: Any, leaf: Leaf, endpoints: list[Any],
+                name: str = "drift.example.com") -> dict[str, Any]:
+    """A certificate whose current certificate is ``leaf`` (as if issued), with
+    endpoints: the stored data an issuance leaves, written directly."""
+    project = make_project(db, f"p{abs(hash(name)) % 10**8}")
+    make_account(db, project, settings)
+    cert = certificates.create_certificate(db, project, {"names": [name],
+                                                         "endpoints": endpoints}, ACTOR)
+    issued = certificates.describe_issued(leaf.pem)
+    db[dbm.CERTIFICATES].update_one({"_id": cert["_id"]}, {"$set": {
+        **issued, "status": "issued", "next_renewal_at": None}})
+    return certificates.get_certificate(db, cert["_id"])
+
+
+def our_older(db: Any, cert: dict[str, Any], leaf: Leaf) -> None:
+    """An earlier, completed order of this certificate that issued ``leaf``."""
+    db[dbm.ORDERS].insert_one({"_id": f"ord_old_{leaf.serial[:8]}",
+                               "certificate_id": cert["_id"], "project_id": cert["project_id"],
+                               "state": orders.COMPLETED, "serial": leaf.serial})
+
+
+def due_now(db: Any) -> None:
+    """Move time through the data: every endpoint's next scan is in the past."""
+    past = dbm.server_now(db) - timedelta(seconds=1)
+    db[dbm.ENDPOINT_SCANS].update_many({}, {"$set": {"next_scan_at": past}})
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> CertFactory:
+    return CertFactory(tmp_path / "ours")
+
+
+@pytest.fixture
+def servers() -> Any:
+    started: list[TlsEndpoint] = []
+
+    def start(leaf: Leaf, starttls: str | None = None) -> TlsEndpoint:
+        server = TlsEndpoint(leaf.cert_path, leaf.key_path, starttls)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def test_scan_flags_current_stale_foreign_unreachable_and_expiring(
+        migrated_db: Any, settings: Any, ca: CertFactory, servers: Any,
+        tmp_path: Path) -> None:
+    db = migrated_db
+    current, older = ca.leaf("drift.example.com"), ca.leaf("drift.example.com")
+    foreign = CertFactory(tmp_path / "theirs", "Someone Else CA").leaf("drift.example.com",
+                                                                       days=10)
+    eps = {"current": servers(current), "older": servers(older), "foreign": servers(foreign),
+           "smtp": servers(current, "smtp"), "imap": servers(older, "imap"),
+           "postgres": servers(current, "postgres")}
+    down = closed_port()
+    cert = make_issued(db, settings, current, [
+        eps["current"].address, {"host": "127.0.0.1", "port": eps["older"].port,
+                                 "sni": "drift.example.com"},
+        eps["foreign"].address, f"127.0.0.1:{down}",
+        {"host": "127.0.0.1", "port": eps["smtp"].port, "starttls": "smtp"},
+        {"host": "127.0.0.1", "port": eps["imap"].port, "starttls": "imap"},
+        {"host": "127.0.0.1", "port": eps["postgres"].port, "starttls": "postgres"}])
+    our_older(db, cert, older)
+    assert db[dbm.ENDPOINT_SCANS].count_documents({"state": "pending"}) == 7
+
+    due_now(db)
+    summary = drift.scan_due(db, settings=settings)
+    assert summary["scanned"] == 7
+    assert summary["states"] == {"ok": 3, "stale": 2, "foreign": 1, "unreachable": 1}
+    by_key = {d["key"]: d for d in db[dbm.ENDPOINT_SCANS].find()}
+    assert by_key[eps["current"].address]["state"] == "ok"
+    assert by_key[eps["current"].address]["served"]["fingerprint_sha256"] == \
+        current.fingerprint_sha256
+    assert by_key[f"{eps['older'].address}/drift.example.com"]["state"] == "stale"
+    assert by_key[f"{eps['imap'].address}+imap"]["state"] == "stale"
+    assert by_key[f"{eps['smtp'].address}+smtp"]["state"] == "ok"
+    assert by_key[f"{eps['postgres'].address}+postgres"]["state"] == "ok"
+    foreign_scan = by_key[eps["foreign"].address]
+    assert (foreign_scan["state"], foreign_scan["flags"]) == ("foreign", ["expiring"])
+    assert foreign_scan["served"]["issuer"] == "CN=Someone Else CA"
+    unreachable = by_key[f"127.0.0.1:{down}"]
+    assert unreachable["state"] == "unreachable"
+    assert "refused" in unreachable["error"].lower()
+    # Each endpoint comes back one interval later, not at the next scan.
+    now = dbm.server_now(db)
+    assert all(d["next_scan_at"] > now + timedelta(minutes=50) for d in by_key.values())
+    assert drift.scan_due(db, settings=settings)["scanned"] == 0
+
+    # The certificate's API answer shows each endpoint's state; /metrics counts them.
+    app = create_app(settings)
+    client = app.test_client()
+    admin = make_admin(db)
+    answer = client.get(f"/api/v1/certificates/{cert['_id']}", headers=admin.headers).json
+    states = {row["endpoint"]: row["state"] for row in answer["endpoint_status"]}
+    assert states[eps["foreign"].address] == "foreign"
+    assert sorted(states.values()) == ["foreign", "ok", "ok", "ok", "stale", "stale",
+                                       "unreachable"]
+    assert answer["endpoints"][0] == {"host": "127.0.0.1", "port": eps["current"].port,
+                                      "sni": None, "starttls": None}
+    metrics = client.get("/metrics").get_data(as_text=True)
+    for state, count in (("ok", 3), ("stale", 2), ("foreign", 1), ("unreachable", 1),
+                         ("expiring", 1), ("pending", 0)):
+        assert f'certautopilot_endpoint_drift{{state="{state}"}} {count}.0' in metrics
+    served = re.findall(r'certautopilot_endpoint_served_expiration_timestamp_seconds\{'
+                        r'certificate="([^"]+)",endpoint="([^"]+)"', metrics)
+    assert len(served) == 6 and {c for c, _ in served} == {cert["_id"]}
+
+
+def test_endpoints_through_the_api_are_validated_and_kept_in_sync(
+        migrated_db: Any, settings: Any, ca: CertFactory) -> None:
+    db = migrated_db
+    cert = make_issued(db, settings, ca.leaf(), ["a.example.com:443"])
+    client = create_app(settings).test_client()
+    admin = make_admin(db)
+    url = f"/api/v1/certificates/{cert['_id']}"
+    bad = client.patch(url, headers=admin.headers,
+                       json={"endpoints": [{"host": "a.example.com", "port": 443,
+                                            "starttls": "pop3"}]})
+    assert bad.status_code == 422 and bad.json["code"] == "validation_failed"
+    dup = client.patch(url, headers=admin.headers, json={"endpoints": [
+        {"host": "b.example.com", "port": 443}, {"host": "B.example.com", "port": 443}]})
+    assert dup.status_code == 422 and "twice" in dup.json["message"]
+    assert db[dbm.ENDPOINT_SCANS].distinct("key") == ["a.example.com:443"]
+    ok = client.patch(url, headers=admin.headers, json={"endpoints": [
+        {"host": "a.example.com", "port": 443},
+        {"host": "mail.example.com", "port": 587, "starttls": "smtp"}]})
+    assert ok.status_code == 200, ok.json
+    assert sorted(db[dbm.ENDPOINT_SCANS].distinct("key")) == [
+        "a.example.com:443", "mail.example.com:587+smtp"]
+    assert [r["state"] for r in ok.json["endpoint_status"]] == ["pending", "pending"]
+    assert client.delete(url, headers=admin.headers).status_code == 204
+    assert db[dbm.ENDPOINT_SCANS].count_documents({}) == 0
+
+
+def test_scans_are_spread_over_the_interval_and_only_due_ones_run(
+        migrated_db: Any, settings: Any, ca: CertFactory) -> None:
+    db = migrated_db
+    settings = settings.with_overrides(watch=WatchSettings(drift_scan_interval_seconds=3600,
+                                                           drift_connect_timeout_seconds=2))
+    ports = [closed_port() for _ in range(50)]
+    cert = make_issued(db, settings, ca.leaf(), [f"127.0.0.1:{p}" for p in ports])
+    now = dbm.server_now(db)
+    offsets = sorted((d["next_scan_at"] - now).total_seconds()
+                     for d in db[dbm.ENDPOINT_SCANS].find({"certificate_id": cert["_id"]}))
+    assert len(offsets) == 50
+    assert -60 < offsets[0] and offsets[-1] < 3600
+    assert offsets[-1] - offsets[0] > 1800  # not a burst: spread over the hour
+    # Time moves through the data: the first five slots have come.
+    first = [d["_id"] for d in db[dbm.ENDPOINT_SCANS].find(
+        {"certificate_id": cert["_id"]}).sort("next_scan_at", 1).limit(5)]
+    db[dbm.ENDPOINT_SCANS].update_many({"_id": {"$in": first}},
+                                       {"$set": {"next_scan_at": now - timedelta(seconds=1)}})
+    db[dbm.ENDPOINT_SCANS].update_many({"_id": {"$nin": first}},
+                                       {"$set": {"next_scan_at": now + timedelta(minutes=5)}})
+    summary = drift.scan_due(db, settings=settings)
+    assert summary == {"scanned": 5, "states": {"unreachable": 5}, "verified": 0}
+    assert db[dbm.ENDPOINT_SCANS].count_documents({"state": "pending"}) == 45
+
+
+def test_a_renewal_is_verified_once_its_endpoint_serves_it(
+        migrated_db: Any, settings: Any, pebble: Any, servers: Any, ca: CertFactory,
+        tmp_path: Path) -> None:
+    """A real issuance and renewal against Pebble; the endpoint (a 'load balancer') keeps
+    the old certificate until it is reloaded with the new one."""
+    from app.acme.issuance import LocalFence, run_issuance
+    from app.keys import open_private_key
+
+    db = migrated_db
+    settings = acme_settings(settings, pebble).with_overrides(watch=WatchSettings(
+        drift_verify_delay_seconds=600, drift_verify_attempts=3))
+    balancer = servers(ca.leaf())  # serves a placeholder until the first deployment
+    project = make_project(db, "drift-renewal")
+    make_account(db, project, settings)
+    cert = certificates.create_certificate(db, project, {
+        "names": ["lb.drift.test"], "endpoints": [balancer.address]}, ACTOR,
+        settings=settings)
+
+    def deploy(doc: dict[str, Any], name: str) -> None:
+        key = open_private_key(db, doc["key_id"], project_id=project)
+        (tmp_path / f"{name}.pem").write_text(doc["fullchain_pem"])
+        (tmp_path / f"{name}.key").write_bytes(key)
+        balancer.serve(tmp_path / f"{name}.pem", tmp_path / f"{name}.key")
+
+    with responder(settings, pebble.http_port):
+        run_issuance(db, LocalFence(db, "first"), cert["_id"], reason="initial",
+                     settings=settings)
+        first = certificates.get_certificate(db, cert["_id"])
+        assert first.get("verification") is None  # a first issuance is not a renewal
+        deploy(first, "first")
+        run_issuance(db, LocalFence(db, "renewal"), cert["_id"], reason="renewal",
+                     settings=settings)
+    renewed = certificates.get_certificate(db, cert["_id"])
+    assert renewed["serial"] != first["serial"]
+    verification = renewed["verification"]
+    assert (verification["state"], verification["serial"]) == ("pending", renewed["serial"])
+    job = db[dbm.JOBS].find_one({"kind": drift.VERIFY_JOB_KIND})
+    assert job is not None and job["payload"] == {"certificate_id": cert["_id"]}
+    assert job["run_after"] > dbm.server_now(db) + timedelta(seconds=500)  # the delay
+
+    # The balancer was not reloaded: the old certificate (ours) is stale; try again later.
+    outcome = drift.verify(db, cert["_id"], settings=settings, run_txn=txn(db))
+    assert (outcome["outcome"], outcome["attempts"]) == ("retry", 1)
+    assert outcome["failing"][0]["state"] == "stale"
+    assert drift.endpoint_status(db, renewed)[0]["state"] == "stale"
+
+    deploy(renewed, "renewed")
+    outcome = drift.verify(db, cert["_id"], settings=settings, run_txn=txn(db))
+    assert (outcome["outcome"], outcome["attempts"]) == ("verified", 2)
+    final = certificates.get_certificate(db, cert["_id"])
+    assert final["verification"]["state"] == "verified"
+    assert drift.endpoint_status(db, final)[0]["state"] == "ok"
+    entry = db[dbm.AUDIT].find_one({"action": "certificate.verified"})
+    assert entry is not None and entry["target"] == f"certificate:{cert['_id']}"
+    # Nothing left to verify: a repeated job is a no-op.
+    assert drift.verify(db, cert["_id"], settings=settings,
+                        run_txn=txn(db))["outcome"] == "nothing"
