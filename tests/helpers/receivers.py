@@ -296,7 +296,7 @@ class SmtpReceiver:
             ok = isinstance(data, LoginPassword) and data.login == user.encode() \
                 and data.password == password.encode()
             receiver.auth_seen.append(mechanism)
-            return AuthResult(success=ok)
+            return AuthResult(success=ok, handled=False)
 
         self.port = closed_port()
         kwargs: dict[str, Any] = {"authenticator": authenticator, "auth_require_tls": True}

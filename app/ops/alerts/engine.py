@@ -397,15 +397,15 @@ class RetryChannel(Exception):  # noqa: N818 - control flow for the job handler
 def _note_failure(db: Database[Doc], channel: Doc, delivery: Doc, error: str,
                   watch: WatchSettings) -> float:
     now = datetime.now(UTC)
+    # The first failure of a streak starts it (``failure`` is null while the channel works).
+    db[dbm.ALERT_CHANNELS].update_one({"_id": channel["_id"], "failure": None},
+                                      {"$set": {"failure": {"count": 0, "since": now}}})
     updated = db[dbm.ALERT_CHANNELS].find_one_and_update(
         {"_id": channel["_id"]},
         {"$inc": {"failure.count": 1},
          "$set": {"failure.last_error": error[:500], "failure.last_failed_at": now}},
         return_document=ReturnDocument.AFTER) or {}
     failure = updated.get("failure") or {}
-    if not failure.get("since"):
-        db[dbm.ALERT_CHANNELS].update_one({"_id": channel["_id"]},
-                                          {"$set": {"failure.since": now}})
     db[dbm.ALERT_DELIVERIES].update_one({"_id": delivery["_id"]},
                                         {"$inc": {"attempts": 1},
                                          "$set": {"last_error": error[:500]}})
