@@ -42,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
-from pymongo import ASCENDING
+from pymongo import ASCENDING, UpdateOne
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
 
@@ -368,14 +368,16 @@ def _record(db: Database[Doc], probed: list[tuple[str, Doc, Endpoint, Served | N
             watch: WatchSettings, now: datetime) -> list[ScanResult]:
     ours = _ours(db, [s.serial for _, _, _, s, _ in probed if s is not None])
     interval = timedelta(seconds=watch.drift_scan_interval_seconds)
-    results = []
     scans = dbm.primary(db)[dbm.ENDPOINT_SCANS]
+    slots = {d["_id"]: d.get("next_scan_at") for d in scans.find(
+        {"_id": {"$in": [p[0] for p in probed]}}, {"next_scan_at": 1})}
+    results = []
+    writes = []
     for sid, cert, endpoint, served, error in probed:
         state, flags = classify(cert, served, ours, now, watch)
         results.append(ScanResult(sid, cert["_id"], endpoint, state, flags, served, error))
         # Keep the endpoint's phase in the interval: the next slot after now.
-        doc = scans.find_one({"_id": sid}, {"next_scan_at": 1}) or {}
-        nxt = doc.get("next_scan_at") or now
+        nxt = slots.get(sid) or now
         if nxt <= now:
             nxt += interval * (int((now - nxt) / interval) + 1)
         update: Doc = {"$set": {"state": state, "flags": flags, "error": error,
@@ -387,10 +389,10 @@ def _record(db: Database[Doc], probed: list[tuple[str, Doc, Endpoint, Served | N
         else:
             update["$inc"] = {"consecutive_failures": 1}
         # Observations, not changes anyone made: plain writes, never older over newer.
-        dbm.retry(functools.partial(
-            scans.update_one,
-            {"_id": sid, "$or": [{"scanned_at": None}, {"scanned_at": {"$lte": now}}]},
-            update), what="record endpoint scan")
+        writes.append(UpdateOne({"_id": sid, "scanned_at": {"$not": {"$gt": now}}}, update))
+    if writes:
+        dbm.retry(functools.partial(scans.bulk_write, writes, ordered=False),
+                  what="record endpoint scans")
     return results
 
 

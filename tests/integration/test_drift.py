@@ -175,8 +175,9 @@ def test_scans_are_spread_over_the_interval_and_only_due_ones_run(
     db = migrated_db
     settings = settings.with_overrides(watch=WatchSettings(drift_scan_interval_seconds=3600,
                                                            drift_connect_timeout_seconds=2))
-    ports = [closed_port() for _ in range(50)]
-    cert = make_issued(db, settings, ca.leaf(), [f"127.0.0.1:{p}" for p in ports])
+    down = closed_port()  # 50 endpoints: one closed port, 50 server names
+    cert = make_issued(db, settings, ca.leaf(), [
+        {"host": "127.0.0.1", "port": down, "sni": f"h{i}.example.com"} for i in range(50)])
     now = dbm.server_now(db)
     offsets = sorted((d["next_scan_at"] - now).total_seconds()
                      for d in db[dbm.ENDPOINT_SCANS].find({"certificate_id": cert["_id"]}))
