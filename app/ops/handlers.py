@@ -24,7 +24,7 @@ def _run_txn(ctx: JobContext) -> Callable[[Callable[[ClientSession], Any]], Any]
     return lambda fn: ctx.transaction(fn)
 
 
-@register_handler(drift.SCAN_JOB_KIND, max_attempts=2, backoff_base_seconds=5,
+@register_handler(drift.SCAN_JOB_KIND, max_attempts=5, backoff_base_seconds=5,
                   backoff_max_seconds=30)
 def drift_scan(ctx: JobContext) -> dict[str, Any]:
     """Probe the endpoints whose next scan has come."""
@@ -50,7 +50,7 @@ def verify_served(ctx: JobContext) -> dict[str, Any]:
     return outcome
 
 
-@register_handler(engine.EVALUATE_JOB_KIND, max_attempts=2, backoff_base_seconds=5,
+@register_handler(engine.EVALUATE_JOB_KIND, max_attempts=5, backoff_base_seconds=5,
                   backoff_max_seconds=30)
 def evaluate_alerts(ctx: JobContext) -> dict[str, Any]:
     """Open and resolve alerts; wake the channels with messages waiting."""
