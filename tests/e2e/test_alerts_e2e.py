@@ -103,3 +103,30 @@ def test_three_workers_send_each_alert_once_and_a_receiver_gets_its_backlog(
     finally:
         team.down()
         oncall.down()
+
+
+def test_workers_alert_when_no_scheduler_leads(jenv: dict[str, str], migrated_db: Any,
+                                               procs: Any) -> None:
+    """No leader, so no alerts.evaluate is enqueued: the workers notice by themselves,
+    and the alert resolves once a scheduler holds the lease again."""
+    db = migrated_db
+    oncall = HttpReceiver()
+    try:
+        channels.create_channel(db, None, {"name": "oncall", "url": oncall.url(),
+                                           "allow_http": True}, ACTOR, rule_names=engine.RULES)
+        now = dbm.server_now(db)
+        db[dbm.LEASES].insert_one({"_id": "scheduler", "holder": "beat@gone", "term": 3,
+                                   "expires_at": now - timedelta(seconds=120)})
+        procs.worker({**jenv, **ALERT_ENV}, name="worker", concurrency=1)
+        wait_for(lambda: len(oncall.received) >= 1, timeout=180,
+                 message="the scheduler_leader alert")
+        firing = oncall.bodies()[0]
+        assert (firing["rule"], firing["event"]) == ("scheduler_leader", "firing")
+        assert "beat@gone" in firing["summary"]
+        db[dbm.LEASES].update_one({"_id": "scheduler"}, {"$set": {
+            "holder": "beat@new", "term": 4,
+            "expires_at": dbm.server_now(db) + timedelta(hours=1)}})
+        wait_for(lambda: len(oncall.received) >= 2, timeout=120, message="resolved")
+        assert [b["event"] for b in oncall.bodies()] == ["firing", "resolved"]
+    finally:
+        oncall.down()
