@@ -99,7 +99,7 @@ def _valid_host(host: str) -> bool:
         ipaddress.ip_address(host)
         return True
     except ValueError:
-        return bool(_HOST.match(host))
+        return bool(_HOST.fullmatch(host))
 
 
 def parse_endpoint(value: Any) -> Endpoint:
@@ -107,8 +107,8 @@ def parse_endpoint(value: Any) -> Endpoint:
     ValueError says what is wrong."""
     if isinstance(value, str):
         text = value.strip()
-        m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d{1,5})$", text) or \
-            re.match(r"^([^:\[\]/\s]+):(\d{1,5})$", text)
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})", text) or \
+            re.fullmatch(r"([^:\[\]/\s]+):(\d{1,5})", text)
         if not m:
             raise ValueError(f"{value!r}: expected host:port (IPv6 as [addr]:port)")
         value = {"host": m.group(1), "port": int(m.group(2))}
@@ -123,7 +123,7 @@ def parse_endpoint(value: Any) -> Endpoint:
         raise ValueError(f"host {host!r}: a DNS name or an IP address")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise ValueError(f"port {port!r}: an integer from 1 to 65535")
-    if sni is not None and (not isinstance(sni, str) or not _HOST.match(sni)
+    if sni is not None and (not isinstance(sni, str) or not _HOST.fullmatch(sni)
                             or _is_ip(sni)):
         raise ValueError(f"sni {sni!r}: a DNS name")
     if starttls is not None and starttls not in STARTTLS_KINDS:
@@ -300,7 +300,7 @@ def probe(endpoint: Endpoint, timeout: float) -> Served:
                 der = tls.getpeercert(binary_form=True)
     except ProbeError:
         raise
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, ValueError) as exc:  # ValueError: e.g. IDNA of the name
         raise ProbeError(f"{exc.__class__.__name__}: {exc}"[:300]) from None
     if not der:
         raise ProbeError("the server sent no certificate")

@@ -32,6 +32,8 @@ def test_endpoints_parse_from_strings_and_objects() -> None:
     ({"host": "x.com", "port": 443, "starttls": "pop3"}, "starttls"),
     ({"host": "x.com", "port": 443, "sni": "10.0.0.1"}, "sni"),
     ({"host": "x.com", "port": 443, "proto": "tls"}, "unknown"),
+    ({"host": "x.com", "port": 443, "sni": "x.com\n"}, "sni"),
+    ({"host": "x.com\nEVIL", "port": 443}, "host"),
 ])
 def test_bad_endpoints_are_refused_with_the_reason(bad: object, why: str) -> None:
     with pytest.raises(ValueError, match=why):
@@ -108,6 +110,9 @@ def _validate(spec: dict[str, object]) -> dict[str, object]:
     ({"name": "x", "url": "https://hooks.example.com/x", "rules": ["nope"]}, "rules"),
     ({"name": "bad name", "url": "https://hooks.example.com/x"}, "name"),
     ({"name": "x", "url": "https://hooks.example.com/x", "colour": "red"}, "unknown"),
+    ({"name": "x", "url": "smtps://mail.example.com", "to": ["a@b.c\nBcc: x@y.z"]}, "to"),
+    ({"name": "x", "url": "smtps://mail.example.com", "to": ["a@b.c"], "from": "f@g.h\n"},
+     "from"),
 ])
 def test_bad_channel_definitions_are_refused(spec: dict[str, object], message: str,
                                              monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,7 +58,7 @@ def _fail(field: str, message: str) -> ValidationFailed:
 
 
 def _env_name(field: str, value: Any) -> str:
-    if not isinstance(value, str) or not _ENV.match(value):
+    if not isinstance(value, str) or not _ENV.fullmatch(value):
         raise _fail(field, "the name of a CAP_ALERT_* environment variable (e.g. "
                            "CAP_ALERT_SMTP_PASSWORD), never the secret itself")
     if not os.environ.get(value):
@@ -77,7 +77,7 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
         raise ValidationFailed(f"unknown alert channel fields: {', '.join(unknown)}",
                                errors={k: ["unknown field"] for k in unknown})
     name = spec.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise _fail("name", "1-64 letters, digits, '.', '_' or '-'")
     url = spec.get("url")
     if not isinstance(url, str) or not url or len(url) > 2000 or any(c.isspace() for c in url):
@@ -157,10 +157,10 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
         if isinstance(to, str):
             to = [to]
         if not isinstance(to, list) or not 1 <= len(to) <= 20 or not all(
-                isinstance(a, str) and _EMAIL.match(a) for a in to):
+                isinstance(a, str) and _EMAIL.fullmatch(a) for a in to):
             raise _fail("to", "1-20 email addresses")
         sender = spec.get("from", "certautopilot@localhost")
-        if not isinstance(sender, str) or not _EMAIL.match(sender):
+        if not isinstance(sender, str) or not _EMAIL.fullmatch(sender):
             raise _fail("from", "an email address")
         tls = "starttls" if scheme == "smtp" else "tls"
         port = port or (587 if tls == "starttls" else 465)
