@@ -151,6 +151,9 @@ def seed(db) -> dict[str, Any]:
         "token_id": make_token(db, pid, ["read"], name="fuzz-victim").id}}
 
 
+# 80 cases per operation and 40-odd operations: over pytest-timeout's default 300 s on a
+# loaded 2-core machine.
+@pytest.mark.timeout(900)
 def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_spec(live) -> None:
     import schemathesis
     from hypothesis import HealthCheck, assume, given, settings
