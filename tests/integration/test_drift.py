@@ -5,6 +5,7 @@ a real renewal against Pebble whose endpoint switches to the new certificate."""
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -253,3 +254,39 @@ def test_a_renewal_is_verified_once_its_endpoint_serves_it(
     # Nothing left to verify: a repeated job is a no-op.
     assert drift.verify(db, cert["_id"], settings=settings,
                         run_txn=txn(db))["outcome"] == "nothing"
+
+
+def test_endpoints_cli_add_list_scan_remove(migrated_db: Any, settings: Any,
+                                            ca: CertFactory, servers: Any) -> None:
+    from click.testing import CliRunner
+
+    from app.cli import cli
+
+    db = migrated_db
+    current = ca.leaf("cli.example.com")
+    cert = make_issued(db, settings, current, [])
+    server = servers(current, "smtp")
+    runner = CliRunner()
+    added = runner.invoke(cli, ["endpoints", "add", cert["_id"], server.address,
+                                "--starttls", "smtp", "--sni", "cli.example.com"])
+    assert added.exit_code == 0, added.output
+    key = f"{server.address}/cli.example.com+smtp"
+    assert added.output.strip() == f"added {key}"
+    again = runner.invoke(cli, ["endpoints", "add", cert["_id"], server.address,
+                                "--starttls", "smtp", "--sni", "cli.example.com"])
+    assert again.exit_code == 1 and "already an endpoint" in again.output
+    bad = runner.invoke(cli, ["endpoints", "add", cert["_id"], "no-port"])
+    assert bad.exit_code == 1 and len(bad.output.strip().splitlines()) == 1
+    assert "pending" in runner.invoke(cli, ["endpoints", "list", cert["_id"]]).output
+    scanned = runner.invoke(cli, ["endpoints", "scan", cert["_id"], "--json"])
+    assert scanned.exit_code == 0, scanned.output
+    row = json.loads(scanned.output)[0]
+    assert (row["endpoint"], row["state"]) == (key, "ok")
+    assert row["served"]["serial"] == current.serial
+    unknown = ca.leaf("cli.example.com")  # same CA, never stored: not one of ours
+    server.serve(unknown.cert_path, unknown.key_path)
+    assert runner.invoke(cli, ["endpoints", "scan", cert["_id"]]).exit_code == 1  # foreign
+    removed = runner.invoke(cli, ["endpoints", "remove", cert["_id"], server.address,
+                                  "--starttls", "smtp", "--sni", "cli.example.com"])
+    assert removed.exit_code == 0, removed.output
+    assert db[dbm.ENDPOINT_SCANS].count_documents({}) == 0
