@@ -290,3 +290,55 @@ def test_endpoints_cli_add_list_scan_remove(migrated_db: Any, settings: Any,
                                   "--starttls", "smtp", "--sni", "cli.example.com"])
     assert removed.exit_code == 0, removed.output
     assert db[dbm.ENDPOINT_SCANS].count_documents({}) == 0
+
+
+def test_a_renewal_never_served_is_flagged_and_alerts_until_it_is(
+        migrated_db: Any, settings: Any, ca: CertFactory, servers: Any,
+        tmp_path: Path) -> None:
+    """The verification job (the real handler, run in process): retried after the delay
+    while the endpoint serves another certificate, then `unverified` (an alert); once a
+    regular scan sees the new certificate served, `verified` and the alert resolves."""
+    from app.jobs import enqueue, load_handlers, runner
+    from app.ops.alerts import engine
+
+    load_handlers()
+    db = migrated_db
+    settings = settings.with_overrides(watch=WatchSettings(drift_verify_delay_seconds=600,
+                                                           drift_verify_attempts=2))
+    current = ca.leaf("v.example.com")
+    foreign = CertFactory(tmp_path / "theirs", "Other CA").leaf("v.example.com")
+    server = servers(foreign)
+    cert = make_issued(db, settings, current, [server.address], name="v.example.com")
+    db[dbm.CERTIFICATES].update_one({"_id": cert["_id"]}, {"$set": {"verification": {
+        "state": "pending", "fingerprint_sha256": current.fingerprint_sha256,
+        "serial": current.serial, "attempts": 0}}})
+    job = enqueue(db, drift.VERIFY_JOB_KIND, {"certificate_id": cert["_id"]},
+                  publish=False, settings=settings)
+
+    def run() -> dict[str, Any]:
+        # Time moves through the data: the delayed attempt is due now.
+        db[dbm.JOBS].update_one({"_id": job["_id"]}, {"$set": {
+            "run_after": dbm.server_now(db) - timedelta(seconds=1)}})
+        runner.run_job(job["_id"], db=db, settings=settings, worker="test")
+        return db[dbm.JOBS].find_one({"_id": job["_id"]})
+
+    first = run()
+    assert first["state"] == "queued" and first["attempts"] == 0  # RetryLater
+    assert first["run_after"] > dbm.server_now(db) + timedelta(seconds=500)
+    assert "do not serve the new certificate yet" in first["last_error"]
+    second = run()
+    assert second["state"] == "succeeded", second
+    assert second["result"]["outcome"] == "unverified"
+    flagged = certificates.get_certificate(db, cert["_id"])["verification"]
+    assert (flagged["state"], flagged["failing"][0]["state"]) == ("unverified", "foreign")
+    engine.evaluate(db, settings=settings)
+    assert sorted(a["rule"] for a in engine.list_alerts(db)) == ["drift",
+                                                                 "renewal_not_verified"]
+
+    server.serve(current.cert_path, current.key_path)  # the load balancer is reloaded
+    due_now(db)
+    assert drift.scan_due(db, settings=settings)["verified"] == 1
+    assert certificates.get_certificate(db, cert["_id"])["verification"]["state"] == \
+        "verified"
+    assert engine.evaluate(db, settings=settings)["resolved"] == 2
+    assert engine.list_alerts(db) == []
