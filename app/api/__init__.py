@@ -42,6 +42,7 @@ RESOURCES: list[str] = [
     "app.api.jobs",
     "app.api.audit",
     "app.api.status",
+    "app.api.alerts",
 ]
 
 REQUEST_ID_HEADER = "X-Request-ID"

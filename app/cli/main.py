@@ -11,9 +11,11 @@ import click
 
 from app.cli import (
     accounts,
+    alerts,
     audit,
     certs,
     dev,
+    endpoints,
     health,
     jobs,
     kek,
@@ -41,6 +43,8 @@ COMMANDS: list[click.Command] = [
     audit.command,
     jobs.command,
     probe.command,
+    alerts.command,
+    endpoints.command,
 ]
 
 

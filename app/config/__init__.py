@@ -21,8 +21,9 @@ from pymongo.errors import ConfigurationError, InvalidURI
 from pymongo.uri_parser import parse_uri
 
 from app.config.audit_sinks import SinkSpec, parse_sinks
+from app.config.watch import WatchSettings, parse_watch
 
-# Defined with the other errors so that the parsers of single settings (audit_sinks) need
+# Defined with the other errors so that the parsers of single settings (audit_sinks, watch) need
 # not import this package; every caller keeps importing it from here.
 from app.errors import ConfigError as ConfigError
 
@@ -117,6 +118,8 @@ class Settings:
     # aggregates; "aggregate": only counts by status and by days left and the soonest
     # expiry per project (one series per project, not per certificate: large fleets).
     metrics_certificate_series: str = "per-certificate"
+    # CAP_DRIFT_* and CAP_ALERT_*: drift scans and alerts (app/config/watch.py).
+    watch: WatchSettings | None = None
 
     def require_mongo_uri(self) -> str:
         if not self.mongo_uri:
@@ -377,6 +380,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         api_rate_limit=api_rate_limit,
         api_rate_window_seconds=api_rate_window,
         metrics_certificate_series=certificate_series,
+        watch=parse_watch(env),
     )
 
 

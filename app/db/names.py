@@ -43,6 +43,13 @@ KEK_ROTATIONS = "kek_rotations"
 IDEMPOTENCY = "api_idempotency"
 RATE_LIMITS = "api_rate_limits"
 
+# Drift scans (app/domain/drift.py: what each endpoint of a certificate serves) and alerts
+# (app/ops/alerts/: channels, open and resolved alerts, messages waiting per channel).
+ENDPOINT_SCANS = "endpoint_scans"
+ALERT_CHANNELS = "alert_channels"
+ALERTS = "alerts"
+ALERT_DELIVERIES = "alert_deliveries"
+
 # Applied schema migrations.
 MIGRATIONS = "migrations"
 

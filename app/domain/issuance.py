@@ -55,7 +55,7 @@ from app.acme.errors import (
 )
 from app.config import Settings
 from app.db import Doc
-from app.domain import accounts, certificates, challenges, orders, renewal
+from app.domain import accounts, certificates, challenges, drift, orders, renewal
 from app.domain.issued import describe_issued
 from app.domain.projects import now_ms
 from app.jobs import JobContext, PermanentFailure, RetryLater
@@ -503,6 +503,9 @@ class IssuanceRun:
             if not deleted and not certificates.store_issued(self.db, session, current,
                                                              updates):
                 raise _CertificateMoved()
+            if not deleted and is_renewal:  # drift: check what the endpoints serve
+                drift.schedule_verification(self.db, session, current, issued,
+                                            settings=self.settings)
             orders.transition(self.db, order, orders.COMPLETED, session=session,
                               fields={"serial": issued["serial"],
                                       "not_after": issued["not_after"]})
