@@ -41,6 +41,7 @@ def run(endpoints: int, servers: int, workdir: Path) -> dict[str, object]:
     from app.audit import system_actor
     from app.config import load_settings
     from app.domain import accounts, certificates, drift, projects
+    from app.domain.issued import describe_issued
     from app.migrations import migrate
     from devstack import embedded
     from tests.helpers.receivers import CertFactory, TlsEndpoint
@@ -79,7 +80,7 @@ def run(endpoints: int, servers: int, workdir: Path) -> dict[str, object]:
             cert = certificates.create_certificate(
                 db, project, {"names": [f"c{made}.example.com"], "endpoints": specs}, actor)
             db[dbm.CERTIFICATES].update_one({"_id": cert["_id"]}, {"$set": {
-                **certificates.describe_issued(leaf.pem), "status": "issued"}})
+                **describe_issued(leaf.pem), "status": "issued"}})
             made += batch
         figures: dict[str, object] = {"endpoints": endpoints, "servers": servers}
         for label, threads in (("sequential", 1), ("parallel", drift.PROBE_THREADS)):

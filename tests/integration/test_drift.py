@@ -18,6 +18,7 @@ from app import db as dbm
 from app.audit import system_actor
 from app.config.watch import WatchSettings
 from app.domain import certificates, drift, orders
+from app.domain.issued import describe_issued
 from tests.helpers.api import make_admin
 from tests.helpers.receivers import CertFactory, Leaf, TlsEndpoint, closed_port
 from tests.integration.test_acme_helpers import (
@@ -42,7 +43,7 @@ def make_issued(db: Any, settings: Any, leaf: Leaf, endpoints: list[Any],
     make_account(db, project, settings)
     cert = certificates.create_certificate(db, project, {"names": [name],
                                                          "endpoints": endpoints}, ACTOR)
-    issued = certificates.describe_issued(leaf.pem)
+    issued = describe_issued(leaf.pem)
     db[dbm.CERTIFICATES].update_one({"_id": cert["_id"]}, {"$set": {
         **issued, "status": "issued", "next_renewal_at": None}})
     return certificates.get_certificate(db, cert["_id"])
