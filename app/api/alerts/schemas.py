@@ -1,6 +1,6 @@
 from marshmallow import Schema, fields, validate
 
-from app.api.common import JsonValue, PageArgsSchema, StrictQuery, page_schema
+from app.api.common import JsonValue, PageArgsSchema, page_schema
 from app.ops.alerts.channels import FORMATS
 from app.ops.alerts.engine import RULES
 
@@ -83,13 +83,11 @@ class AlertSchema(Schema):
     resolved_at = fields.DateTime(allow_none=True)
 
 
-class AlertListArgsSchema(StrictQuery):
+class AlertListArgsSchema(PageArgsSchema):
     project_id = fields.String(validate=validate.Length(max=64))
     state = fields.String(load_default="open", validate=validate.OneOf(["open", "resolved",
                                                                          "all"]))
     rule = fields.String(validate=validate.OneOf(RULES))
-    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=200))
-    cursor = fields.String(load_default=None, validate=validate.Length(max=500))
 
 
 ChannelPageSchema = page_schema(ChannelSchema, "AlertChannelPage")
