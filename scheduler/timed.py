@@ -2,7 +2,7 @@
 
 Each ``TimedWork`` makes the scheduler leader enqueue a job of ``kind`` every
 ``every_seconds`` (dedupe key ``"<name>@<slot>"``, fenced by the lease term). The job's
-handler lives in ``app/`` and is registered there with ``@register_handler``.
+handler lives in ``app/`` and is listed in ``app/handlers.py`` (``HANDLERS``).
 To add timed work: append one ``TimedWork`` line below.
 """
 
@@ -34,4 +34,8 @@ TIMED_WORK: list[TimedWork] = [
     TimedWork("audit.forward", 10, "audit.forward"),
     # Rebuild the fleet-metrics snapshot every api replica serves (app/metrics_snapshot.py).
     TimedWork("metrics.snapshot", 60, "metrics.snapshot"),
+    # Probe the endpoints due for a drift scan (each once per CAP_DRIFT_SCAN_INTERVAL_SECONDS).
+    TimedWork("certificates.drift_scan", 60, "certificates.drift_scan"),
+    # Open and resolve alerts, wake the delivery of channels with messages waiting.
+    TimedWork("alerts.evaluate", 30, "alerts.evaluate"),
 ]

@@ -121,6 +121,10 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         pool=pool.rsplit(".", 1)[-1], concurrency=int(getattr(controller, "concurrency", 0)
                                                       or 0),
         running=_running_job_ids).start()
+    # No leader enqueues alerts.evaluate while there is none: workers watch for that.
+    from app.ops.alerts.watchdog import LeaderWatch
+
+    LeaderWatch(lambda: dbm.get_db(settings), settings).start()
 
 
 def _stop_consuming() -> None:

@@ -43,6 +43,7 @@ RESOURCES: list[str] = [
     "app.api.audit",
     "app.api.status",
     "app.api.renewals",
+    "app.api.alerts",
 ]
 
 REQUEST_ID_HEADER = "X-Request-ID"

@@ -11,6 +11,7 @@ import click
 
 from app.cli import (
     accounts,
+    alerts,
     audit,
     backup,
     ca,
@@ -18,6 +19,7 @@ from app.cli import (
     dev,
     dns,
     drtest,
+    endpoints,
     health,
     jobs,
     kek,
@@ -53,6 +55,8 @@ COMMANDS: list[click.Command] = [
     backup.command,
     restore.command,
     drtest.command,
+    alerts.command,
+    endpoints.command,
 ]
 
 

@@ -22,8 +22,9 @@ from pymongo.uri_parser import parse_uri
 
 from app.config.audit_sinks import SinkSpec, parse_sinks
 from app.config.ca_budgets import CaBudgets, parse_ca_budgets
+from app.config.watch import WatchSettings, parse_watch
 
-# Defined with the other errors so that the parsers of single settings (audit_sinks) need
+# Defined with the other errors so that the parsers of single settings (audit_sinks, watch) need
 # not import this package; every caller keeps importing it from here.
 from app.errors import ConfigError as ConfigError
 
@@ -127,6 +128,8 @@ class Settings:
     # CAP_CA_FALLBACK_AFTER_FAILURES: consecutive failed attempts at one CA after which a
     # certificate with a ca_fallback list moves to its next account.
     ca_fallback_after_failures: int = 3
+    # CAP_DRIFT_* and CAP_ALERT_*: drift scans and alerts (app/config/watch.py).
+    watch: WatchSettings | None = None
 
     def require_mongo_uri(self) -> str:
         if not self.mongo_uri:
@@ -391,6 +394,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ca_budgets=parse_ca_budgets(env),
         ca_fallback_after_failures=_positive_int(env, "CAP_CA_FALLBACK_AFTER_FAILURES", 3,
                                                  "a positive number of attempts"),
+        watch=parse_watch(env),
     )
 
 

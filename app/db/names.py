@@ -50,6 +50,13 @@ CA_BUDGETS = "ca_budgets"
 # Emergency and bulk renewals: one document per tracked batch.
 RENEWAL_BATCHES = "renewal_batches"
 
+# Drift scans (app/domain/drift.py: what each endpoint of a certificate serves) and alerts
+# (app/ops/alerts/: channels, open and resolved alerts, messages waiting per channel).
+ENDPOINT_SCANS = "endpoint_scans"
+ALERT_CHANNELS = "alert_channels"
+ALERTS = "alerts"
+ALERT_DELIVERIES = "alert_deliveries"
+
 # Applied schema migrations.
 MIGRATIONS = "migrations"
 

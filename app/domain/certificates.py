@@ -25,7 +25,7 @@ from app import audit
 from app import db as dbm
 from app.config import Settings
 from app.db import Doc
-from app.domain import accounts, ca_fallback
+from app.domain import accounts, ca_fallback, drift
 from app.domain.certspec import SPEC_FIELDS, validate_spec
 from app.domain.projects import now_ms
 from app.errors import Conflict, NotFound, PreconditionFailed, ValidationFailed
@@ -107,6 +107,7 @@ def create_certificate(db: Database[Doc], project_id: str, spec: Any, actor: aud
 
     def insert(session: ClientSession) -> None:
         db[dbm.CERTIFICATES].insert_one(doc, session=session)
+        drift.sync_endpoints(db, session, doc["_id"], project_id, fields["endpoints"])
         audit.record(db, session, actor=actor, action="certificate.create",
                      target=f"certificate:{doc['_id']}", project_id=project_id,
                      details={"names": fields["names"], "key_type": fields["key_type"],
@@ -204,6 +205,8 @@ def update_certificate(db: Database[Doc], certificate_id: str, changes: Any,
             {"$set": updates, "$inc": {"version": 1}}, session=session)
         if not result.matched_count:
             raise Conflict(f"certificate {certificate_id} changed meanwhile; retry")
+        drift.sync_endpoints(db, session, certificate_id, current["project_id"],
+                             fields["endpoints"])
         audit.record(db, session, actor=actor, action="certificate.update",
                      target=f"certificate:{certificate_id}", project_id=current["project_id"],
                      details={"changed": sorted(changed), "reissue": needs_reissue})
@@ -228,6 +231,7 @@ def delete_certificate(db: Database[Doc], certificate_id: str, actor: audit.Acto
                       "updated_at": now}, "$inc": {"version": 1}}, session=session)
         if not result.matched_count:
             raise NotFound(f"certificate {certificate_id} not found")
+        drift.sync_endpoints(db, session, certificate_id, current["project_id"], [])
         audit.record(db, session, actor=actor, action="certificate.delete",
                      target=f"certificate:{certificate_id}", project_id=current["project_id"],
                      details={"names": current.get("names")})

@@ -2,8 +2,9 @@
 
 A spec names the identifiers (DNS names, IP addresses, wildcards with dns-01), the key
 type, the challenge (http-01, tls-alpn-01, or dns-01 through a provider adapter), the
-issuer account, an optional ACME profile and the renewal policy (``renew_before_days``, ``use_ari``,
-``reuse_key``). ``validate_spec`` names every bad field in one ValidationFailed.
+issuer account, an optional ACME profile, the renewal policy (``renew_before_days``,
+``use_ari``, ``reuse_key``), the CA fallback accounts and the endpoints where it is served
+(drift scans). ``validate_spec`` names every bad field in one ValidationFailed.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Any
 from app.acme import solvers
 from app.acme.identifiers import normalize_names
 from app.db import Doc
+from app.domain import drift
 from app.errors import ValidationFailed
 
 KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
 CHALLENGE_TYPES = ("http-01", "dns-01", "tls-alpn-01")
 SPEC_FIELDS = {"name", "names", "key_type", "challenge", "account_id", "profile", "renewal",
-               "ca_fallback"}
+               "ca_fallback", "endpoints"}
 RENEWAL_FIELDS = {"renew_before_days", "use_ari", "reuse_key"}
 
 _LABEL = re.compile(r"^[\w .:@/-]{1,200}$")
@@ -110,6 +112,11 @@ def validate_spec(spec: Any, *, current: Doc | None = None) -> Doc:
                                  "after account_id)"]
     elif len(set(fallback)) != len(fallback):
         errors["ca_fallback"] = ["an account is listed twice"]
+    endpoints: list[Doc] = []
+    try:  # where the certificate is served, for drift scans (app/domain/drift.py)
+        endpoints = drift.validate_endpoints(merged.get("endpoints"))
+    except ValidationFailed as exc:
+        errors["endpoints"] = exc.errors.get("endpoints") or [exc.message]
     if errors:
         raise ValidationFailed("invalid certificate: " + "; ".join(
             f"{k}: {', '.join(v)}" for k, v in errors.items()), errors=errors)
@@ -123,5 +130,6 @@ def validate_spec(spec: Any, *, current: Doc | None = None) -> Doc:
         "profile": profile,
         "renewal": renewal,
         "ca_fallback": list(fallback),
+        "endpoints": endpoints,
     }
 

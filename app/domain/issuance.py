@@ -63,6 +63,7 @@ from app.domain import (
     ca_fallback,
     certificates,
     challenges,
+    drift,
     orders,
     renewal,
 )
@@ -604,6 +605,9 @@ class IssuanceRun:
             if not deleted and not certificates.store_issued(self.db, session, current,
                                                              updates):
                 raise _CertificateMoved()
+            if not deleted and is_renewal:  # drift: check what the endpoints serve
+                drift.schedule_verification(self.db, session, current, issued,
+                                            settings=self.settings)
             orders.transition(self.db, order, orders.COMPLETED, session=session,
                               fields={"serial": issued["serial"],
                                       "not_after": issued["not_after"]})

@@ -25,7 +25,13 @@ from app.keys.errors import (
 )
 from app.keys.keygen import KEY_TYPES, generate_private_key, load_private_key
 from app.keys.keyring import Keyring, get_keyring, load_keyring
-from app.keys.store import active_version, describe_key, open_private_key, seal_private_key
+from app.keys.store import (
+    active_version,
+    describe_key,
+    open_private_key,
+    seal_private_key,
+    seal_secret,
+)
 
 __all__ = [
     "KEY_TYPES",
@@ -43,4 +49,5 @@ __all__ = [
     "load_private_key",
     "open_private_key",
     "seal_private_key",
+    "seal_secret",
 ]

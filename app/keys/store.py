@@ -94,7 +94,26 @@ def seal_private_key(db: Database[Doc], private_key_pem: bytes, *, project_id: s
     parsed = load_private_key(private_key_pem)
     key_type, fingerprint = key_type_of(parsed), public_key_sha256(parsed)
     del parsed
+    return _seal(db, private_key_pem, project_id=project_id, purpose=purpose,
+                 key_type=key_type, fingerprint=fingerprint, session=session, actor=actor,
+                 keyring=keyring)
 
+
+def seal_secret(db: Database[Doc], secret: bytes, *, project_id: str, purpose: str,
+                session: ClientSession | None = None, actor: audit.Actor | None = None
+                ) -> str:
+    """Store another secret (a webhook URL and signing key, ...) as a sealed record, like
+    a private key: same envelope, same KEK rotation. ``open_private_key`` opens it."""
+    if not isinstance(secret, bytes) or not secret:
+        raise ValidationFailed("a secret must be non-empty bytes")
+    return _seal(db, secret, project_id=_text("project_id", project_id),
+                 purpose=_text("purpose", purpose, 100), key_type="secret", fingerprint="",
+                 session=session, actor=actor, keyring=None)
+
+
+def _seal(db: Database[Doc], plaintext: bytes, *, project_id: str, purpose: str,
+          key_type: str, fingerprint: str, session: ClientSession | None,
+          actor: audit.Actor | None, keyring: Keyring | None) -> str:
     explicit = keyring is not None
     ring: Keyring = keyring if keyring is not None else get_keyring()
 
@@ -116,7 +135,7 @@ def seal_private_key(db: Database[Doc], private_key_pem: bytes, *, project_id: s
             version, kek = in_session, ready_kek(in_session)
 
     key_id = uuid.uuid4().hex
-    record = build_record(private_key_pem, key_id=key_id, project_id=project_id,
+    record = build_record(plaintext, key_id=key_id, project_id=project_id,
                           purpose=purpose, key_type=key_type, fingerprint=fingerprint,
                           kek=kek, kek_version=version)
     if session is not None:

@@ -116,7 +116,11 @@ def test_rolling_restart_of_every_workload_fails_no_renewal(setup, procs, pebble
     # Roll the api (it answers the CA's HTTP-01 requests) while renewals are validated.
     def api_ready(new):
         wait_for(lambda: "Booting worker" in new.log(), timeout=60, message="new api up")
-        time.sleep(1)
+        # Ready once it has answered (its access log; the kernel spreads connections over
+        # both gunicorns on the port): a booted worker still loads the app, which takes
+        # seconds on a loaded machine, longer than any fixed pause.
+        wait_for(lambda: _healthy(bind) and '"path": "/healthz"' in new.log(), timeout=90,
+                 interval=0.2, message="new api answering")
 
     api_proc = _roll(api_proc, api, api_ready)
     assert _healthy(bind)

@@ -32,10 +32,12 @@ BODIES = {
     ("PATCH", "/api/v1/acme-accounts/<account_id>"): {"terms_agreed": True},
     ("POST", "/api/v1/jobs/<job_id>/cancel"): {"reason": "walk"},
     ("POST", "/api/v1/renewals"): {"issuer": "Pebble"},
+    ("POST", "/api/v1/alert-channels"): {"name": "walk", "url": "smtps://mail.example.com",
+                                         "to": ["ops@example.com"]},
 }
 # Collection routes whose body may name a project: another project's is 404.
 CREATE_IN_PROJECT = {"/api/v1/tokens", "/api/v1/certificates", "/api/v1/acme-accounts",
-                     "/api/v1/renewals"}
+                     "/api/v1/renewals", "/api/v1/alert-channels"}
 # Routes that are the same for every project (no project-owned object in them).
 GLOBAL = {"/api/v1/status/scheduler", "/api/v1/status/workers", "/api/v1/status/ca-budgets"}
 
@@ -73,6 +75,7 @@ def world(migrated_db, settings):
     db[dbm.RENEWAL_BATCHES].insert_one({
         "_id": ids["batch_id"], "project_id": a, "selector": {"all": True},
         "reason": "emergency", "state": "active", "total": 0, "items": []})
+    ids["channel_id"] = _channel(db, a, "mail")
     full = [READ, WRITE, KEYS_EXPORT]
     return {
         "client": app.test_client(), "app": app, "ids": ids, "a": a, "b": b,
@@ -83,6 +86,14 @@ def world(migrated_db, settings):
                     KEYS_EXPORT: make_token(db, a, [READ, WRITE]),
                     ADMIN: make_token(db, a, full)},
     }
+
+
+def _channel(db, project_id: str, name: str) -> str:
+    from app.ops.alerts import channels, engine
+
+    return channels.create_channel(db, project_id, {
+        "name": name, "url": "smtps://mail.example.com", "to": ["ops@example.com"]},
+        system_actor("cli"), rule_names=engine.RULES)["_id"]
 
 
 def api_routes(app):
@@ -233,14 +244,21 @@ def test_every_successful_mutation_writes_exactly_one_audit_entry(world, migrate
         ("POST", "/api/v1/jobs/<job_id>/retry", owner, None, "job.retry",
          {"job_id": dead["_id"]}),
         ("POST", "/api/v1/renewals/<batch_id>/cancel", owner, None, "renewal_batch.cancel"),
+        ("POST", "/api/v1/alert-channels", owner,
+         {"name": "pager", "url": "smtp://mail.example.com", "to": ["a@example.com"]},
+         "alert_channel.create"),
+        ("DELETE", "/api/v1/alert-channels/<channel_id>", owner, None,
+         "alert_channel.delete", {"channel_id": _channel(migrated_db, world["a"], "spare")}),
     ]
     # Revoking needs an issued certificate and a CA: covered by the ACME tests. A renewal
     # batch is audited once for the batch and once per certificate: covered by
-    # test_renewal_batches.py. Every other mutating route must be in the list above.
+    # test_renewal_batches.py. A test message needs a receiver: covered by
+    # tests/integration/test_alerts.py. Every other mutating route must be in the list above.
     mutating = {(m, r) for m, r, _ in api_routes(world["app"]) if m != "GET"}
     assert mutating - {(s[0], s[1]) for s in steps} == {
         ("POST", "/api/v1/certificates/<certificate_id>/revoke"),
-        ("POST", "/api/v1/renewals")}
+        ("POST", "/api/v1/renewals"),
+        ("POST", "/api/v1/alert-channels/<channel_id>/test")}
     for step in steps:
         method, rule, tok, body, action = step[:5]
         url = url_for(rule, {**ids, **(step[5] if len(step) == 6 else {})})

@@ -11,9 +11,9 @@ from __future__ import annotations
 import base64
 import secrets
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class World:
     db: Any
     kek_dir: Path
     settings: Any = None  # with Pebble as the CA, for cases that need a CA
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
 
     def project(self) -> str:
         return make_project(self.db, f"p{secrets.token_hex(4)}")
@@ -100,6 +101,32 @@ class World:
         job_id = self.queued_job()
         self.db[dbm.JOBS].update_one({"_id": job_id}, {"$set": {"state": "dead"}})
         return job_id
+
+    def channel(self, url: str = "smtps://mail.example.com") -> str:
+        from app.ops.alerts import channels, engine
+
+        doc = channels.create_channel(self.db, self.project(), {
+            "name": f"c{secrets.token_hex(3)}", "url": url, "to": ["ops@example.com"]
+            } if url.startswith("smtp") else {"name": f"c{secrets.token_hex(3)}", "url": url,
+                                              "allow_http": True},
+            system_actor("cli"), rule_names=engine.RULES)
+        return str(doc["_id"])
+
+    def receiver_channel(self) -> str:
+        """A webhook channel whose receiver is up for the rest of the test."""
+        from tests.helpers.receivers import HttpReceiver
+
+        receiver = HttpReceiver()
+        self.cleanup.append(receiver.down)
+        return self.channel(receiver.url())
+
+    def certificate_with_endpoint(self) -> str:
+        from app.domain import certificates
+
+        cert_id = self.certificate()
+        certificates.update_certificate(self.db, cert_id, {"endpoints": ["127.0.0.1:1"]},
+                                        system_actor("cli"))
+        return cert_id
 
     def kek_version(self, version: int) -> None:
         path = self.kek_dir / f"v{version}.key"
@@ -192,6 +219,26 @@ CLI: dict[str, Mutating | NotAudited] = {
     "dr-test": NotAudited("changes go through the domain functions and the API, which audit "
                           "them (token.create, acme_account.create, certificate.create, ..., "
                           "certificate.revoke, token.revoke; tests/e2e/test_backup_dr_e2e.py)"),
+    "alerts list": READS,
+    "alerts test": Mutating(("alert.test_sent",),
+                            lambda w: ["alerts", "test", w.receiver_channel()]),
+    # With a dead job and no channel: one alert opens (alert.sent follows per channel).
+    "alerts evaluate": Mutating(("alert.open",), lambda w: (w.dead_job(),
+                                                            ["alerts", "evaluate"])[1]),
+    "alerts channels add": Mutating(("alert_channel.create",), lambda w: [
+        "alerts", "channels", "add", "walked", "--url", "smtps://mail.example.com",
+        "--to", "ops@example.com", "--project", w.project()]),
+    "alerts channels list": READS,
+    "alerts channels remove": Mutating(("alert_channel.delete",), lambda w: [
+        "alerts", "channels", "remove", w.channel()]),
+    "endpoints add": Mutating(("certificate.update",), lambda w: [
+        "endpoints", "add", w.certificate(), "127.0.0.1:2"]),
+    "endpoints remove": Mutating(("certificate.update",), lambda w: [
+        "endpoints", "remove", w.certificate_with_endpoint(), "127.0.0.1:1"]),
+    "endpoints list": READS,
+    "endpoints scan": NotAudited("records what the endpoints serve (observations, like the "
+                                 "certificates.drift_scan job); exits 1 unless all serve "
+                                 "the certificate"),
 }
 
 # ---------------------------------------------------------------- API routes
@@ -246,6 +293,14 @@ API: dict[str, Mutating | NotAudited] = {
         ("job.retry",), lambda w: (f"{P}/jobs/{w.dead_job()}/retry", None)),
     f"POST {P}/jobs/<string:job_id>/cancel": Mutating(
         ("job.cancel",), lambda w: (f"{P}/jobs/{w.queued_job()}/cancel", {"reason": "walk"})),
+    f"POST {P}/alert-channels": Mutating(("alert_channel.create",), lambda w: (
+        f"{P}/alert-channels", {"project_id": w.project(), "name": "walked",
+                                "url": "smtps://mail.example.com", "to": ["a@example.com"]})),
+    f"DELETE {P}/alert-channels/<string:channel_id>": Mutating(
+        ("alert_channel.delete",), lambda w: (f"{P}/alert-channels/{w.channel()}", None)),
+    f"POST {P}/alert-channels/<string:channel_id>/test": Mutating(
+        ("alert.test_sent",),
+        lambda w: (f"{P}/alert-channels/{w.receiver_channel()}/test", None)),
 }
 
 
@@ -262,12 +317,15 @@ def with_the_ca(settings: Any, request: pytest.FixtureRequest, stack: ExitStack)
 
 
 @pytest.fixture
-def world(migrated_db: Any, kek_dir: Path, settings: Any) -> World:
+def world(migrated_db: Any, kek_dir: Path, settings: Any) -> Iterator[World]:
     from app.keys import canary
     from app.keys.keyring import get_keyring
 
     canary.ensure(migrated_db, get_keyring(settings), 1)  # once per database, audited
-    return World(migrated_db, kek_dir)
+    world = World(migrated_db, kek_dir)
+    yield world
+    for step in world.cleanup:
+        step()
 
 
 def test_cli_commands_are_all_classified() -> None:

@@ -142,7 +142,9 @@ def test_release_on_close_lets_the_standby_take_over_at_once(migrated_db, make_s
 def test_a_deposed_leader_is_refused_before_it_can_enqueue(
         migrated_db, make_scheduler, caplog) -> None:
     db = migrated_db
-    a, b = make_scheduler(), make_scheduler()
+    # A renewal interval longer than b's first tick (which fires every due timed entry,
+    # slow on a loaded machine): a must try to fire, not first notice the loss by renewing.
+    a, b = make_scheduler(lease=20.0, renew=10.0), make_scheduler(lease=20.0, renew=10.0)
     a.tick()
     expire_lease(db)
     b.tick()  # takes over with term 2 (and fires what is due)
@@ -168,7 +170,9 @@ def test_a_deposed_leader_is_refused_before_it_can_enqueue(
 def test_store_unreachable_the_leader_stops_enqueuing_and_says_so(
         migrated_db, make_scheduler, caplog) -> None:
     db = migrated_db
-    leader = make_scheduler(lease=3.0, renew=0.2)
+    # Lease long enough to outlast the first tick, which fires every due timed entry
+    # (slow on a loaded machine), and the unreachable spell after it.
+    leader = make_scheduler(lease=10.0, renew=0.2)
     leader.tick()
     assert leader.lease.held()
     dead = pymongo.MongoClient(f"mongodb://127.0.0.1:{embedded.free_port()}/?replicaSet=x",

@@ -41,7 +41,7 @@ from app.api.common import (
     project_scope,
     required_project,
 )
-from app.domain import certificates, revocation
+from app.domain import certificates, drift, revocation
 from app.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,14 @@ def _load(certificate_id: str) -> dict[str, Any]:
                     what="read certificate")
     if doc is None or doc.get("deleted_at") is not None:
         doc = None
-    return ensure_visible(doc, "certificate", certificate_id)
+    return _with_endpoints(ensure_visible(doc, "certificate", certificate_id))
+
+
+def _with_endpoints(doc: dict[str, Any]) -> dict[str, Any]:
+    """The certificate with what each of its endpoints served at its last scan."""
+    if doc.get("endpoints"):
+        doc["endpoint_status"] = drift.endpoint_status(current_db(), doc)
+    return doc
 
 
 def _etag(doc: dict[str, Any]) -> str:
@@ -118,6 +125,7 @@ class Certificates(MethodView):
             except Exception:  # noqa: BLE001 - the renewal scan enqueues it within a minute
                 log.exception("could not enqueue the first issuance; the scan will",
                               extra={"certificate_id": doc["_id"]})
+        doc = _with_endpoints(doc)
         return doc, {"ETag": _etag(doc)}
 
 
@@ -148,6 +156,7 @@ class CertificateById(MethodView):
         doc = certificates.update_certificate(
             current_db(), certificate_id, data, principal().actor,
             project_id=current["project_id"], expected_version=current.get("version"))
+        doc = _with_endpoints(doc)
         return doc, {"ETag": _etag(doc)}
 
     @scope(WRITE)
@@ -207,6 +216,7 @@ class Revoke(MethodView):
         doc = revocation.revoke_certificate(current_db(), certificate_id, principal().actor,
                                               data["reason_code"],
                                               project_id=current["project_id"])
+        doc = _with_endpoints(doc)
         return doc, {"ETag": _etag(doc)}
 
 

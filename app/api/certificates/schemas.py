@@ -5,6 +5,8 @@ from marshmallow import Schema, fields, validate
 from app.api.common import JsonValue, PageArgsSchema, page_schema
 from app.api.jobs.schemas import JobSchema
 from app.domain.certspec import CHALLENGE_TYPES, KEY_TYPES
+from app.domain.drift import MAX_ENDPOINTS, STARTTLS_KINDS
+from app.domain.drift import STATES as DRIFT_STATES
 from app.domain.revocation import REVOCATION_REASONS
 
 STATUSES = ("pending", "issued", "failed", "revoked")
@@ -40,6 +42,32 @@ class RenewalPolicySchema(Schema):
                                      metadata={"exclusiveMinimum": True})
     use_ari = fields.Boolean()
     reuse_key = fields.Boolean()
+
+
+class EndpointSchema(Schema):
+    host = fields.String(required=True, validate=validate.Length(min=1, max=253),
+                         metadata={"example": "www.example.com"})
+    port = fields.Integer(required=True, validate=validate.Range(min=1, max=65535),
+                          metadata={"example": 443})
+    sni = fields.String(allow_none=True, validate=validate.Length(min=1, max=253),
+                        metadata={"description": "Server name sent (default: the host "
+                                                 "unless it is an IP address)"})
+    starttls = fields.String(allow_none=True, validate=validate.OneOf(STARTTLS_KINDS),
+                             metadata={"description": "Plaintext protocol to upgrade first"})
+
+
+class EndpointStatusSchema(EndpointSchema):
+    endpoint = fields.String(required=True, metadata={"example": "www.example.com:443"})
+    state = fields.String(required=True, validate=validate.OneOf(DRIFT_STATES), metadata={
+        "description": "ok: serves the current certificate; stale: an older one of ours; "
+                       "foreign: not one we issued; unreachable; pending: not scanned yet"})
+    flags = fields.List(fields.String(), metadata={"description": "'expiring': the served "
+                                                                  "notAfter is near"})
+    served = JsonValue(allow_none=True, metadata={
+        "description": "fingerprint_sha256, serial, not_before, not_after, issuer, subject"})
+    error = fields.String(allow_none=True)
+    scanned_at = fields.DateTime(allow_none=True)
+    next_scan_at = fields.DateTime(allow_none=True)
 
 
 class CertificateSchema(Schema):
@@ -82,6 +110,13 @@ class CertificateSchema(Schema):
         "description": "What the running issuance waits for (dns-01 propagation)"})
     revoked_at = fields.DateTime(allow_none=True)
     revocation_reason = fields.Integer(allow_none=True)
+    endpoints = fields.List(fields.Nested(EndpointSchema), metadata={
+        "description": "Where the certificate is served (drift scans)"})
+    endpoint_status = fields.List(fields.Nested(EndpointStatusSchema), metadata={
+        "description": "What each endpoint served at its last scan"})
+    verification = JsonValue(allow_none=True, metadata={
+        "description": "Whether the endpoints serve the latest renewal: state pending, "
+                       "verified or unverified (with the failing endpoints)"})
 
 
 class CertificateCreateSchema(Schema):
@@ -105,6 +140,8 @@ class CertificateCreateSchema(Schema):
                                                         "account"})
     profile = fields.String(allow_none=True, validate=validate.Length(min=1, max=64))
     renewal = fields.Nested(RenewalPolicySchema)
+    endpoints = fields.List(fields.Nested(EndpointSchema),
+                            validate=validate.Length(max=MAX_ENDPOINTS))
     issue = fields.Boolean(load_default=True, metadata={
         "description": "Enqueue the first issuance now (else the renewal scan does, "
                        "within a minute)"})
@@ -124,6 +161,8 @@ class CertificateUpdateSchema(Schema):
     account_id = fields.String(validate=validate.Length(min=1, max=100))
     profile = fields.String(allow_none=True, validate=validate.Length(min=1, max=64))
     renewal = fields.Nested(RenewalPolicySchema)
+    endpoints = fields.List(fields.Nested(EndpointSchema),
+                            validate=validate.Length(max=MAX_ENDPOINTS))
 
 
 class CertificateListArgsSchema(PageArgsSchema):

@@ -20,16 +20,20 @@ from flask.views import MethodView
 from app.api.common import Blueprint, current_db
 from app.audit.status import audit_metrics
 from app.domain.budget import budget_metrics
+from app.domain.drift import endpoint_metrics
 from app.jobs.metrics import queue_depth_metrics
 from app.metrics import ScrapeFn, build_registry, render
+from app.ops.alerts.engine import alert_metrics
 
 log = logging.getLogger(__name__)
 
 blp = Blueprint("metrics", __name__, description="Prometheus metrics")
 
 # State read from the database at scrape time besides the fleet snapshot's aggregates
-# (app.metrics adds the scheduler lease).
-SCRAPES: tuple[ScrapeFn, ...] = (queue_depth_metrics, audit_metrics, budget_metrics)
+# (app.metrics adds the scheduler lease): queue depth, audit sinks, the CA budgets, what
+# each endpoint served at its last drift scan, open alerts.
+SCRAPES: tuple[ScrapeFn, ...] = (queue_depth_metrics, audit_metrics, budget_metrics,
+                                 endpoint_metrics, alert_metrics)
 
 
 @blp.route("/metrics")
