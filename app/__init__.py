@@ -23,6 +23,9 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     from app.acme.responder import register as register_http01_responder
 
     register_http01_responder(app)  # GET /.well-known/acme-challenge/<token>, outside /api
+    from app.dashboard import register_dashboard
+
+    register_dashboard(app)  # the ops dashboard under /dashboard
     return app
 
 

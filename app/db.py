@@ -55,6 +55,8 @@ AUDIT = "audit"
 WORKERS = "workers"
 MIGRATIONS = "migrations"
 COUNTERS = "counters"
+# The ops dashboard's sign-in sessions (only a hash of each session id; TTL on expiry).
+DASHBOARD_SESSIONS = "dashboard_sessions"
 
 MAJORITY = WriteConcern(w="majority")
 

@@ -1,0 +1,313 @@
+"""What the dashboard's pages read: bounded, indexed queries and aggregates.
+
+Every list is one page of an index walk (``app.api.common.paginate``, the API's cursor
+order); every figure is a count or a ``$group`` over an indexed range; a page never
+issues a query per row (a page's related rows are fetched with one ``$in``). The jobs
+chart is kept per process, minute by minute: finished minutes do not change, so each
+refresh aggregates only the last two minutes (the first one reads the 6 hours once).
+Indexes: m0001, m0002, m0007 and m0012.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from pymongo.database import Database
+
+from app import db as dbm
+from app.db import Doc
+from app.domain import certificates as certs
+from app.domain.tokens import Principal
+
+# A worker whose last heartbeat is older than this is not online (as /status/workers).
+WORKER_LIVENESS = timedelta(seconds=60)
+# Days-left buckets of the overview's histogram: (label, lower days, upper days).
+DAYS_LEFT_BUCKETS: tuple[tuple[str, int | None, int | None], ...] = (
+    ("0–7", None, 8), ("8–14", 8, 15), ("15–30", 15, 31), ("31–60", 31, 61), ("> 60", 61, None))
+CHART_MINUTES = 360
+FAILING_SHOWN = 10
+CERT_STATES = (certs.STATUS_PENDING, certs.STATUS_ISSUED, certs.STATUS_FAILED,
+               certs.STATUS_REVOKED)
+RENEWAL_REASONS = {
+    "initial": "first issuance: due as soon as a worker picks it up",
+    "lifetime": "at 2/3 of the certificate's lifetime (1/2 under 10 days), with jitter",
+    "ari": "inside the CA's ARI suggested window (RFC 9773)",
+    "override": "renew_before_days of the certificate's renewal policy",
+    "backoff": "the last attempt failed: retried after an exponential backoff",
+    "spec_changed": "the spec changed (names, key, challenge, account or profile)",
+}
+
+
+def project_filter(caller: Principal, requested: str | None = None) -> Doc:
+    """The project scope of a read: a project token's own project, whatever it asks for
+    (the API answers 404 for another project; a filter that matches nothing is the same
+    here); an admin's requested project or all of them."""
+    if caller.is_admin:
+        return {"project_id": requested} if requested else {}
+    return {"project_id": caller.project_id}
+
+
+# -- certificates --------------------------------------------------------------------
+
+def certificate_figures(db: Database[Doc], caller: Principal, now: datetime) -> Doc:
+    """Certificates by state, and issued ones by days left (one count per bucket on the
+    ``not_after`` index, so 10,000 certificates cost five index counts)."""
+    scope = project_filter(caller)
+    by_state = {str(row["_id"]): int(row["n"]) for row in dbm.retry(
+        lambda: list(db[dbm.CERTIFICATES].aggregate([
+            {"$match": {**scope, "deleted_at": None}},
+            {"$group": {"_id": "$status", "n": {"$sum": 1}}}])),
+        what="count certificates by state")}
+    buckets: list[Doc] = []
+    for label, low, high in DAYS_LEFT_BUCKETS:
+        window: Doc = {}
+        if low is not None:
+            window["$gte"] = now + timedelta(days=low)
+        if high is not None:
+            window["$lt"] = now + timedelta(days=high)
+        query = {**scope, "not_after": window, "status": certs.STATUS_ISSUED}
+        n = dbm.retry(lambda q=query: db[dbm.CERTIFICATES].count_documents(q),  # type: ignore[misc]
+                      what="count certificates by days left")
+        buckets.append({"label": label, "count": int(n)})
+    expired = dbm.retry(lambda: db[dbm.CERTIFICATES].count_documents(
+        {**scope, "not_after": {"$lt": now}, "status": certs.STATUS_ISSUED}),
+        what="count expired certificates")
+    buckets[0]["count"] -= int(expired)  # the first bucket starts at 0 days, not before
+    peak = max([b["count"] for b in buckets] + [1])
+    for bucket in buckets:
+        bucket["percent"] = round(100 * bucket["count"] / peak)
+    return {"by_state": by_state, "total": sum(by_state.values()), "days_left": buckets,
+            "expired": int(expired)}
+
+
+def failing_renewals(db: Database[Doc], caller: Principal, limit: int = FAILING_SHOWN
+                     ) -> list[Doc]:
+    """Certificates whose last attempt failed, newest failure first, with the CA's
+    problem document (sparse index on ``failure.last_failed_at``)."""
+    query = {**project_filter(caller), "failure.last_failed_at": {"$exists": True},
+             "deleted_at": None}
+    return dbm.retry(lambda: list(db[dbm.CERTIFICATES].find(
+        query, {"name": 1, "names": 1, "project_id": 1, "status": 1, "failure": 1,
+                "next_renewal_at": 1}).sort("failure.last_failed_at", -1).limit(limit)),
+        what="read failing renewals")
+
+
+def certificate_query(caller: Principal, args: dict[str, str]) -> Doc:
+    """The filter of the certificates list (search by name prefix, project, state and
+    expiring before a date)."""
+    query: Doc = {**project_filter(caller, args.get("project") or None), "deleted_at": None}
+    if args.get("state") in CERT_STATES:
+        query["status"] = args["state"]
+    name = (args.get("name") or "").strip().lower().rstrip(".")
+    if name:
+        # Anchored: a prefix walks the (project_id, names) index instead of every name.
+        query["names"] = {"$regex": "^" + re.escape(name)}
+    before = parse_date(args.get("expiring_before"))
+    if before is not None:
+        query["not_after"] = {"$lt": before}
+    return query
+
+
+def parse_date(value: str | None) -> datetime | None:
+    """A YYYY-MM-DD (or ISO 8601) date from a search form; None when empty or invalid."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def certificate_related(db: Database[Doc], cert: Doc) -> Doc:
+    """A certificate page's orders (with their steps), jobs and audit entries."""
+    from app.domain import orders
+
+    cert_id = cert["_id"]
+    order_rows = orders.list_for_certificate(db, cert_id, limit=10,
+                                             project_id=cert["project_id"])
+    jobs = dbm.retry(lambda: list(db[dbm.JOBS].find(
+        {"payload.certificate_id": cert_id}, {"lease.token": 0, "payload": 0})
+        .sort("created_at", -1).limit(10)), what="read certificate jobs")
+    audit = dbm.retry(lambda: list(db[dbm.AUDIT].find(
+        {"target": f"certificate:{cert_id}"}, {"_id": 0}).sort("time", -1).limit(20)),
+        what="read certificate audit")
+    return {"orders": order_rows, "jobs": jobs, "audit": audit,
+            "renewal_reason": RENEWAL_REASONS.get(str(cert.get("renewal_source")),
+                                                  str(cert.get("renewal_source") or "—"))}
+
+
+# -- jobs, workers, the chart ----------------------------------------------------------
+
+def job_query(caller: Principal, args: dict[str, str]) -> Doc:
+    from app.jobs import STATES
+
+    query: Doc = project_filter(caller, args.get("project") or None)
+    if args.get("state") in STATES:
+        query["state"] = args["state"]
+    kind = (args.get("kind") or "").strip()
+    if kind:
+        query["kind"] = kind[:100]
+    return query
+
+
+@dataclass
+class _Series:
+    """Finished jobs per minute: {minute start: {(state, worker): n}}; minutes before
+    ``final_before`` are final."""
+
+    minutes: dict[datetime, dict[tuple[str, str], int]] = field(default_factory=dict)
+    final_before: datetime | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_series: dict[str, _Series] = {}
+_series_lock = threading.Lock()
+
+
+def _minute(value: datetime) -> datetime:
+    return value.replace(second=0, microsecond=0)
+
+
+def _aggregate_minutes(db: Database[Doc], since: datetime) -> dict[datetime,
+                                                                   dict[tuple[str, str], int]]:
+    pipeline: list[Doc] = [
+        {"$match": {"finished_at": {"$gte": since}, "state": {"$in": ["succeeded", "dead"]}}},
+        # Epoch milliseconds rounded down to the minute ($toLong: the embedded server
+        # cannot subtract dates in expressions; see DESIGN.md).
+        {"$project": {"state": 1, "owner": "$lease.owner",
+                      "ms": {"$toLong": "$finished_at"}}},
+        {"$group": {"_id": {"m": {"$subtract": ["$ms", {"$mod": ["$ms", 60000]}]},
+                            "s": "$state", "w": "$owner"}, "n": {"$sum": 1}}},
+    ]
+    out: dict[datetime, dict[tuple[str, str], int]] = {}
+    for row in dbm.retry(lambda: list(db[dbm.JOBS].aggregate(pipeline)),
+                         what="aggregate finished jobs"):
+        key = row["_id"]
+        minute = datetime.fromtimestamp(int(key["m"]) / 1000, UTC)
+        cell = out.setdefault(minute, {})
+        ident = (str(key.get("s")), str(key.get("w") or "—"))
+        cell[ident] = cell.get(ident, 0) + int(row["n"])
+    return out
+
+
+def finished_per_minute(db: Database[Doc], now: datetime) -> dict[datetime,
+                                                                   dict[tuple[str, str], int]]:
+    """The last ``CHART_MINUTES`` minutes of finished jobs by state and worker."""
+    with _series_lock:
+        series = _series.setdefault(db.name, _Series())
+    start = _minute(now) - timedelta(minutes=CHART_MINUTES - 1)
+    with series.lock:
+        since = start if series.final_before is None else max(start, series.final_before)
+        fresh = _aggregate_minutes(db, since)
+        for minute in [m for m in series.minutes if m >= since or m < start]:
+            del series.minutes[minute]
+        series.minutes.update(fresh)
+        # A job finished in the last minute may commit a little later: keep it open.
+        series.final_before = _minute(now) - timedelta(minutes=1)
+        return {m: dict(cells) for m, cells in series.minutes.items()}
+
+
+def throughput(db: Database[Doc], now: datetime) -> Doc:
+    """Chart data: minute timestamps (epoch seconds), succeeded and dead counts."""
+    minutes = finished_per_minute(db, now)
+    start = _minute(now) - timedelta(minutes=CHART_MINUTES - 1)
+    xs, ok, dead = [], [], []
+    for i in range(CHART_MINUTES):
+        minute = start + timedelta(minutes=i)
+        cells = minutes.get(minute, {})
+        xs.append(int(minute.timestamp()))
+        ok.append(sum(n for (s, _), n in cells.items() if s == "succeeded"))
+        dead.append(sum(n for (s, _), n in cells.items() if s == "dead"))
+    return {"t": xs, "succeeded": ok, "failed": dead,
+            "totals": {"succeeded": sum(ok), "failed": sum(dead)}}
+
+
+def per_worker_counts(db: Database[Doc], now: datetime) -> dict[str, dict[str, int]]:
+    """Jobs each worker finished in the chart's window: {worker: {processed, failed}}."""
+    counts: dict[str, dict[str, int]] = {}
+    for cells in finished_per_minute(db, now).values():
+        for (state, worker), n in cells.items():
+            row = counts.setdefault(worker, {"processed": 0, "failed": 0})
+            row["processed"] += n
+            if state == "dead":
+                row["failed"] += n
+    return counts
+
+
+def workers(db: Database[Doc], now: datetime) -> dict[str, list[Doc]]:
+    """Workers online (heartbeat within WORKER_LIVENESS and not stopped) and the others
+    seen in the last day, with processed/failed over the chart's window."""
+    from app.jobs.workers import list_workers
+
+    rows = dbm.retry(lambda: list_workers(db)[:500], what="read workers")
+    counts = per_worker_counts(db, now)
+    online: list[Doc] = []
+    gone: list[Doc] = []
+    for row in rows:
+        running = row.get("running_jobs") or []
+        seen = row.get("last_seen")
+        row["running"] = len(running) if isinstance(running, list) else 0
+        row["counts"] = counts.get(str(row["_id"]), {"processed": 0, "failed": 0})
+        alive = isinstance(seen, datetime) and seen > now - WORKER_LIVENESS
+        (online if alive and row.get("state") != "stopped" else gone).append(row)
+    return {"online": online, "gone": gone}
+
+
+def queue(db: Database[Doc]) -> Doc:
+    """Queue depth by kind and the oldest due job's age (``app.jobs.queue_depth``)."""
+    from app.jobs import queue_depth
+
+    return dbm.retry(lambda: queue_depth(db), what="read queue depth")
+
+
+# -- scheduler, keys, audit --------------------------------------------------------------
+
+def scheduler(db: Database[Doc], fires: int = 0) -> Doc:
+    from app.scheduling_status import status
+
+    return status(db, fires=fires)
+
+
+def kek(db: Database[Doc]) -> Doc | None:
+    """The KEK rotation's progress (``app.keys.rotation.status``), or None without one."""
+    from app.keys.rotation import status
+
+    return status(db)
+
+
+def audit_head(db: Database[Doc]) -> Doc:
+    """The audit chain head (last seq and hash) and each sink's delivery status."""
+    from app.audit.log import CHAIN_ID
+    from app.audit.status import sink_status
+
+    head = dbm.retry(lambda: db[dbm.COUNTERS].find_one({"_id": CHAIN_ID}),
+                     what="read audit head") or {}
+    return {"seq": int(head.get("seq", 0)), "hash": str(head.get("hash", "")),
+            "sinks": dbm.retry(lambda: sink_status(db), what="read audit sinks")}
+
+
+def audit_query(caller: Principal, args: dict[str, str]) -> Doc:
+    """The audit viewer's filter (as the API's: actor id, action or action prefix
+    ending in '.', target, since/until dates)."""
+    query: Doc = project_filter(caller, args.get("project") or None)
+    if args.get("actor"):
+        query["actor.id"] = args["actor"].strip()[:200]
+    action = (args.get("action") or "").strip()[:200]
+    if action:
+        query["action"] = ({"$regex": "^" + re.escape(action)} if action.endswith(".")
+                           else action)
+    if args.get("target"):
+        query["target"] = args["target"].strip()[:300]
+    window: Doc = {}
+    since, until = parse_date(args.get("since")), parse_date(args.get("until"))
+    if since is not None:
+        window["$gte"] = since
+    if until is not None:
+        window["$lt"] = until
+    if window:
+        query["time"] = window
+    return query
