@@ -10,17 +10,25 @@ Indexes: m0001, m0002, m0007 and m0012.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
+from pymongo.collection import Collection
 from pymongo.database import Database
 
 from app import db as dbm
 from app.db import Doc
 from app.domain import certificates as certs
 from app.domain.tokens import Principal
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A worker whose last heartbeat is older than this is not online (as /status/workers).
 WORKER_LIVENESS = timedelta(seconds=60)
@@ -95,20 +103,32 @@ def failing_renewals(db: Database[Doc], caller: Principal, limit: int = FAILING_
         what="read failing renewals")
 
 
-def certificate_query(caller: Principal, args: dict[str, str]) -> Doc:
-    """The filter of the certificates list (search by name prefix, project, state and
-    expiring before a date)."""
-    query: Doc = {**project_filter(caller, args.get("project") or None), "deleted_at": None}
-    if args.get("state") in CERT_STATES:
-        query["status"] = args["state"]
+def certificate_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, bool]:
+    """The filter of the certificates list (search by name, project, state and expiring
+    before a date), and whether to read it through time windows (``windowed_page``).
+
+    The most selective indexed clause comes first (a planner that serves one clause
+    from an index takes the first one it can): a name (exact, one of the certificate's
+    names, as the API's ``?name=``; a trailing ``*`` makes it a prefix), then expiry."""
+    query: Doc = {}
+    windowed = True
     name = (args.get("name") or "").strip().lower().rstrip(".")
-    if name:
-        # Anchored: a prefix walks the (project_id, names) index instead of every name.
-        query["names"] = {"$regex": "^" + re.escape(name)}
+    if name.endswith("*"):
+        query["names"] = {"$regex": "^" + re.escape(name.rstrip("*"))}
+        windowed = False
+    elif name:
+        query["names"] = name
+        windowed = False
     before = parse_date(args.get("expiring_before"))
     if before is not None:
         query["not_after"] = {"$lt": before}
-    return query
+        windowed = False
+    query.update(project_filter(caller, args.get("project") or None))
+    if args.get("state") in CERT_STATES:
+        query["status"] = args["state"]  # a deleted certificate's status is "deleted"
+    else:
+        query["deleted_at"] = None
+    return query, windowed
 
 
 def parse_date(value: str | None) -> datetime | None:
@@ -279,7 +299,7 @@ def kek(db: Database[Doc]) -> Doc | None:
     return status(db)
 
 
-def audit_head(db: Database[Doc]) -> Doc:
+def audit_head(db: Database[Doc], *, sinks: bool = True) -> Doc:
     """The audit chain head (last seq and hash) and each sink's delivery status."""
     from app.audit.log import CHAIN_ID
     from app.audit.status import sink_status
@@ -287,13 +307,15 @@ def audit_head(db: Database[Doc]) -> Doc:
     head = dbm.retry(lambda: db[dbm.COUNTERS].find_one({"_id": CHAIN_ID}),
                      what="read audit head") or {}
     return {"seq": int(head.get("seq", 0)), "hash": str(head.get("hash", "")),
-            "sinks": dbm.retry(lambda: sink_status(db), what="read audit sinks")}
+            "sinks": dbm.retry(lambda: sink_status(db), what="read audit sinks")
+            if sinks else []}
 
 
-def audit_query(caller: Principal, args: dict[str, str]) -> Doc:
+def audit_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, bool]:
     """The audit viewer's filter (as the API's: actor id, action or action prefix
-    ending in '.', target, since/until dates)."""
-    query: Doc = project_filter(caller, args.get("project") or None)
+    ending in '.', target, since/until dates), and whether to read it through ``seq``
+    windows (no selective clause) rather than one indexed lookup."""
+    query: Doc = {}
     if args.get("actor"):
         query["actor.id"] = args["actor"].strip()[:200]
     action = (args.get("action") or "").strip()[:200]
@@ -310,4 +332,144 @@ def audit_query(caller: Principal, args: dict[str, str]) -> Doc:
         window["$lt"] = until
     if window:
         query["time"] = window
-    return query
+    selective = any(k in query for k in ("target", "actor.id", "time")) or (
+        "action" in query and isinstance(query["action"], str))
+    query.update(project_filter(caller, args.get("project") or None))
+    return query, not selective
+
+
+# -- bounded work on any server --------------------------------------------------------
+
+def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
+                  cursor: str | None, projection: Doc | None = None,
+                  key: str = "created_at", first_span: float = 3600.0,
+                  growth: float = 8.0, max_windows: int = 8) -> Doc:
+    """One page, newest first, in the API's ``(created_at, _id)`` cursor order, read
+    through time windows that grow ×``growth`` until the page is full.
+
+    The range on ``key`` leads the filter, so each window is one index range (on a real
+    mongod the planner would also stop a sorted index walk early; the embedded server
+    materialises a sorted walk whole, so the window is what bounds the work there). A
+    page costs about the documents of its last window, not of the collection."""
+    from app.api.common import decode_cursor, encode_cursor
+
+    keys = (key, "_id")
+    items: list[Doc] = []
+    upper: datetime | None = None
+    if cursor:
+        upper, last_id = decode_cursor(cursor, keys)
+        ties = {**query, key: upper, "_id": {"$lt": last_id}}
+        items = dbm.retry(lambda: list(collection.find(ties, projection)
+                                       .sort("_id", -1).limit(limit + 1)),
+                          what=f"list {collection.name}")
+    if upper is None:
+        upper = datetime.now(UTC) + timedelta(days=1)  # clocks differ a little
+    span = first_span
+    lower: datetime | None = upper - timedelta(seconds=span)
+    for window in range(max_windows):
+        if len(items) > limit:
+            break
+        if window == max_windows - 1:
+            lower = None  # the rest of the collection, however old
+        bound: Doc = {"$lt": upper}
+        if lower is not None:
+            bound["$gte"] = lower
+        wanted = limit + 1 - len(items)
+
+        def fetch(b: Doc = bound, n: int = wanted) -> list[Doc]:
+            return list(collection.find({key: b, **query}, projection)
+                        .sort([(key, -1), ("_id", -1)]).limit(n))
+
+        found = dbm.retry(fetch, what=f"list {collection.name}")
+        items.extend(found)
+        if lower is None:
+            break
+        upper = lower
+        span *= growth
+        lower = upper - timedelta(seconds=span)
+    next_cursor = None
+    if len(items) > limit:
+        items = items[:limit]
+        next_cursor = encode_cursor(keys, [items[-1].get(key), items[-1].get("_id")])
+    return {"items": items, "next_cursor": next_cursor}
+
+
+def seq_page(collection: Collection[Doc], query: Doc, *, head: int, limit: int,
+             cursor: str | None, projection: Doc | None = None, first_span: int = 500,
+             growth: int = 8, max_windows: int = 8) -> Doc:
+    """The audit log newest first (cursor: the API's ``seq`` cursor), read through
+    ``seq`` windows below the chain head that grow until the page is full."""
+    from app.api.common import decode_cursor, encode_cursor
+
+    upper = head + 1
+    if cursor:
+        upper = int(decode_cursor(cursor, ("seq",))[0])
+    items: list[Doc] = []
+    span = first_span
+    for window in range(max_windows):
+        lower = 0 if window == max_windows - 1 else max(0, upper - span)
+        bound = {"$lt": upper, "$gte": lower}
+        wanted = limit + 1 - len(items)
+
+        def fetch(b: Doc = bound, n: int = wanted) -> list[Doc]:
+            return list(collection.find({"seq": b, **query}, projection)
+                        .sort("seq", -1).limit(n))
+
+        found = dbm.retry(fetch, what="list audit")
+        items.extend(found)
+        if len(items) > limit or lower == 0:
+            break
+        upper, span = lower, span * growth
+    next_cursor = None
+    if len(items) > limit:
+        items = items[:limit]
+        next_cursor = encode_cursor(("seq",), [items[-1]["seq"]])
+    return {"items": items, "next_cursor": next_cursor}
+
+
+@dataclass
+class _Cached:
+    value: Any = None
+    at: float = 0.0
+    refreshing: bool = False
+
+
+_cache: dict[tuple[Any, ...], _Cached] = {}
+_cache_lock = threading.Lock()
+FIGURES_MAX_AGE = 5.0
+
+
+def cached(key: tuple[Any, ...], compute: Callable[[], T],
+           max_age: float = FIGURES_MAX_AGE) -> T:
+    """``compute()``'s value, at most ``max_age`` seconds old when fresh; a staler one
+    is answered at once while one background thread recomputes it (stale while
+    revalidate), so a page never waits on an aggregate over the whole collection
+    except the very first time in a process."""
+    now = time.monotonic()
+    with _cache_lock:
+        entry = _cache.setdefault(key, _Cached())
+        fresh = entry.at and now - entry.at <= max_age
+        start_refresh = bool(entry.at) and not fresh and not entry.refreshing
+        if start_refresh:
+            entry.refreshing = True
+    if fresh:
+        return entry.value
+    if not entry.at:
+        value = compute()
+        with _cache_lock:
+            entry.value, entry.at = value, time.monotonic()
+        return value
+    if start_refresh:
+        def refresh() -> None:
+            try:
+                value = compute()
+                with _cache_lock:
+                    entry.value, entry.at = value, time.monotonic()
+            except Exception:  # noqa: BLE001 - the next request tries again
+                log.warning("dashboard figures refresh failed", exc_info=True)
+            finally:
+                with _cache_lock:
+                    entry.refreshing = False
+
+        threading.Thread(target=refresh, name="dashboard-figures", daemon=True).start()
+    return entry.value

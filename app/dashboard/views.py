@@ -177,6 +177,16 @@ def _page(collection: str, query: Doc, **kwargs: Any) -> dict[str, Any]:
                     cursor=request.args.get("cursor") or None, **kwargs)
 
 
+def _list(collection: str, query: Doc, windowed: bool, projection: Doc) -> dict[str, Any]:
+    """A page, newest first: through time windows when no clause is selective, else one
+    indexed lookup sorted after (both in the API's cursor order)."""
+    if windowed:
+        return queries.windowed_page(current_db()[collection], query, limit=PAGE_SIZE,
+                                     cursor=request.args.get("cursor") or None,
+                                     projection=projection)
+    return _page(collection, query, projection=projection, descending=True)
+
+
 def _next_url(endpoint: str, filters: dict[str, str], cursor: str | None) -> str | None:
     if not cursor:
         return None
@@ -235,13 +245,24 @@ def overview() -> str:
     db = current_db()
     now = _now()
     principal = caller()
+    scope = (db.name, principal.project_id)
+    # Aggregates over every certificate or queued job: at most a few seconds old.
+    certs = queries.cached(("certs", *scope),
+                           lambda: queries.certificate_figures(db, principal, now))
+    failing = queries.cached(("failing", *scope),
+                             lambda: queries.failing_renewals(db, principal))
     return render_template(
-        "overview.html", certs=queries.certificate_figures(db, principal, now),
-        failing=queries.failing_renewals(db, principal),
-        workers=queries.workers(db, now)["online"], queue=queries.queue(db),
+        "overview.html", certs=certs, failing=failing,
+        workers=queries.workers(db, now)["online"], queue=_queue(),
         scheduler=queries.scheduler(db),
-        kek=queries.kek(db) if principal.is_admin else None,
+        kek=queries.cached(("kek", db.name), lambda: queries.kek(db))
+        if principal.is_admin else None,
         audit=queries.audit_head(db) if principal.is_admin else None)
+
+
+def _queue() -> Doc:
+    db = current_db()
+    return queries.cached(("queue", db.name), lambda: queries.queue(db), max_age=2.0)
 
 
 @bp.get("/throughput.json")
@@ -260,8 +281,8 @@ CERT_LIST_FIELDS = {"name": 1, "names": 1, "project_id": 1, "status": 1, "not_af
 def certificate_list() -> str:
     filters = _args("name", "project", "state", "expiring_before")
     _now()
-    page = _page(dbm.CERTIFICATES, queries.certificate_query(caller(), filters),
-                 projection=CERT_LIST_FIELDS, descending=True)
+    query, windowed = queries.certificate_query(caller(), filters)
+    page = _list(dbm.CERTIFICATES, query, windowed, projection=CERT_LIST_FIELDS)
     return render_template("certificates.html", page=page, filters=filters,
                            states=queries.CERT_STATES,
                            projects=_project_names(page["items"]),
@@ -340,10 +361,10 @@ def job_list() -> str:
 
     filters = _args("state", "kind", "project")
     _now()
-    page = _page(dbm.JOBS, queries.job_query(caller(), filters), projection=JOB_LIST_FIELDS,
-                 descending=True)
+    page = _list(dbm.JOBS, queries.job_query(caller(), filters), True,
+                 projection=JOB_LIST_FIELDS)
     return render_template("jobs.html", page=page, filters=filters, states=STATES,
-                           queue=queries.queue(current_db()),
+                           queue=_queue(),
                            projects=_project_names(page["items"]),
                            next_url=_next_url("dashboard.job_list", filters,
                                               page["next_cursor"]))
@@ -395,7 +416,7 @@ def workers() -> str:
     db = current_db()
     now = _now()
     return render_template("workers.html", workers=queries.workers(db, now),
-                           queue=queries.queue(db))
+                           queue=_queue())
 
 
 @bp.get("/scheduler")
@@ -409,7 +430,15 @@ def scheduler() -> str:
 def audit() -> str:
     filters = _args("actor", "action", "target", "since", "until", "project")
     _now()
-    page = _page(dbm.AUDIT, queries.audit_query(caller(), filters), keys=("seq",),
-                 descending=True, projection={"_id": 0, "prev_hash": 0})
+    query, windowed = queries.audit_query(caller(), filters)
+    projection = {"_id": 0, "prev_hash": 0}
+    cursor = request.args.get("cursor") or None
+    if windowed:
+        head = queries.audit_head(current_db(), sinks=False)["seq"]
+        page = queries.seq_page(current_db()[dbm.AUDIT], query, head=head, limit=PAGE_SIZE,
+                                cursor=cursor, projection=projection)
+    else:
+        page = _page(dbm.AUDIT, query, keys=("seq",), descending=True,
+                     projection=projection)
     return render_template("audit.html", page=page, filters=filters,
                            next_url=_next_url("dashboard.audit", filters, page["next_cursor"]))
