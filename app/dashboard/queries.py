@@ -342,8 +342,8 @@ def audit_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, bool]:
 
 def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
                   cursor: str | None, projection: Doc | None = None,
-                  key: str = "created_at", first_span: float = 3600.0,
-                  growth: float = 8.0, max_windows: int = 8) -> Doc:
+                  key: str = "created_at", first_span: float = 60.0,
+                  growth: float = 4.0, max_windows: int = 14) -> Doc:
     """One page, newest first, in the API's ``(created_at, _id)`` cursor order, read
     through time windows that grow ×``growth`` until the page is full.
 
@@ -355,38 +355,35 @@ def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
 
     keys = (key, "_id")
     items: list[Doc] = []
-    upper: datetime | None = None
+    upper: datetime | None = None  # None: no upper bound (the newest page)
     if cursor:
         upper, last_id = decode_cursor(cursor, keys)
         ties = {**query, key: upper, "_id": {"$lt": last_id}}
         items = dbm.retry(lambda: list(collection.find(ties, projection)
                                        .sort("_id", -1).limit(limit + 1)),
                           what=f"list {collection.name}")
-    if upper is None:
-        upper = datetime.now(UTC) + timedelta(days=1)  # clocks differ a little
+    anchor = upper or datetime.now(UTC)
     span = first_span
-    lower: datetime | None = upper - timedelta(seconds=span)
     for window in range(max_windows):
         if len(items) > limit:
             break
-        if window == max_windows - 1:
-            lower = None  # the rest of the collection, however old
-        bound: Doc = {"$lt": upper}
+        lower = None if window == max_windows - 1 else anchor - timedelta(seconds=span)
+        bound: Doc = {}
+        if upper is not None:
+            bound["$lt"] = upper
         if lower is not None:
             bound["$gte"] = lower
         wanted = limit + 1 - len(items)
 
         def fetch(b: Doc = bound, n: int = wanted) -> list[Doc]:
-            return list(collection.find({key: b, **query}, projection)
+            return list(collection.find({key: b, **query} if b else dict(query), projection)
                         .sort([(key, -1), ("_id", -1)]).limit(n))
 
-        found = dbm.retry(fetch, what=f"list {collection.name}")
-        items.extend(found)
+        items.extend(dbm.retry(fetch, what=f"list {collection.name}"))
         if lower is None:
             break
         upper = lower
         span *= growth
-        lower = upper - timedelta(seconds=span)
     next_cursor = None
     if len(items) > limit:
         items = items[:limit]
@@ -395,8 +392,8 @@ def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
 
 
 def seq_page(collection: Collection[Doc], query: Doc, *, head: int, limit: int,
-             cursor: str | None, projection: Doc | None = None, first_span: int = 500,
-             growth: int = 8, max_windows: int = 8) -> Doc:
+             cursor: str | None, projection: Doc | None = None, first_span: int = 200,
+             growth: int = 4, max_windows: int = 12) -> Doc:
     """The audit log newest first (cursor: the API's ``seq`` cursor), read through
     ``seq`` windows below the chain head that grow until the page is full."""
     from app.api.common import decode_cursor, encode_cursor

@@ -4,8 +4,9 @@ Every dashboard page must answer within 200 ms with 10,000 certificates and 100,
 (scripts/bench/dashboard.py), so each list is a walk of one index in its sort order
 (``created_at, _id``, the API's cursor order), filtered by an equality prefix:
 
-- certificates: all of them (admin), by state; failing renewals, newest failure first
-  (sparse: only certificates whose last attempt failed carry ``failure.last_failed_at``).
+- certificates: all of them (admin), by state; by name across projects (admin); failing
+  renewals, newest failure first (sparse: only certificates whose last attempt failed
+  carry ``failure.last_failed_at``).
 - jobs: all of them newest first (admin), by state, by kind; a certificate's jobs
   (``payload.certificate_id``); finished jobs by ``finished_at`` (the 6-hour chart).
 - dashboard_sessions: dropped by TTL after ``expires_at`` (the expiry itself is checked
@@ -35,6 +36,7 @@ INDEXES: dict[str, list[IndexModel]] = {
                    name="status_created"),
         IndexModel([("failure.last_failed_at", DESCENDING)], name="failure_last_failed",
                    sparse=True),
+        IndexModel([("names", ASCENDING)], name="names"),
     ],
     dbm.JOBS: [
         IndexModel([("created_at", DESCENDING), ("_id", DESCENDING)], name="created"),

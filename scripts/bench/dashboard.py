@@ -95,7 +95,7 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[s
     for i in range(n_certs):
         p = i % 2
         host = f"host{i:05d}.bench.example.com"
-        created = now - timedelta(days=90) + timedelta(seconds=i)
+        created = now - timedelta(days=90) * (1 - i / n_certs)  # spread, as made over time
         status = "issued" if i % 10 < 8 else ("pending" if i % 10 == 8 else "failed")
         doc: dict[str, Any] = {
             "_id": f"crt_{i:016x}", "project_id": project_ids[p], "name": host,
