@@ -209,7 +209,9 @@ def _aggregate_minutes(db: Database[Doc], since: datetime) -> dict[datetime,
         key = row["_id"]
         minute = datetime.fromtimestamp(int(key["m"]) / 1000, UTC)
         cell = out.setdefault(minute, {})
-        ident = (str(key.get("s")), str(key.get("w") or "—"))
+        # A lease's owner is the pool process ("host:pid"); workers are counted by host
+        # (one worker per pod in production).
+        ident = (str(key.get("s")), str(key.get("w") or "—").rsplit(":", 1)[0])
         cell[ident] = cell.get(ident, 0) + int(row["n"])
     return out
 
@@ -247,7 +249,8 @@ def throughput(db: Database[Doc], now: datetime) -> Doc:
 
 
 def per_worker_counts(db: Database[Doc], now: datetime) -> dict[str, dict[str, int]]:
-    """Jobs each worker finished in the chart's window: {worker: {processed, failed}}."""
+    """Jobs finished in the chart's window by the workers of each host:
+    {host: {processed, failed}}."""
     counts: dict[str, dict[str, int]] = {}
     for cells in finished_per_minute(db, now).values():
         for (state, worker), n in cells.items():
@@ -271,7 +274,7 @@ def workers(db: Database[Doc], now: datetime) -> dict[str, list[Doc]]:
         running = row.get("running_jobs") or []
         seen = row.get("last_seen")
         row["running"] = len(running) if isinstance(running, list) else 0
-        row["counts"] = counts.get(str(row["_id"]), {"processed": 0, "failed": 0})
+        row["counts"] = counts.get(str(row.get("host")), {"processed": 0, "failed": 0})
         alive = isinstance(seen, datetime) and seen > now - WORKER_LIVENESS
         (online if alive and row.get("state") != "stopped" else gone).append(row)
     return {"online": online, "gone": gone}
@@ -434,17 +437,21 @@ class _Cached:
 _cache: dict[tuple[Any, ...], _Cached] = {}
 _cache_lock = threading.Lock()
 FIGURES_MAX_AGE = 5.0
+# Older than this (nobody looked for a while), a value is recomputed before answering.
+FIGURES_STALE_LIMIT = 60.0
 
 
 def cached(key: tuple[Any, ...], compute: Callable[[], T],
            max_age: float = FIGURES_MAX_AGE) -> T:
     """``compute()``'s value, at most ``max_age`` seconds old when fresh; a staler one
     is answered at once while one background thread recomputes it (stale while
-    revalidate), so a page never waits on an aggregate over the whole collection
-    except the very first time in a process."""
+    revalidate), so a page waits on an aggregate over a whole collection only the first
+    time in a process, or after nobody asked for ``FIGURES_STALE_LIMIT`` seconds."""
     now = time.monotonic()
     with _cache_lock:
         entry = _cache.setdefault(key, _Cached())
+        if entry.at and now - entry.at > FIGURES_STALE_LIMIT and not entry.refreshing:
+            entry.at = 0.0
         fresh = entry.at and now - entry.at <= max_age
         start_refresh = bool(entry.at) and not fresh and not entry.refreshing
         if start_refresh:
