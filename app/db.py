@@ -57,6 +57,8 @@ MIGRATIONS = "migrations"
 COUNTERS = "counters"
 # The ops dashboard's sign-in sessions (only a hash of each session id; TTL on expiry).
 DASHBOARD_SESSIONS = "dashboard_sessions"
+# Schedulers running as standby (who would take over the lease); TTL on expiry.
+SCHEDULER_STANDBYS = "scheduler_standbys"
 
 MAJORITY = WriteConcern(w="majority")
 

@@ -11,12 +11,17 @@ The scheduler (``scheduler/``, which ``app/`` never imports) keeps three things 
   unique on (entry, slot), kept ``FIRES_TTL_SECONDS``: the durable proof that a slot ran
   once, and the history ``certautopilot scheduler status`` shows.
 
+- ``scheduler_standbys``: one document per scheduler that is not leading, refreshed at
+  most every ``STANDBY_NOTE_SECONDS`` (TTL on ``expires_at``): who would take over.
+
 ``status(db)`` assembles them, with the lease's state judged on the server's clock.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import logging
+import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo.database import Database
@@ -28,6 +33,36 @@ Doc = dict[str, Any]
 SCHEDULER_LEASE_ID = "scheduler"
 FIRES = "schedule_fires"
 FIRES_TTL_SECONDS = 7 * 86400
+STANDBY_NOTE_SECONDS = 10.0
+# A standby not seen for this long is not shown (it stopped, or lost the database).
+STANDBY_SEEN_WITHIN = timedelta(seconds=60)
+STANDBY_FORGET_AFTER = timedelta(minutes=10)  # the TTL index removes it then
+
+log = logging.getLogger(__name__)
+_noted: dict[str, float] = {}
+
+
+def note_standby(db: Database[Doc], holder: str) -> None:
+    """Record that ``holder`` runs as a standby (throttled; never raises: a standby's
+    only duty is to take over, not to report)."""
+    if time.monotonic() - _noted.get(holder, 0.0) < STANDBY_NOTE_SECONDS:
+        return
+    _noted[holder] = time.monotonic()
+    try:
+        now = dbm.server_now(db)
+        db[dbm.SCHEDULER_STANDBYS].update_one(
+            {"_id": holder}, {"$set": {"seen_at": now, "expires_at": now + STANDBY_FORGET_AFTER}},
+            upsert=True)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("could not note the standby: %s", exc)
+
+
+def standbys(db: Database[Doc], now: datetime, holder: str | None) -> list[Doc]:
+    """Schedulers seen as standby within ``STANDBY_SEEN_WITHIN`` (not the holder)."""
+    docs = dbm.retry(lambda: list(db[dbm.SCHEDULER_STANDBYS].find(
+        {"seen_at": {"$gt": now - STANDBY_SEEN_WITHIN}}).limit(20)), what="read standbys")
+    return [{"holder": d["_id"], "seen_at": d.get("seen_at")} for d in docs
+            if d["_id"] != holder]
 
 
 def _seconds(later: datetime | None, earlier: datetime) -> float | None:
@@ -105,7 +140,8 @@ def recent_fires(db: Database[Doc], limit: int = 10) -> list[Doc]:
 def status(db: Database[Doc], *, fires: int = 0) -> Doc:
     """Lease, entries and (optionally) the last ``fires`` fired slots."""
     now = dbm.server_now(db)
-    result: Doc = {"lease": lease_status(db, now), "entries": entries_status(db, now)}
+    lease = lease_status(db, now)
+    result: Doc = {"lease": lease, "entries": entries_status(db, now)}
     if fires:
         result["recent_fires"] = recent_fires(db, fires)
     return result

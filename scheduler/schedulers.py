@@ -41,7 +41,7 @@ from app import db as dbm
 from app.config import Settings, load_or_exit
 from app.errors import DatabaseUnavailable
 from app.jobs import enqueue, publish_wakeup
-from app.scheduling_status import FIRES
+from app.scheduling_status import FIRES, note_standby
 from scheduler.entries import EntryDefinition, EntryError, slot_key, static_entries
 from scheduler.lease import Deposed, Lease, LeaseConfig, process_identity
 
@@ -146,6 +146,8 @@ class MongoLeaseScheduler(Scheduler):
         if not leading and not self._standby_logged:
             self._standby_logged = True
             self._log_standby()
+        if not leading:  # the dashboard shows who would take over
+            note_standby(self.db, self.identity)
         return leading
 
     def _renew_or_acquire(self) -> bool:

@@ -290,9 +290,14 @@ def queue(db: Database[Doc]) -> Doc:
 # -- scheduler, keys, audit --------------------------------------------------------------
 
 def scheduler(db: Database[Doc], fires: int = 0) -> Doc:
-    from app.scheduling_status import status
+    """The lease, entries and recent fires (``app.scheduling_status``) and the
+    standbys."""
+    from app.scheduling_status import standbys, status
 
-    return status(db, fires=fires)
+    result = status(db, fires=fires)
+    lease = result["lease"]
+    result["standbys"] = standbys(db, lease["server_time"], lease.get("holder"))
+    return result
 
 
 def kek(db: Database[Doc]) -> Doc | None:

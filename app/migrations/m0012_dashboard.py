@@ -10,7 +10,7 @@ Every dashboard page must answer within 200 ms with 10,000 certificates and 100,
 - jobs: all of them newest first (admin), by state, by kind; a certificate's jobs
   (``payload.certificate_id``); finished jobs by ``finished_at`` (the 6-hour chart).
 - dashboard_sessions: dropped by TTL after ``expires_at`` (the expiry itself is checked
-  on every request; the TTL only keeps the collection small).
+  on every request; the TTL only keeps the collection small); scheduler_standbys too.
 
 The ``state`` index is rewritten at every transition of a job (m0002 removed such indexes
 from the queue's hot path); the dashboard's filter by state needs it, and one index entry
@@ -29,6 +29,8 @@ DESCRIPTION = "dashboard: sessions (TTL) and the indexes of its lists and aggreg
 
 INDEXES: dict[str, list[IndexModel]] = {
     dbm.DASHBOARD_SESSIONS: [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0,
+                                        name="ttl_expires_at")],
+    dbm.SCHEDULER_STANDBYS: [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=0,
                                         name="ttl_expires_at")],
     dbm.CERTIFICATES: [
         IndexModel([("created_at", ASCENDING), ("_id", ASCENDING)], name="created"),

@@ -223,3 +223,22 @@ def test_audit_seq_pages_walk_everything_newest_first(migrated_db) -> None:
             if cursor is None:
                 break
         assert seen == wanted
+
+
+def test_scheduler_standbys_are_shown_apart_from_the_holder(migrated_db) -> None:
+    from app import scheduling_status
+    from app.dashboard import queries
+
+    db = migrated_db
+    scheduling_status._noted.clear()
+    scheduling_status.note_standby(db, "beat@b:2")
+    scheduling_status.note_standby(db, "beat@a:1")
+    now = dbm.server_now(db)
+    db[dbm.LEASES].insert_one({"_id": "scheduler", "holder": "beat@a:1", "term": 3,
+                               "expires_at": now + timedelta(seconds=30), "renewed_at": now})
+    found = queries.scheduler(db)
+    assert found["lease"]["holder"] == "beat@a:1"
+    assert [s["holder"] for s in found["standbys"]] == ["beat@b:2"]
+    db[dbm.SCHEDULER_STANDBYS].update_one({"_id": "beat@b:2"}, {"$set": {
+        "seen_at": now - timedelta(minutes=5)}})
+    assert queries.scheduler(db)["standbys"] == []  # not seen lately: gone
