@@ -300,11 +300,17 @@ def scheduler(db: Database[Doc], fires: int = 0) -> Doc:
     return result
 
 
-def kek(db: Database[Doc]) -> Doc | None:
-    """The KEK rotation's progress (``app.keys.rotation.status``), or None without one."""
+def kek(db: Database[Doc], settings: Any = None) -> Doc:
+    """Keys per KEK version and the latest rotation's progress
+    (``app.keys.rotation.status``, with this process's keyring when it has one)."""
+    from app.keys.keyring import get_keyring
     from app.keys.rotation import status
 
-    return status(db)
+    try:
+        keyring = get_keyring(settings)
+    except Exception:  # noqa: BLE001 - the figures stand without it (readiness reports it)
+        keyring = None
+    return status(db, keyring)
 
 
 def audit_head(db: Database[Doc], *, sinks: bool = True) -> Doc:

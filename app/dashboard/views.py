@@ -11,7 +11,17 @@ from functools import wraps
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
-from flask import Blueprint, Response, g, jsonify, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from pymongo.errors import PyMongoError
 from werkzeug.exceptions import HTTPException
 
@@ -255,7 +265,8 @@ def overview() -> str:
         "overview.html", certs=certs, failing=failing,
         workers=queries.workers(db, now)["online"], queue=_queue(),
         scheduler=queries.scheduler(db),
-        kek=queries.cached(("kek", db.name), lambda: queries.kek(db))
+        kek=queries.cached(("kek", db.name), lambda: queries.kek(
+            db, current_app.extensions["cap_settings"]))
         if principal.is_admin else None,
         audit=queries.audit_head(db) if principal.is_admin else None)
 

@@ -33,13 +33,15 @@ def _text(page, selector: str) -> str:
     return page.locator(selector).inner_text().strip()
 
 
-def _wait_text(page, selector: str, wanted: str, timeout: float = LIVE_TIMEOUT_MS) -> None:
-    """Wait, without reloading, until the element's text contains ``wanted`` (the
-    page's own htmx polling must bring it)."""
+def _wait_text(page, selector: str, wanted: str, timeout: float = LIVE_TIMEOUT_MS,
+               exact: bool = False) -> None:
+    """Wait, without reloading, until the element's text contains (or, ``exact``, is)
+    ``wanted``: the page's own htmx polling must bring it."""
     page.wait_for_function(
-        "([sel, want]) => { const e = document.querySelector(sel);"
-        " return e !== null && e.textContent.includes(want); }",
-        arg=[selector, wanted], timeout=timeout)
+        "([sel, want, exact]) => { const e = document.querySelector(sel);"
+        " if (e === null) { return false; } const t = e.textContent.trim();"
+        " return exact ? t === want : t.includes(want); }",
+        arg=[selector, wanted, exact], timeout=timeout)
 
 
 @pytest.fixture
@@ -75,12 +77,14 @@ def test_operator_watches_workers_queue_retry_and_issuance(stack, procs, chromiu
     recorder = Recorder(base)
     context = chromium.new_context(viewport={"width": 1400, "height": 900})
     page = recorder.watch(context.new_page())
+    page.goto(f"{base}/dashboard/signin")
+    screenshot(page, "00-signin")
     sign_in(page, base, admin.token)
     assert "admin" in _text(page, "#who")
     screenshot(page, "01-overview-no-worker")
 
     page.goto(f"{base}/dashboard/jobs")
-    _wait_text(page, "#queued-count", "12")
+    _wait_text(page, "#queued-count", "12", exact=True)
     screenshot(page, "02-jobs-queued")
 
     page.goto(f"{base}/dashboard/workers")
@@ -92,7 +96,7 @@ def test_operator_watches_workers_queue_retry_and_issuance(stack, procs, chromiu
     screenshot(page, "03-workers-online")
 
     page.goto(f"{base}/dashboard/jobs")
-    _wait_text(page, "#queued-count", "0")  # the queue drains while the page watches
+    _wait_text(page, "#queued-count", "0", exact=True)  # drains while the page watches
     screenshot(page, "04-jobs-drained")
 
     page.goto(f"{base}/dashboard/jobs/{dead['_id']}")
