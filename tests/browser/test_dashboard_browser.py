@@ -121,6 +121,18 @@ def test_operator_watches_workers_queue_retry_and_issuance(stack, procs, chromiu
                                     "target": f"certificate:{cert['_id']}"})
     assert entry["actor"] == {"kind": "token", "id": admin.id}
 
+    # Revoke at Pebble: needs the reason and the confirmation box.
+    page.select_option("select[name=reason_code]", "4")
+    page.check("input[name=confirm]")
+    page.click("#btn-revoke")
+    page.wait_for_url("**done=revoke")
+    assert "revoked" in _text(page, "#cert-state")
+    entry = db[dbm.AUDIT].find_one({"action": "certificate.revoke",
+                                    "target": f"certificate:{cert['_id']}"})
+    assert entry["actor"] == {"kind": "token", "id": admin.id}
+    assert entry["details"]["reason_code"] == 4
+    screenshot(page, "07b-certificate-revoked")
+
     for name, path in (("08-overview", "/dashboard/"),
                        ("09-certificates", "/dashboard/certificates"),
                        ("10-scheduler", "/dashboard/scheduler"),

@@ -157,23 +157,38 @@ def test_read_only_token_sees_no_buttons_and_is_refused(world) -> None:
     assert world["db"][dbm.AUDIT].count_documents({}) == before
 
 
-def test_issue_from_the_dashboard_is_audited_like_the_api(world) -> None:
+@pytest.mark.parametrize("action", ["issue", "renew", "retry", "cancel"])
+def test_dashboard_actions_are_audited_as_the_api(world, action) -> None:
+    """Exactly the entries the API's route writes, with the token as actor (revoke needs
+    a CA: tests/browser revokes against Pebble)."""
+    from app.audit.walk import AuditProbe
+
     db = world["db"]
-    cert = world["cert"]["_id"]
-    db[dbm.JOBS].update_many({}, {"$set": {"state": "succeeded"}})
+    cert, job = world["cert"]["_id"], world["job"]["_id"]
+    if action in ("issue", "renew"):
+        db[dbm.JOBS].update_many({}, {"$set": {"state": "succeeded"}})
+        page, path = f"/dashboard/certificates/{cert}", f"/dashboard/certificates/{cert}/{action}"
+        expected = ["certificate.issue_requested"]
+    else:
+        if action == "retry":
+            db[dbm.JOBS].update_one({"_id": job}, {"$set": {"state": "dead"}})
+        page, path = f"/dashboard/jobs/{job}", f"/dashboard/jobs/{job}/{action}"
+        expected = [f"job.{action}"]
     client = signed_in(world, world["a_write"])
-    token = csrf_of(client, f"/dashboard/certificates/{cert}")
-    response = client.post(f"/dashboard/certificates/{cert}/issue", data={"csrf_token": token})
-    assert response.status_code == 302
-    assert "Issuance requested" in client.get(response.headers["Location"]).get_data(
-        as_text=True)
-    entry = db[dbm.AUDIT].find_one({"action": "certificate.issue_requested"},
-                                   sort=[("seq", -1)])
-    assert entry is not None, sorted({e["action"] for e in db[dbm.AUDIT].find()})
-    assert entry["actor"] == {"kind": "token", "id": world["a_write"].id}
-    assert entry["details"]["reason"] == "manual"
-    assert db[dbm.JOBS].count_documents({"state": "queued",
-                                         "payload.certificate_id": cert}) == 1
+    token = csrf_of(client, page)
+    with AuditProbe(db) as probe:
+        response = client.post(path, data={"csrf_token": token, "reason": "walk"})
+    assert response.status_code == 302, response.get_data(as_text=True)[:500]
+    assert probe.actions == expected
+    for entry in probe.entries:
+        assert entry["actor"] == {"kind": "token", "id": world["a_write"].id}
+    if action in ("issue", "renew"):
+        assert probe.entries[0]["details"]["reason"] == (
+            "manual" if action == "issue" else "renewal")
+        assert db[dbm.JOBS].count_documents({"state": "queued",
+                                             "payload.certificate_id": cert}) == 1
+    message = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert 'id="flash"' in message
 
 
 def test_sign_out_needs_csrf_and_ends_the_session(world) -> None:
