@@ -9,7 +9,7 @@ from collections.abc import Callable
 from datetime import datetime
 from functools import wraps
 from typing import Any, TypeVar
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from flask import (
     Blueprint,
@@ -74,10 +74,20 @@ def _safe_next(value: str | None) -> str:
     return url_for("dashboard.overview")
 
 
+def _same_origin() -> bool:
+    """A browser's POST names the page it came from in ``Origin``: another site's form
+    (e.g. one signing the victim in with the attacker's token) is refused. Host only:
+    behind a TLS-terminating proxy the scheme seen here differs."""
+    origin = request.headers.get("Origin")
+    return origin is None or urlsplit(origin).netloc == request.host
+
+
 @bp.before_request
 def authenticate() -> Response | None:
     """Every route but sign-in and static files needs a live session; every POST needs
-    the session's CSRF token."""
+    the session's CSRF token (and no other site's Origin)."""
+    if request.method == "POST" and not _same_origin():
+        raise Forbidden("cross-site form post refused")
     if request.endpoint in OPEN_ENDPOINTS:
         return None
     found = sessions.load(current_db(), request.cookies.get(sessions.COOKIE_NAME))

@@ -75,6 +75,16 @@ def test_sign_in_sets_a_strict_http_only_cookie_and_stores_only_a_hash(world) ->
     assert actions == ["dashboard.sign_in"]
 
 
+def test_a_form_posted_from_another_site_is_refused(world) -> None:
+    client = world["app"].test_client()
+    refused = client.post("/dashboard/signin", data={"token": world["admin"].token},
+                          headers={"Origin": "https://evil.example"})
+    assert refused.status_code == 403 and "Set-Cookie" not in refused.headers
+    same = client.post("/dashboard/signin", data={"token": world["admin"].token},
+                       headers={"Origin": "http://localhost"})
+    assert same.status_code == 302
+
+
 def test_secure_cookie_over_tls(world) -> None:
     client = world["app"].test_client()
     response = client.post("/dashboard/signin", data={"token": world["admin"].token},
