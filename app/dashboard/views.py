@@ -283,7 +283,7 @@ def overview() -> str:
 
 def _queue() -> Doc:
     db = current_db()
-    return queries.cached(("queue", db.name), lambda: queries.queue(db), max_age=2.0)
+    return queries.cached(("queue", db.name), lambda: queries.queue(db))
 
 
 @bp.get("/throughput.json")
