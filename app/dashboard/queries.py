@@ -448,6 +448,9 @@ class _Cached:
 _cache: dict[tuple[Any, ...], _Cached] = {}
 _cache_lock = threading.Lock()
 FIGURES_MAX_AGE = 5.0
+# Certificates by state and days left, and KEK progress, move slowly; a whole-collection
+# aggregate every 5 s would keep a small database busy for nothing.
+SLOW_FIGURES_MAX_AGE = 30.0
 # Older than this (nobody looked for a while), a value is recomputed before answering.
 FIGURES_STALE_LIMIT = 60.0
 

@@ -268,7 +268,8 @@ def overview() -> str:
     scope = (db.name, principal.project_id)
     # Aggregates over every certificate or queued job: at most a few seconds old.
     certs = queries.cached(("certs", *scope),
-                           lambda: queries.certificate_figures(db, principal, now))
+                           lambda: queries.certificate_figures(db, principal, now),
+                           max_age=queries.SLOW_FIGURES_MAX_AGE)
     failing = queries.cached(("failing", *scope),
                              lambda: queries.failing_renewals(db, principal))
     return render_template(
@@ -276,7 +277,7 @@ def overview() -> str:
         workers=queries.workers(db, now)["online"], queue=_queue(),
         scheduler=queries.scheduler(db),
         kek=queries.cached(("kek", db.name), lambda: queries.kek(
-            db, current_app.extensions["cap_settings"]))
+            db, current_app.extensions["cap_settings"]), max_age=queries.SLOW_FIGURES_MAX_AGE)
         if principal.is_admin else None,
         audit=queries.audit_head(db) if principal.is_admin else None)
 
