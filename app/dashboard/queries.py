@@ -354,6 +354,10 @@ def audit_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, bool]:
 
 # -- bounded work on any server --------------------------------------------------------
 
+_spans: dict[tuple[str, tuple[str, ...]], float] = {}
+_LONGEST_SPAN = 50 * 365 * 86400.0  # beyond it, the last window: the rest
+
+
 def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
                   cursor: str | None, projection: Doc | None = None,
                   key: str = "created_at", first_span: float = 60.0,
@@ -377,11 +381,15 @@ def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
                                        .sort("_id", -1).limit(limit + 1)),
                           what=f"list {collection.name}")
     anchor = upper or datetime.now(UTC)
-    span = first_span
+    # Start from the span that filled the last page of this list (per process): most
+    # pages then cost one or two windows instead of climbing from a minute each time.
+    shape = (collection.name, tuple(sorted(query)))
+    span = max(first_span, _spans.get(shape, first_span) / growth)
     for window in range(max_windows):
         if len(items) > limit:
             break
-        lower = None if window == max_windows - 1 else anchor - timedelta(seconds=span)
+        last = window == max_windows - 1 or span > _LONGEST_SPAN
+        lower = None if last else anchor - timedelta(seconds=span)
         bound: Doc = {}
         if upper is not None:
             bound["$lt"] = upper
@@ -394,6 +402,8 @@ def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
                         .sort([(key, -1), ("_id", -1)]).limit(n))
 
         items.extend(dbm.retry(fetch, what=f"list {collection.name}"))
+        if len(items) > limit:
+            _spans[shape] = span
         if lower is None:
             break
         upper = lower
