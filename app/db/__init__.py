@@ -34,6 +34,7 @@ from app.db.names import (
     CERTIFICATES,
     CHALLENGES,
     COUNTERS,
+    DASHBOARD_SESSIONS,
     FIRES,
     IDEMPOTENCY,
     JOBS,
@@ -50,6 +51,7 @@ from app.db.names import (
     RATE_LIMITS,
     SCHEDULE,
     SCHEDULER_LEASE_ID,
+    SCHEDULER_STANDBYS,
     SINKS,
     WORKERS,
     Doc,
@@ -58,10 +60,11 @@ from app.db.txn import transaction
 
 __all__ = [
     "ACME_ACCOUNTS", "API_TOKENS", "AUDIT", "CERTIFICATES", "CHALLENGES", "COUNTERS",
-    "FIRES", "IDEMPOTENCY", "JOBS", "KEK_ROTATIONS", "KEK_VERSIONS", "KEYS", "LEASES",
-    "METRICS_SNAPSHOTS",
+    "DASHBOARD_SESSIONS", "FIRES", "IDEMPOTENCY", "JOBS", "KEK_ROTATIONS", "KEK_VERSIONS",
+    "KEYS", "LEASES", "METRICS_SNAPSHOTS",
     "MAJORITY", "MESSAGES_COLLECTION", "MIGRATIONS", "MIGRATIONS_LOCK_ID", "ORDERS",
-    "PROJECTS", "RATE_LIMITS", "SCHEDULE", "SCHEDULER_LEASE_ID", "SINKS", "WORKERS", "Doc",
+    "PROJECTS", "RATE_LIMITS", "SCHEDULE", "SCHEDULER_LEASE_ID", "SCHEDULER_STANDBYS",
+    "SINKS", "WORKERS", "Doc",
     "backoff_delay", "close_clients", "get_client", "get_db", "is_transient", "ping",
     "primary", "retry", "server_now", "transaction",
 ]

@@ -30,6 +30,8 @@ WORKERS = "workers"
 LEASES = "leases"
 SCHEDULE = "schedule"
 FIRES = "schedule_fires"
+# Schedulers running as standby (who would take over the lease); TTL on expiry.
+SCHEDULER_STANDBYS = "scheduler_standbys"
 
 # Audit log and the forwarding state of each SIEM sink.
 AUDIT = "audit"
@@ -42,6 +44,9 @@ KEK_ROTATIONS = "kek_rotations"
 # The API's own: idempotency keys and rate-limit windows (both expire by TTL index).
 IDEMPOTENCY = "api_idempotency"
 RATE_LIMITS = "api_rate_limits"
+
+# The ops dashboard's sign-in sessions (only a hash of each session id; TTL on expiry).
+DASHBOARD_SESSIONS = "dashboard_sessions"
 
 # Applied schema migrations.
 MIGRATIONS = "migrations"
