@@ -326,8 +326,8 @@ def main() -> None:
     dashboard = {k: v for k, v in results.items() if not k.startswith("api_")}
     summary = {**results, "max_p99_ms": max(v["p99_ms"] for v in dashboard.values()),
                "target_ms": TARGET_MS, "overview_cold_ms": round(cold_ms, 1),
-               "seed_s": round(seed_s, 1), "certificates": args.certificates,
-               "jobs": args.jobs, "rounds": args.rounds}
+               "seed_s": round(seed_s, 1), "seed_certificates": args.certificates,
+               "seed_jobs": args.jobs, "rounds": args.rounds}
     print(json.dumps(summary))
 
 
