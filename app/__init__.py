@@ -13,6 +13,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     """The app factory: settings from the environment (validated), then overrides."""
     from app.api import register_api
     from app.config import configure_logging
+    from app.dashboard import register_dashboard
 
     settings = settings or load_or_exit()
     configure_logging(settings)
@@ -20,6 +21,7 @@ def create_app(settings: Settings | None = None, config: dict[str, Any] | None =
     app.config.update(config or {})
     app.extensions["cap_settings"] = settings
     register_api(app)
+    register_dashboard(app)  # the ops dashboard under /dashboard
     from app import db as dbm
     from app.acme.responder import register as register_http01_responder
     from app.domain.challenges import key_authorization

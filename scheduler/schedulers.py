@@ -40,7 +40,7 @@ from app import probes
 from app.config import Settings, load_or_exit
 from app.db import Doc, txn
 from app.db.names import FIRES
-from app.db.schedule import SLOT_JOB_TTL_SECONDS
+from app.db.schedule import SLOT_JOB_TTL_SECONDS, note_standby
 from app.errors import DatabaseUnavailable
 from app.jobs import enqueue, publish_wakeup
 from scheduler.entries import EntryDefinition, EntryError, slot_key, static_entries
@@ -149,6 +149,8 @@ class MongoLeaseScheduler(Scheduler):
         if not leading and not self._standby_logged:
             self._standby_logged = True
             self._log_standby()
+        if not leading:  # the dashboard shows who would take over
+            note_standby(self.db, self.identity)
         return leading
 
     def _renew_or_acquire(self) -> bool:

@@ -41,7 +41,7 @@ pytest_plugins = ["tests.helpers.key_leak"]
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
-        if parts and parts[0] in ("unit", "integration", "e2e"):
+        if parts and parts[0] in ("unit", "integration", "e2e", "browser"):
             item.add_marker(getattr(pytest.mark, parts[0]))
 
 

@@ -30,6 +30,8 @@ WORKERS = "workers"
 LEASES = "leases"
 SCHEDULE = "schedule"
 FIRES = "schedule_fires"
+# Schedulers running as standby (who would take over the lease); TTL on expiry.
+SCHEDULER_STANDBYS = "scheduler_standbys"
 
 # Audit log and the forwarding state of each SIEM sink.
 AUDIT = "audit"
@@ -56,6 +58,9 @@ ENDPOINT_SCANS = "endpoint_scans"
 ALERT_CHANNELS = "alert_channels"
 ALERTS = "alerts"
 ALERT_DELIVERIES = "alert_deliveries"
+
+# The ops dashboard's sign-in sessions (only a hash of each session id; TTL on expiry).
+DASHBOARD_SESSIONS = "dashboard_sessions"
 
 # Applied schema migrations.
 MIGRATIONS = "migrations"

@@ -2,7 +2,7 @@
 operators (``certautopilot scheduler status``, ``/api/v1/status``, metrics).
 
 The scheduler (``scheduler/``, which ``app/`` never imports) writes, and this module
-reads, three things:
+reads, four things:
 
 - ``leases/scheduler``: the leader lease — ``holder``, ``term`` (rises at every change of
   holder), ``expires_at``, ``renewed_at``, ``acquired_at``, ``released_at``.
@@ -12,22 +12,33 @@ reads, three things:
 - ``schedule_fires``: one document per fired slot (entry, slot, term, holder, job id),
   unique on (entry, slot), kept ``FIRES_TTL_SECONDS``: the durable proof that a slot ran
   once, and the history ``certautopilot scheduler status`` shows.
+- ``scheduler_standbys``: one document per scheduler that is not leading, refreshed at
+  most every ``STANDBY_NOTE_SECONDS`` (TTL on ``expires_at``): who would take over.
 
 ``status(db)`` assembles them, with the lease's state judged on the server's clock.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import logging
+import time
+from datetime import datetime, timedelta
 
 from pymongo.database import Database
 
 from app.db.client import primary, retry
 from app.db.clock import server_now
-from app.db.names import FIRES, LEASES, SCHEDULE, SCHEDULER_LEASE_ID, Doc
+from app.db.names import (
+    FIRES,
+    LEASES,
+    SCHEDULE,
+    SCHEDULER_LEASE_ID,
+    SCHEDULER_STANDBYS,
+    Doc,
+)
 
 __all__ = ["FIRES", "FIRES_TTL_SECONDS", "SCHEDULER_LEASE_ID", "entries_status",
-           "lease_status", "recent_fires", "status"]
+           "lease_status", "note_standby", "recent_fires", "standbys", "status"]
 
 # A fired slot's unique (entry, slot) only has to outlast a deposed leader's pause; a day
 # of fires is history enough (at ~35,000 fires a day a week would be 240,000 documents).
@@ -36,6 +47,36 @@ FIRES_TTL_SECONDS = 86400
 # The jobs the scheduler enqueues expire this long after their slot whatever their state
 # (``slot_expire_at``, TTL index in m0010): the next slot runs the work again.
 SLOT_JOB_TTL_SECONDS = 86400
+STANDBY_NOTE_SECONDS = 10.0
+# A standby not seen for this long is not shown (it stopped, or lost the database).
+STANDBY_SEEN_WITHIN = timedelta(seconds=60)
+STANDBY_FORGET_AFTER = timedelta(minutes=10)  # the TTL index removes it then
+
+log = logging.getLogger(__name__)
+_noted: dict[str, float] = {}
+
+
+def note_standby(db: Database[Doc], holder: str) -> None:
+    """Record that ``holder`` runs as a standby (throttled; never raises: a standby's
+    only duty is to take over, not to report)."""
+    if time.monotonic() - _noted.get(holder, 0.0) < STANDBY_NOTE_SECONDS:
+        return
+    _noted[holder] = time.monotonic()
+    try:
+        now = server_now(db)
+        db[SCHEDULER_STANDBYS].update_one(
+            {"_id": holder}, {"$set": {"seen_at": now, "expires_at": now + STANDBY_FORGET_AFTER}},
+            upsert=True)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("could not note the standby: %s", exc)
+
+
+def standbys(db: Database[Doc], now: datetime, holder: str | None) -> list[Doc]:
+    """Schedulers seen as standby within ``STANDBY_SEEN_WITHIN`` (not the holder)."""
+    docs = retry(lambda: list(db[SCHEDULER_STANDBYS].find(
+        {"seen_at": {"$gt": now - STANDBY_SEEN_WITHIN}}).limit(20)), what="read standbys")
+    return [{"holder": d["_id"], "seen_at": d.get("seen_at")} for d in docs
+            if d["_id"] != holder]
 
 
 def _seconds(later: datetime | None, earlier: datetime) -> float | None:

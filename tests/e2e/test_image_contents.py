@@ -122,6 +122,13 @@ def test_every_role_starts_from_the_image_install(image: Path, cap_env, db, proc
     ready = wait_for(lambda: _get(f"http://127.0.0.1:{port}/readyz"), timeout=60,
                      message="the image's api ready")
     assert ready.status_code == 200, ready.text
+    # The dashboard's templates and vendored assets are package data of the install.
+    for path in ("/dashboard/signin", "/dashboard/static/dashboard.js",
+                 "/dashboard/static/dashboard.css", "/dashboard/static/vendor/htmx.min.js",
+                 "/dashboard/static/vendor/uPlot.iife.min.js",
+                 "/dashboard/static/vendor/uPlot.min.css"):
+        answer = _get(f"http://127.0.0.1:{port}{path}")
+        assert answer is not None and answer.status_code == 200, (path, answer)
     wait_for(lambda: db[dbm.WORKERS].find_one({"state": "running"}), timeout=90,
              message="the image's worker heartbeating")
     wait_for(lambda: (db[dbm.LEASES].find_one({"_id": SCHEDULER_LEASE_ID}) or {})

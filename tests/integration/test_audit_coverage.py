@@ -301,6 +301,19 @@ API: dict[str, Mutating | NotAudited] = {
     f"POST {P}/alert-channels/<string:channel_id>/test": Mutating(
         ("alert.test_sent",),
         lambda w: (f"{P}/alert-channels/{w.receiver_channel()}/test", None)),
+    # The dashboard's forms need a session cookie and a CSRF token, not a bearer token:
+    # tests/integration/test_dashboard.py checks the entry each one writes.
+    **{f"POST /dashboard/{path}": NotAudited(
+        "a dashboard form: calls the same domain/jobs function as the API route, which "
+        "writes the entry (test_dashboard.py: test_dashboard_actions_are_audited_as_the_api)")
+       for path in ("certificates/<certificate_id>/issue",
+                    "certificates/<certificate_id>/renew",
+                    "certificates/<certificate_id>/revoke",
+                    "jobs/<job_id>/retry", "jobs/<job_id>/cancel")},
+    "POST /dashboard/signin": NotAudited("opens a dashboard session: writes dashboard.sign_in "
+                                         "(test_dashboard.py)"),
+    "POST /dashboard/signout": NotAudited("closes a dashboard session: writes "
+                                          "dashboard.sign_out (test_dashboard.py)"),
 }
 
 
