@@ -29,7 +29,7 @@ from app import db as dbm
 from app.api.common import current_db, paginate
 from app.dashboard import queries, sessions
 from app.db import Doc
-from app.domain import certificates, revocation
+from app.domain import budget, certificates, drift, revocation
 from app.domain.tokens import WRITE, Principal
 from app.errors import CertAutoPilotError, Conflict, Forbidden, NotFound, Unauthorized
 
@@ -278,7 +278,12 @@ def overview() -> str:
         kek=queries.cached(("kek", db.name), lambda: queries.kek(
             db, current_app.extensions["cap_settings"]), max_age=queries.SLOW_FIGURES_MAX_AGE)
         if principal.is_admin else None,
-        audit=queries.audit_head(db) if principal.is_admin else None)
+        audit=queries.audit_head(db) if principal.is_admin else None,
+        budgets=budget.levels(db, limit=BUDGET_ROWS) if principal.is_admin else None)
+
+
+# The overview lists the CA budget buckets up to this many (CLI/API: every one).
+BUDGET_ROWS = 30
 
 
 def _queue() -> Doc:
@@ -325,6 +330,7 @@ def certificate_page(certificate_id: str) -> str:
     _now()
     return render_template("certificate.html", cert=cert,
                            related=queries.certificate_related(current_db(), cert),
+                           endpoints=drift.endpoint_status(current_db(), cert),
                            projects=_project_names([cert]), reasons=REVOCATION_REASONS)
 
 

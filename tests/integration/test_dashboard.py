@@ -283,3 +283,25 @@ def test_the_dev_banner_url_and_its_admin_token_file_sign_in(world, tmp_path) ->
     page = client.get("/dashboard/")
     assert page.status_code == 200
     assert re.search(r'id="who">dev admin · admin<', page.get_data(as_text=True))
+
+
+def test_the_certificate_page_shows_its_endpoints_and_the_overview_the_ca_budgets(
+        world) -> None:
+    from app.domain import budget
+
+    db, cert = world["db"], world["cert"]
+    certificates.update_certificate(
+        db, cert["_id"], {"endpoints": [{"host": "127.0.0.1", "port": 8443}]}, ACTOR,
+        project_id=world["a"], expected_version=cert["version"])
+    settings = world["app"].extensions["cap_settings"]
+    buckets = budget.order_buckets(settings, "https://ca.example/dir", "acct-1",
+                                   ["www.example.com"], replaces=False)
+    assert not isinstance(budget.take(db, buckets), budget.Refusal)
+    client = signed_in(world, world["admin"])
+    page = client.get(f"/dashboard/certificates/{cert['_id']}").get_data(as_text=True)
+    assert "127.0.0.1:8443" in page and "pending" in page
+    overview = client.get("/dashboard/").get_data(as_text=True)
+    assert 'id="ca-budgets"' in overview and "new_certificates_per_domain" in overview
+    # A project token sees its certificates' endpoints, never the cluster's budgets.
+    project = signed_in(world, world["a_write"]).get("/dashboard/").get_data(as_text=True)
+    assert 'id="ca-budgets"' not in project
