@@ -42,7 +42,7 @@ class AccountCreateSchema(Schema):
     name = fields.String(validate=validate.Regexp(ACCOUNT_NAME_PATTERN),
                          metadata={"example": "default"})
     directory_url = fields.String(validate=[validate.Length(min=9, max=2000),
-                                            validate.Regexp(r"^https://\S+$")], metadata={
+                                            validate.Regexp(r"^https://[\x21-\x7e]+$")], metadata={
         "description": "https:// URL of the CA's ACME directory (default: "
                        "CAP_ACME_DIRECTORY_URL)"})
     contact = fields.List(contact_field(), validate=validate.Length(max=10),
