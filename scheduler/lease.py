@@ -243,6 +243,18 @@ class Lease(DbLease):
             also={"released_at": self.now(), "released_by": self.holder, "holder_lsid": None},
             max_time_ms=self.config.wait_ms)
 
+    def release_unrecorded(self) -> bool:
+        """Release the lease if the document names us as holder although we recorded no
+        term: an acquisition that a signal interrupted after the server granted it. The
+        holder identity is this process's own, so nobody else's lease is touched."""
+        holder = self.schema.path(self.schema.holder)
+        doc = dbm.retry(lambda: self.collection.find_one_and_update(
+            {**self.key, holder: self.holder},
+            {"$set": {**self.schema.released(self.now()), "released_at": self.now(),
+                      "released_by": self.holder, "holder_lsid": None}},
+            maxTimeMS=self.config.wait_ms), what="release the scheduler lease", attempts=3)
+        return doc is not None
+
     def fence(self, session: ClientSession, now: datetime | None = None) -> None:
         """Inside a transaction: prove the lease is ours under our term and unexpired at
         ``now`` (server clock), or raise ``Deposed`` (see ``app.db.lease.Lease.fence``)."""

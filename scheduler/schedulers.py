@@ -471,18 +471,21 @@ class MongoLeaseScheduler(Scheduler):
         if self._session is not None:
             self._abort(self._session)  # a transaction a signal interrupted
         lease = self._lease
-        if lease is not None and lease.term is not None:
+        if lease is not None:
             term = lease.term
             try:
-                released = lease.release()
+                # Without a term, a signal may have interrupted an acquisition the server
+                # granted: release the document if it names this process.
+                released = lease.release() if term is not None else lease.release_unrecorded()
             except DB_ERRORS as exc:
                 log.warning("could not release the scheduler lease; it lapses by itself "
                             "within %ss (%s)", self.lease_config.lease_seconds, exc,
                             extra={"holder": self.identity, "term": term})
             else:
-                log.warning("scheduler lease released (term %s)" if released else
-                            "scheduler lease (term %s) was no longer ours at release", term,
-                            extra={"holder": self.identity, "term": term})
+                if term is not None or released:
+                    log.warning("scheduler lease released (term %s)" if released else
+                                "scheduler lease (term %s) was no longer ours at release",
+                                term, extra={"holder": self.identity, "term": term})
         self._end_session()
         super().close()
 

@@ -34,9 +34,11 @@ def test_scheduler_and_worker_forward_the_audit_log(migrated_db: Any, cap_env: d
         in_order_and_complete(receiver.seqs(), 55)  # at least once, in order
         state = db[SINKS].find_one({"_id": "siem"})
         assert state["cursor"] == 55 and state["consecutive_failures"] == 0
+        # Forwarded by the scheduler's timed jobs, run by the worker. One job may carry
+        # both rounds: a run keeps sending while entries arrive, so no count beyond one.
         forwarded = db[dbm.JOBS].count_documents({"kind": "audit.forward",
                                                   "state": "succeeded"})
-        assert forwarded >= 2
+        assert forwarded >= 1
         assert scheduler.alive() and worker.alive()
     finally:
         procs.stop_all()

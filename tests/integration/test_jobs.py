@@ -568,6 +568,42 @@ def test_kombu_channels_close_their_mongo_clients(jdb, jsettings):
         client.admin.command("ping")
 
 
+def test_a_channel_that_fails_to_open_closes_its_client(jdb, jsettings, monkeypatch):
+    """A step-down while kombu opens a channel (its index checks fail) used to leave the
+    new MongoClient to the garbage collector: an unclosed client per failed publish."""
+    from kombu import Connection
+    from pymongo import MongoClient
+    from pymongo.errors import AutoReconnect
+
+    from app.jobs import kombu_mongo
+    from app.jobs.kombu_mongo import Channel, Transport
+
+    made: list[MongoClient] = []
+    closed: list[MongoClient] = []
+
+    class Recorded(MongoClient):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def close(self):
+            closed.append(self)
+            super().close()
+
+    def stepped_down(self, database):
+        raise AutoReconnect("not primary")
+
+    monkeypatch.setattr(kombu_mongo, "MongoClient", Recorded)
+    monkeypatch.setattr(Channel, "_ensure_indexes", stepped_down)
+    connection = Connection(broker.broker_url(jsettings), transport=Transport)
+    try:
+        with pytest.raises(AutoReconnect):
+            connection.channel()
+        assert made and all(client in closed for client in made)
+    finally:
+        connection.close()
+
+
 def test_two_workers_creating_the_broadcast_collection_at_once_both_start(jdb, jsettings):
     """kombu checks for ``messages.broadcast`` and then creates it: the second of two
     workers starting together used to die on CollectionInvalid."""

@@ -128,6 +128,21 @@ def test_release_by_a_deposed_holder_does_not_touch_the_new_lease(db) -> None:
     assert lease_doc(db)["holder"] == "b"
 
 
+def test_an_acquisition_a_signal_cut_short_is_still_released_by_holder(db) -> None:
+    """SIGTERM between the server granting the lease and the process recording its term:
+    the exit still frees the document that names this process, and no one else's."""
+    a, b = Lease(db, CFG, "a"), Lease(db, CFG, "b")
+    assert a.acquire()
+    a.forget()  # the answer never reached the process
+    assert not b.release_unrecorded()  # b's identity is not on the document
+    assert lease_doc(db)["holder"] == "a"
+    assert a.release_unrecorded()
+    doc = lease_doc(db)
+    assert doc["holder"] is None and doc["released_by"] == "a"
+    assert b.acquire() and b.term == 2
+    assert not a.release_unrecorded()  # b holds it now
+
+
 def test_fence_refuses_a_deposed_leader_inside_the_transaction(db) -> None:
     a, b = Lease(db, CFG, "a"), Lease(db, CFG, "b")
     assert a.acquire()
