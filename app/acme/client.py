@@ -394,6 +394,27 @@ class AcmeClient:
             raise AcmeProtocolError("newOrder answered without a Location header")
         return OrderState(location, response.json(), self._retry_after())
 
+    def account_orders(self, *, max_pages: int = 50) -> list[str] | None:
+        """The URLs in the account's orders list (RFC 8555 §7.1.2.1), following its
+        ``Link: rel="next"`` pages; None when the CA offers no such list (Let's Encrypt
+        does not)."""
+        if not self.account_url:
+            raise AcmeError("the account is not registered")
+        account = self._post_as_get(self.account_url).json()
+        url = account.get("orders") if isinstance(account, dict) else None
+        if not url:
+            return None
+        found: list[str] = []
+        for _ in range(max_pages):
+            response = self._post_as_get(str(url))
+            page = response.json()
+            found.extend(str(u) for u in (page.get("orders") or [])
+                         if isinstance(page, dict))
+            url = response.links.get("next", {}).get("url")
+            if not url:
+                break
+        return found
+
     def get_order(self, url: str) -> OrderState:
         response = self._post_as_get(url)
         return OrderState(url, response.json(), self._retry_after())

@@ -79,6 +79,9 @@ T = TypeVar("T")
 
 # A run creates at most this many orders (each replaces an expired one) before giving up.
 MAX_ORDERS_PER_RUN = 3
+# How many of the account's orders that no order of ours knows are read when looking
+# for the one an interrupted attempt created but never saved (the list's last first).
+MAX_UNSAVED_ORDER_LOOKUPS = 20
 DEFAULT_RATE_LIMIT_DELAY = 3600.0
 
 
@@ -273,11 +276,17 @@ class IssuanceRun:
     def _new_order(self, order: Doc, client: AcmeClient) -> OrderState:
         """newOrder at the CA; its URL is saved before anything else happens. A token of
         the shared CA budget is taken first (``app.domain.budget``), or the job is
-        deferred until one is free."""
+        deferred until one is free. An order that an earlier attempt sent without saving
+        the answer (killed in between) is looked up at the CA first, not made twice."""
         self.fence.check_lease()
+        if order.get("new_order_sent_at"):
+            lost = self._find_unsaved_order(order, client)
+            if lost is not None:
+                return self._save_new_order(order, lost)
         grant = self._take_budget(order)
         try:
             self.fence.check_lease()
+            orders.save_fields(self.db, order, {"new_order_sent_at": now_ms()})
             try:
                 state = client.new_order(order["identifiers"], profile=order.get("profile"),
                                          replaces=order.get("replaces"))
@@ -290,12 +299,15 @@ class IssuanceRun:
                                              profile=order.get("profile"))
                 else:
                     raise
+            return self._save_new_order(order, state)  # the URL first, then the budget
         finally:
             try:
                 budget.settle(self.db, grant)
             except Exception as exc:  # noqa: BLE001 - the token keeps its take time
                 log.warning("could not settle a CA budget token", extra={
                     "order_id": order["_id"], "error": str(exc)[:200]})
+
+    def _save_new_order(self, order: Doc, state: OrderState) -> OrderState:
         orders.transition(self.db, order, orders.PENDING, expect=[orders.CREATED], fields={
             "order_url": state.url,
             "finalize_url": state.body.get("finalize"),
@@ -305,6 +317,36 @@ class IssuanceRun:
             "replaces": order.get("replaces"),
         })
         return state
+
+    def _find_unsaved_order(self, order: Doc, client: AcmeClient) -> OrderState | None:
+        """The order an earlier attempt created at the CA but never saved: an order of
+        this account for exactly these identifiers, still pending or ready, whose URL no
+        order of ours holds. None when the CA keeps no orders list or none matches."""
+        try:
+            urls = client.account_orders()
+        except AcmeError as exc:
+            log.info("cannot read the account's orders list; ordering anew",
+                     extra={"order_id": order["_id"], "error": str(exc)[:200]})
+            return None
+        if not urls:
+            return None
+        known = {doc["order_url"] for doc in self.db[dbm.ORDERS].find(
+            {"account_id": order["account_id"], "order_url": {"$in": urls}},
+            {"order_url": 1})}
+        wanted = sorted((str(i["type"]), str(i["value"])) for i in order["identifiers"])
+        for url in [u for u in urls if u not in known][-MAX_UNSAVED_ORDER_LOOKUPS:][::-1]:
+            try:
+                state = client.get_order(url)
+            except AcmeError:
+                continue
+            found = sorted((str(i.get("type")), str(i.get("value")))
+                           for i in state.body.get("identifiers") or [])
+            if state.status in ("pending", "ready") and found == wanted:
+                log.warning("found the order an interrupted attempt created at the CA; "
+                            "continuing with it", extra={"order_id": order["_id"],
+                                                         "order_url": url})
+                return state
+        return None
 
     # ------------------------------------------------------------ the shared CA budget
     def _take_budget(self, order: Doc) -> budget.Grant:

@@ -3,9 +3,10 @@ Pebble's VA fetches), Celery workers running certificates.issue, and the schedul
 running the renewal scan.
 
 - Issue and renew EC, RSA and a 10-name certificate; the api process answers the CA.
-- kill -9 the worker right after the order URL is stored, and again right after a
-  challenge is answered (tests/helpers/crash_points.py, CAP_TEST_CRASH_AT): a peer
-  resumes the same order; ``orders`` and Pebble's log show one order for the attempt;
+- kill -9 the worker between newOrder's answer and saving its URL, right after the order
+  URL is stored, and right after a challenge is answered (tests/helpers/crash_points.py,
+  CAP_TEST_CRASH_AT): a peer resumes the same order (the unsaved one found in the
+  account's orders list at the CA); ``orders`` and Pebble's log show one order for the attempt;
   the certificate is issued.
 """
 
@@ -156,7 +157,7 @@ def scrape(url):
             for sample in family.samples]
 
 
-@pytest.mark.parametrize("point", ["order_stored", "challenge_answered"])
+@pytest.mark.parametrize("point", ["order_unsaved", "order_stored", "challenge_answered"])
 def test_kill9_worker_then_a_peer_resumes_the_same_order(setup, procs, pebble, cap_env,
                                                          point):
     db, project_id, _, s = setup
@@ -174,7 +175,12 @@ def test_kill9_worker_then_a_peer_resumes_the_same_order(setup, procs, pebble, c
     wait_for(lambda: not doomed.alive(), timeout=60, message=f"worker killed at {point}")
     assert doomed.popen.returncode == -9
     stored = db[dbm.ORDERS].find_one({"job_id": job["_id"]})
-    assert stored["order_url"] and stored["state"] == "pending"
+    if point == "order_unsaved":  # the CA made the order; its URL never reached us
+        assert pebble.log().count("Added order") == orders_before + 1
+        assert stored["state"] == "created" and stored["new_order_sent_at"]
+        assert not stored.get("order_url")
+    else:
+        assert stored["order_url"] and stored["state"] == "pending"
     if point == "challenge_answered":
         assert sum(1 for a in stored["authorizations"] if a.get("answered_at")) == 1
     assert db[dbm.JOBS].find_one({"_id": job["_id"]})["state"] == "running"

@@ -1,6 +1,8 @@
 """Crash points for the kill -9 tests of resumable orders, applied from outside the
 runtime code by wrapping two steps of ``app.domain.issuance.IssuanceRun``:
 
+- ``order_unsaved``: right after newOrder's answer arrives, before its URL is saved
+  (the CA has an order we do not know);
 - ``order_stored``: right after newOrder's answer (the order URL) is saved;
 - ``challenge_answered``: right after the first challenge answer is saved.
 
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 
 ENV = "CAP_TEST_CRASH_AT"
 MARKERS = "test_crash_markers"
-POINTS = ("order_stored", "challenge_answered")
+POINTS = ("order_unsaved", "order_stored", "challenge_answered")
 
 Hook = Callable[[Database[dict[str, Any]], str], None]
 
@@ -59,7 +61,12 @@ def install(hook: Hook, setattr_: Callable[[Any, str, Any], None] = setattr) -> 
     """Make ``IssuanceRun`` call ``hook(db, point)`` right after each crash point's step
     is saved (``setattr_``: pytest's ``monkeypatch.setattr`` to undo it after a test)."""
     new_order = IssuanceRun._new_order
+    save_new_order = IssuanceRun._save_new_order
     save_authorization = IssuanceRun._save_authorization
+
+    def _save_new_order(self: IssuanceRun, order: Any, state: Any) -> Any:
+        hook(self.db, "order_unsaved")
+        return save_new_order(self, order, state)
 
     def _new_order(self: IssuanceRun, order: Any, client: Any) -> Any:
         state = new_order(self, order, client)
@@ -72,6 +79,7 @@ def install(hook: Hook, setattr_: Callable[[Any, str, Any], None] = setattr) -> 
             hook(self.db, "challenge_answered")
 
     setattr_(IssuanceRun, "_new_order", _new_order)
+    setattr_(IssuanceRun, "_save_new_order", _save_new_order)
     setattr_(IssuanceRun, "_save_authorization", _save_authorization)
 
 

@@ -220,3 +220,40 @@ def test_revoke_stops_renewals_and_a_new_issuance_restores(env, pebble):
         {"target": f"certificate:{cert['_id']}"}).sort("seq", 1)]
     assert actions == ["certificate.create", "certificate.issue", "certificate.revoke",
                        "certificate.renew"]
+
+
+class Killed(BaseException):
+    """The process dying at this point (not an exception the engine may catch)."""
+
+
+def test_an_order_created_but_never_saved_is_found_at_the_ca_not_made_twice(
+        env, pebble, monkeypatch):
+    """kill -9 between the CA's newOrder answer and saving its URL: the next attempt finds
+    the order in the account's orders list and carries on with it (one order at the CA)."""
+    db, s, project_id, _ = env
+    others = [certificates.create_certificate(db, project_id, {"names": [f"other{i}.test"]},
+                                              ACTOR, settings=s) for i in range(2)]
+    for i, other in enumerate(others):  # the account has other orders, saved ones
+        _issue(db, s, other["_id"], f"job-other-{i}")
+    cert = certificates.create_certificate(db, project_id, {"names": ["lost.test"]}, ACTOR,
+                                           settings=s)
+    real = orders.transition
+
+    def dies_before_saving(db_, order, target, **kwargs):
+        if target == orders.PENDING:
+            raise Killed
+        return real(db_, order, target, **kwargs)
+
+    before = pebble.log().count("Added order")
+    monkeypatch.setattr(orders, "transition", dies_before_saving)
+    with pytest.raises(Killed):
+        _issue(db, s, cert["_id"], "job-lost")
+    assert pebble.log().count("Added order") == before + 1
+    stored = db[dbm.ORDERS].find_one({"job_id": "job-lost"})
+    assert stored["state"] == orders.CREATED and stored["new_order_sent_at"]
+    monkeypatch.setattr(orders, "transition", real)
+    result = _issue(db, s, cert["_id"], "job-lost")
+    assert result["outcome"] == "issued"
+    assert pebble.log().count("Added order") == before + 1  # no second order
+    assert db[dbm.ORDERS].count_documents({"job_id": "job-lost"}) == 1
+    assert db[dbm.CERTIFICATES].find_one({"_id": cert["_id"]})["issue_count"] == 1
