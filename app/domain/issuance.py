@@ -257,6 +257,7 @@ class IssuanceRun:
             attempt=int(previous.get("attempt", 0)) + 1 if previous else 1)
 
         def insert(session: ClientSession) -> None:
+            audit.hold_chain(self.db, session)  # first: see hold_chain
             if not reuse:
                 order["key_id"] = seal_private_key(self.db, key_pem,
                                                    project_id=cert["project_id"],
@@ -644,6 +645,8 @@ class IssuanceRun:
             updates["revoked_at"] = None
 
         def save(session: ClientSession) -> Doc:
+            if not deleted:
+                audit.hold_chain(self.db, session)  # first: see hold_chain
             if not deleted and not certificates.store_issued(self.db, session, current,
                                                              updates):
                 raise _CertificateMoved()
@@ -733,6 +736,7 @@ class IssuanceRun:
             status = certificates.STATUS_FAILED
 
         def save(session: ClientSession) -> None:
+            audit.hold_chain(self.db, session)  # first: see hold_chain
             if order is not None and order["state"] not in orders.TERMINAL:
                 orders.transition(self.db, order, orders.INVALID, session=session,
                                   fields={"error": problem.as_doc()})
