@@ -9,6 +9,6 @@ transaction as the change. ``record()`` is the one function every mutation path 
 - ``walk``: helpers for tests that check every mutating route and command is audited.
 """
 
-from app.audit.log import Actor, canonical_json, entry_hash, hold_chain, record, system_actor
+from app.audit.log import Actor, canonical_json, entry_hash, record, system_actor
 
-__all__ = ["Actor", "canonical_json", "entry_hash", "hold_chain", "record", "system_actor"]
+__all__ = ["Actor", "canonical_json", "entry_hash", "record", "system_actor"]

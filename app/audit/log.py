@@ -202,23 +202,6 @@ def build_entry(*, seq: int, prev_hash: str, time: datetime, actor: Actor, actio
     return entry
 
 
-def hold_chain(db: Database[dict[str, Any]], session: ClientSession) -> None:
-    """Take the chain head's write lock now, as the first write of a long transaction
-    that will ``record()`` later.
-
-    Every audited transaction writes the one chain head. The server lets the first
-    writer of a document keep it until it commits, and fails a transaction that writes
-    it after a commit newer than its snapshot. A long transaction that writes the head
-    only at its end therefore loses all its work whenever any short audited write
-    (an API call) commits meanwhile, and under steady API traffic it may never commit.
-    Writing the head first turns that into waiting: the short ones conflict at once,
-    before doing any work, and retry after this one commits."""
-    if not session.in_transaction:
-        raise RuntimeError("audit.hold_chain must run inside the mutation's transaction")
-    db[dbm.COUNTERS].update_one({"_id": CHAIN_ID}, {"$inc": {"holds": 1}}, upsert=True,
-                                session=session)
-
-
 def record(db: Database[dict[str, Any]], session: ClientSession, *, actor: Actor,
            action: str, target: str, project_id: Any = None,
            details: dict[str, Any] | None = None, request_id: str | None = None) -> int:

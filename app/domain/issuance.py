@@ -257,7 +257,6 @@ class IssuanceRun:
             attempt=int(previous.get("attempt", 0)) + 1 if previous else 1)
 
         def insert(session: ClientSession) -> None:
-            audit.hold_chain(self.db, session)  # first: see hold_chain
             if not reuse:
                 order["key_id"] = seal_private_key(self.db, key_pem,
                                                    project_id=cert["project_id"],
@@ -645,8 +644,6 @@ class IssuanceRun:
             updates["revoked_at"] = None
 
         def save(session: ClientSession) -> Doc:
-            if not deleted:
-                audit.hold_chain(self.db, session)  # first: see hold_chain
             if not deleted and not certificates.store_issued(self.db, session, current,
                                                              updates):
                 raise _CertificateMoved()
@@ -736,7 +733,6 @@ class IssuanceRun:
             status = certificates.STATUS_FAILED
 
         def save(session: ClientSession) -> None:
-            audit.hold_chain(self.db, session)  # first: see hold_chain
             if order is not None and order["state"] not in orders.TERMINAL:
                 orders.transition(self.db, order, orders.INVALID, session=session,
                                   fields={"error": problem.as_doc()})

@@ -7,8 +7,6 @@ import subprocess
 import sys
 from typing import Any
 
-import pytest
-
 from app import db as dbm
 from app.audit.verify import verify_chain
 
@@ -57,65 +55,3 @@ def test_concurrent_writers_leave_a_gap_free_verifiable_chain(migrated_db: Any,
     result = verify_chain(db)
     assert result.intact, result.problem
     assert result.checked == total
-
-
-def _long_audited_transaction(db: Any, *, hold: bool, attempts: int) -> None:
-    """An issuance-like transaction: several writes over about a second, one entry."""
-    import time
-
-    from app.audit import hold_chain, record, system_actor
-
-    def fn(session: Any) -> None:
-        if hold:
-            hold_chain(db, session)
-        for step in range(5):
-            db["long"].update_one({"_id": "long"}, {"$set": {"step": step}}, upsert=True,
-                                  session=session)
-            time.sleep(0.2)
-        record(db, session, actor=system_actor("long"), action="thing.long",
-               target="thing:long")
-
-    dbm.txn.run(db, fn, attempts=attempts, what="long audited transaction")
-
-
-def test_a_long_audited_transaction_commits_under_a_stream_of_short_audited_writes(
-        migrated_db: Any) -> None:
-    """Short audited writes commit all the time (API traffic). A long transaction that
-    writes the chain head only at its end loses every attempt to them; holding the head
-    first (``hold_chain``) makes the short ones wait instead, and it commits."""
-    import threading
-
-    from app.audit import record, system_actor
-    from app.errors import DatabaseUnavailable
-
-    db = migrated_db
-    stop = threading.Event()
-    short: dict[str, int] = {"ok": 0, "gave_up": 0}
-
-    def writer() -> None:
-        actor = system_actor("short")
-        while not stop.is_set():
-            def fn(session: Any) -> None:
-                record(db, session, actor=actor, action="thing.short", target="thing:s")
-            try:
-                dbm.transaction(db, fn)
-                short["ok"] += 1
-            except DatabaseUnavailable:
-                short["gave_up"] += 1
-            stop.wait(0.02)  # API traffic, a few dozen audited writes a second
-
-    thread = threading.Thread(target=writer, daemon=True)
-    thread.start()
-    try:
-        with pytest.raises(DatabaseUnavailable):  # starved: every attempt lost at its end
-            _long_audited_transaction(db, hold=False, attempts=3)
-        # holding first: an attempt can only lose at its first write, to a short one
-        # holding the head for a moment; it retries without having done any work
-        _long_audited_transaction(db, hold=True, attempts=12)
-    finally:
-        stop.set()
-        thread.join(30)
-    assert short["ok"] > 10
-    assert db[dbm.AUDIT].count_documents({"action": "thing.long"}) == 1
-    result = verify_chain(db)
-    assert result.intact, result.problem
