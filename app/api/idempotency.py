@@ -18,15 +18,28 @@ An answer that holds a secret shown once (a new token) is stored with that field
 replaced by a placeholder (views set ``g.idempotency_redact``): a replay tells the
 client the token's id, never its plaintext.
 
-A process that dies after the mutation and before storing the answer leaves the key
-reserved; after ``LEASE_SECONDS`` a retry with that key runs again (job dedupe keys in
-the domain code keep that from enqueueing twice).
+The reservation is held by the api process that runs the request (``owner``) under a
+short lease (``LEASE_SECONDS``) that a thread of that process renews while the request
+runs. A request that finds the key held by a running first request waits for it (up
+to ``WAIT_SECONDS``): when the first one finishes, its answer is replayed; when its
+process died (kill -9, an OOM; a load balancer then re-sends the request to another
+replica), its lease lapses within ``LEASE_SECONDS`` and the waiting request takes the
+key over and runs. Only a first request still running after the wait gets the 409 with
+``Retry-After``. A process that died after the mutation committed and before storing
+the answer makes the takeover run the view again (job dedupe keys and unique names in
+the domain keep that from creating twice; the answer may then be a 409 conflict).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -41,9 +54,18 @@ from app.db.names import IDEMPOTENCY
 from app.domain.projects import now_ms
 from app.errors import Conflict
 
+log = logging.getLogger(__name__)
+
 HEADER = "Idempotency-Key"
 TTL = timedelta(hours=24)
-LEASE_SECONDS = 120
+# The owner's lease on a running reservation, renewed every RENEW_SECONDS while the
+# request runs: what a dead owner's retry waits at most. Generous against a slow
+# database (a renewal late by more than LEASE - RENEW lets a retry run concurrently).
+LEASE_SECONDS = 15.0
+RENEW_SECONDS = 3.0
+# How long a request waits for a running first request with its key before the 409.
+WAIT_SECONDS = 20.0
+POLL_SECONDS = 0.25
 _KEPT_HEADERS = ("Content-Type", "Location", "ETag", "Cache-Control")
 
 HEADER_PARAM = {
@@ -81,6 +103,56 @@ def _replay(doc: dict[str, Any]) -> Response:
     return response
 
 
+class _Keeper:
+    """This process's running reservations, their leases renewed by one thread."""
+
+    def __init__(self, db: Database[dict[str, Any]]) -> None:
+        self.db = db
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held: set[str] = set()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._run, name="idempotency-leases",
+                                       daemon=True)
+        self.thread.start()
+
+    def hold(self, record_id: str) -> None:
+        with self.lock:
+            self.held.add(record_id)
+
+    def drop(self, record_id: str) -> None:
+        with self.lock:
+            self.held.discard(record_id)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(RENEW_SECONDS)
+            with self.lock:
+                held = list(self.held)
+            if not held:
+                continue
+            try:
+                until = dbm.server_now(self.db) + timedelta(seconds=LEASE_SECONDS)
+                self.db[IDEMPOTENCY].update_many(
+                    {"_id": {"$in": held}, "owner": self.owner, "state": "running"},
+                    {"$set": {"lease_until": until}})
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("could not renew idempotency key leases",
+                            extra={"error": f"{exc.__class__.__name__}: {exc}"[:200]})
+
+
+_keepers: dict[int, _Keeper] = {}
+_keepers_lock = threading.Lock()
+
+
+def _keeper(db: Database[dict[str, Any]]) -> _Keeper:
+    """One per process (gunicorn forks its workers after the app is built)."""
+    with _keepers_lock:
+        keeper = _keepers.get(os.getpid())
+        if keeper is None:
+            keeper = _keepers[os.getpid()] = _Keeper(db)
+        return keeper
+
+
 def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
     """before_request for POSTs with the header: a replayed answer, or None to run the
     view (the key is then reserved and ``finish`` stores the answer)."""
@@ -93,16 +165,19 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
     record_id = f"{token_id}:{hashlib.sha256(key.encode()).hexdigest()}"
     wanted = fingerprint()
     collection = db[IDEMPOTENCY]
-    for _ in range(3):
-        now = now_ms()
+    keeper = _keeper(db)
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        now = dbm.server_now(db)
+        lease_until = now + timedelta(seconds=LEASE_SECONDS)
         reservation = {
             "_id": record_id, "fingerprint": wanted, "state": "running",
-            "created_at": now, "lease_until": now + timedelta(seconds=LEASE_SECONDS),
-            "expires_at": now + TTL}
+            "owner": keeper.owner, "created_at": now_ms(), "lease_until": lease_until,
+            "expires_at": now_ms() + TTL}
         try:
             dbm.retry(partial(collection.insert_one, reservation),
                       what="reserve idempotency key")
-            g.idempotency_id = record_id
+            _running(keeper, record_id)
             return None
         except DuplicateKeyError:
             pass
@@ -116,19 +191,27 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
                 errors={"headers": {HEADER: ["reused with a different request"]}})
         if doc.get("state") == "done":
             return _replay(doc)
-        server_now = dbm.server_now(db)
-        if doc.get("lease_until") and doc["lease_until"] < server_now:
+        if doc.get("lease_until") and doc["lease_until"] < now:
+            # The first request's process died: take the key over and run.
             taken = dbm.retry(partial(
                 collection.update_one,
                 {"_id": record_id, "state": "running", "lease_until": doc["lease_until"]},
-                {"$set": {"lease_until": server_now + timedelta(seconds=LEASE_SECONDS)}}),
+                {"$set": {"owner": keeper.owner, "lease_until": lease_until}}),
                 what="take over idempotency key")
             if taken.modified_count == 1:
-                g.idempotency_id = record_id
+                log.info("took over an idempotency key whose first request's process "
+                         "stopped", extra={"previous_owner": doc.get("owner")})
+                _running(keeper, record_id)
                 return None
-        raise Conflict(f"a request with this {HEADER} is still running; retry shortly",
-                       retry_after=1)
-    raise Conflict(f"could not reserve this {HEADER}; retry", retry_after=1)
+        if time.monotonic() >= deadline:
+            raise Conflict(f"a request with this {HEADER} is still running; retry shortly",
+                           retry_after=1)
+        time.sleep(POLL_SECONDS)  # the first request is running: wait for its answer
+
+
+def _running(keeper: _Keeper, record_id: str) -> None:
+    g.idempotency_id = record_id
+    keeper.hold(record_id)
 
 
 def finish(db: Database[dict[str, Any]], response: Response) -> None:
@@ -136,6 +219,7 @@ def finish(db: Database[dict[str, Any]], response: Response) -> None:
     record_id = g.pop("idempotency_id", None)
     if record_id is None:
         return
+    _keeper(db).drop(record_id)
     collection = db[IDEMPOTENCY]
     if response.status_code >= 500:
         dbm.retry(lambda: collection.delete_one({"_id": record_id, "state": "running"}),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from app import create_app
 from app import db as dbm
+from app.api import idempotency
 from app.api.idempotency import IDEMPOTENCY
 from app.domain import tokens
 from tests.helpers.api import API, make_admin, make_project, make_token
@@ -59,7 +61,8 @@ def test_an_error_answer_is_replayed_too(client, migrated_db) -> None:
 
 
 def test_same_key_while_the_first_is_running_is_409_and_a_stale_one_is_retaken(
-        client, migrated_db) -> None:
+        client, migrated_db, monkeypatch) -> None:
+    monkeypatch.setattr(idempotency, "WAIT_SECONDS", 0.5)
     admin = make_admin(migrated_db)
     headers = {**admin.headers, "Idempotency-Key": "slow"}
     assert client.post(f"{API}/projects", json={"name": "one"}, headers=headers).status_code \
@@ -76,6 +79,74 @@ def test_same_key_while_the_first_is_running_is_409_and_a_stale_one_is_retaken(
     retaken = client.post(f"{API}/projects", json={"name": "one"}, headers=headers)
     assert retaken.status_code == 409  # it runs again: the project exists → Conflict
     assert migrated_db[IDEMPOTENCY].find_one({})["state"] == "done"
+
+
+def test_a_retry_waits_for_the_running_first_request_and_replays_its_answer(
+        client, migrated_db) -> None:
+    admin = make_admin(migrated_db)
+    headers = {**admin.headers, "Idempotency-Key": "waits"}
+    first = client.post(f"{API}/projects", json={"name": "two"}, headers=headers)
+    record = migrated_db[IDEMPOTENCY].find_one({})
+    answer = {k: record[k] for k in ("status", "body", "headers")}
+    migrated_db[IDEMPOTENCY].update_one({"_id": record["_id"]}, {"$set": {
+        "state": "running", "owner": "elsewhere",
+        "lease_until": datetime.now(UTC) + timedelta(minutes=2)}})
+
+    def first_request_finishes() -> None:  # on another replica, a second later
+        time.sleep(1.0)
+        migrated_db[IDEMPOTENCY].update_one({"_id": record["_id"]},
+                                            {"$set": {"state": "done", **answer}})
+
+    finisher = threading.Thread(target=first_request_finishes)
+    finisher.start()
+    started = time.monotonic()
+    retry = client.post(f"{API}/projects", json={"name": "two"}, headers=headers)
+    finisher.join()
+    assert time.monotonic() - started >= 0.9
+    assert retry.status_code == 201 and retry.json == first.json
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert migrated_db[dbm.PROJECTS].count_documents({"name": "two"}) == 1
+
+
+def test_a_retry_after_the_first_requests_process_died_takes_over_once_its_lease_lapses(
+        client, migrated_db) -> None:
+    """kill -9 of the api mid-request; the load balancer re-sends the POST to another
+    replica at once: it waits for the dead owner's lease, then runs the request."""
+    admin = make_admin(migrated_db)
+    headers = {**admin.headers, "Idempotency-Key": "owner-died"}
+    assert client.post(f"{API}/projects", json={"name": "three"},
+                       headers=headers).status_code == 201
+    record = migrated_db[IDEMPOTENCY].find_one({})
+    # The state the dead process left: reserved, not committed, lease about to lapse.
+    migrated_db[dbm.PROJECTS].delete_one({"name": "three"})
+    migrated_db[IDEMPOTENCY].update_one({"_id": record["_id"]}, {"$set": {
+        "state": "running", "owner": "vm:1:dead",
+        "lease_until": dbm.server_now(migrated_db) + timedelta(seconds=1)}})
+    started = time.monotonic()
+    retry = client.post(f"{API}/projects", json={"name": "three"}, headers=headers)
+    assert time.monotonic() - started >= 0.5
+    assert retry.status_code == 201 and "Idempotent-Replayed" not in retry.headers
+    assert migrated_db[dbm.PROJECTS].count_documents({"name": "three"}) == 1
+    assert migrated_db[IDEMPOTENCY].find_one({})["state"] == "done"
+
+
+def test_a_running_request_keeps_its_key_while_it_runs(migrated_db, monkeypatch) -> None:
+    """The owner's lease is renewed while the request runs, so a retry waits rather
+    than running the same request a second time beside it."""
+    monkeypatch.setattr(idempotency, "RENEW_SECONDS", 0.2)
+    keeper = idempotency._Keeper(migrated_db)
+    soon = dbm.server_now(migrated_db) + timedelta(seconds=1)
+    migrated_db[IDEMPOTENCY].insert_one({"_id": "held", "state": "running",
+                                         "owner": keeper.owner, "lease_until": soon})
+    migrated_db[IDEMPOTENCY].insert_one({"_id": "foreign", "state": "running",
+                                         "owner": "someone-else", "lease_until": soon})
+    keeper.hold("held")
+    keeper.hold("foreign")  # never another owner's
+    time.sleep(1.5)
+    keeper.drop("held")
+    leases = {d["_id"]: d["lease_until"] for d in migrated_db[IDEMPOTENCY].find()}
+    assert leases["held"] > soon + timedelta(seconds=idempotency.LEASE_SECONDS - 5)
+    assert leases["foreign"] == soon.replace(microsecond=soon.microsecond // 1000 * 1000)
 
 
 def test_a_replayed_token_creation_never_stores_or_returns_the_token(client,
