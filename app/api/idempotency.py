@@ -106,50 +106,51 @@ def _replay(doc: dict[str, Any]) -> Response:
 class _Keeper:
     """This process's running reservations, their leases renewed by one thread."""
 
-    def __init__(self, db: Database[dict[str, Any]]) -> None:
-        self.db = db
+    def __init__(self) -> None:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.held: set[str] = set()
+        self.held: dict[str, Database[dict[str, Any]]] = {}
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="idempotency-leases",
                                        daemon=True)
         self.thread.start()
 
-    def hold(self, record_id: str) -> None:
+    def hold(self, db: Database[dict[str, Any]], record_id: str) -> None:
         with self.lock:
-            self.held.add(record_id)
+            self.held[record_id] = db
 
     def drop(self, record_id: str) -> None:
         with self.lock:
-            self.held.discard(record_id)
+            self.held.pop(record_id, None)
 
     def _run(self) -> None:
         while True:
             time.sleep(RENEW_SECONDS)
             with self.lock:
-                held = list(self.held)
-            if not held:
-                continue
-            try:
-                until = dbm.server_now(self.db) + timedelta(seconds=LEASE_SECONDS)
-                self.db[IDEMPOTENCY].update_many(
-                    {"_id": {"$in": held}, "owner": self.owner, "state": "running"},
-                    {"$set": {"lease_until": until}})
-            except Exception as exc:  # noqa: BLE001 - the next round tries again
-                log.warning("could not renew idempotency key leases",
-                            extra={"error": f"{exc.__class__.__name__}: {exc}"[:200]})
+                held = list(self.held.items())
+            by_db: dict[tuple[int, str], tuple[Database[dict[str, Any]], list[str]]] = {}
+            for record_id, db in held:
+                by_db.setdefault((id(db.client), db.name), (db, []))[1].append(record_id)
+            for db, ids in by_db.values():
+                try:
+                    until = dbm.server_now(db) + timedelta(seconds=LEASE_SECONDS)
+                    db[IDEMPOTENCY].update_many(
+                        {"_id": {"$in": ids}, "owner": self.owner, "state": "running"},
+                        {"$set": {"lease_until": until}})
+                except Exception as exc:  # noqa: BLE001 - the next round tries again
+                    log.warning("could not renew idempotency key leases",
+                                extra={"error": f"{exc.__class__.__name__}: {exc}"[:200]})
 
 
 _keepers: dict[int, _Keeper] = {}
 _keepers_lock = threading.Lock()
 
 
-def _keeper(db: Database[dict[str, Any]]) -> _Keeper:
+def _keeper() -> _Keeper:
     """One per process (gunicorn forks its workers after the app is built)."""
     with _keepers_lock:
         keeper = _keepers.get(os.getpid())
         if keeper is None:
-            keeper = _keepers[os.getpid()] = _Keeper(db)
+            keeper = _keepers[os.getpid()] = _Keeper()
         return keeper
 
 
@@ -165,7 +166,7 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
     record_id = f"{token_id}:{hashlib.sha256(key.encode()).hexdigest()}"
     wanted = fingerprint()
     collection = db[IDEMPOTENCY]
-    keeper = _keeper(db)
+    keeper = _keeper()
     deadline = time.monotonic() + WAIT_SECONDS
     while True:
         now = dbm.server_now(db)
@@ -177,7 +178,7 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
         try:
             dbm.retry(partial(collection.insert_one, reservation),
                       what="reserve idempotency key")
-            _running(keeper, record_id)
+            _running(keeper, db, record_id)
             return None
         except DuplicateKeyError:
             pass
@@ -201,7 +202,7 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
             if taken.modified_count == 1:
                 log.info("took over an idempotency key whose first request's process "
                          "stopped", extra={"previous_owner": doc.get("owner")})
-                _running(keeper, record_id)
+                _running(keeper, db, record_id)
                 return None
         if time.monotonic() >= deadline:
             raise Conflict(f"a request with this {HEADER} is still running; retry shortly",
@@ -209,9 +210,9 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
         time.sleep(POLL_SECONDS)  # the first request is running: wait for its answer
 
 
-def _running(keeper: _Keeper, record_id: str) -> None:
+def _running(keeper: _Keeper, db: Database[dict[str, Any]], record_id: str) -> None:
     g.idempotency_id = record_id
-    keeper.hold(record_id)
+    keeper.hold(db, record_id)
 
 
 def finish(db: Database[dict[str, Any]], response: Response) -> None:
@@ -219,7 +220,7 @@ def finish(db: Database[dict[str, Any]], response: Response) -> None:
     record_id = g.pop("idempotency_id", None)
     if record_id is None:
         return
-    _keeper(db).drop(record_id)
+    _keeper().drop(record_id)
     collection = db[IDEMPOTENCY]
     if response.status_code >= 500:
         dbm.retry(lambda: collection.delete_one({"_id": record_id, "state": "running"}),

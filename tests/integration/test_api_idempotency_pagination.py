@@ -134,14 +134,14 @@ def test_a_running_request_keeps_its_key_while_it_runs(migrated_db, monkeypatch)
     """The owner's lease is renewed while the request runs, so a retry waits rather
     than running the same request a second time beside it."""
     monkeypatch.setattr(idempotency, "RENEW_SECONDS", 0.2)
-    keeper = idempotency._Keeper(migrated_db)
+    keeper = idempotency._Keeper()
     soon = dbm.server_now(migrated_db) + timedelta(seconds=1)
     migrated_db[IDEMPOTENCY].insert_one({"_id": "held", "state": "running",
                                          "owner": keeper.owner, "lease_until": soon})
     migrated_db[IDEMPOTENCY].insert_one({"_id": "foreign", "state": "running",
                                          "owner": "someone-else", "lease_until": soon})
-    keeper.hold("held")
-    keeper.hold("foreign")  # never another owner's
+    keeper.hold(migrated_db, "held")
+    keeper.hold(migrated_db, "foreign")  # never another owner's
     time.sleep(1.5)
     keeper.drop("held")
     leases = {d["_id"]: d["lease_until"] for d in migrated_db[IDEMPOTENCY].find()}
