@@ -239,8 +239,7 @@ def renewal_scan(db: Database[Doc], *, batch_size: int = SCAN_BATCH,
             job_ids = fence.transaction(enqueue_batch)
         else:
             job_ids = dbm.transaction(db, enqueue_batch, what="enqueue renewals")
-        for job_id in job_ids:
-            jobs.publish_wakeup(job_id)
+        jobs.publish_wakeups(job_ids)
         enqueued += len(job_ids)
         batches += 1
         if len(due) < batch_size:
