@@ -429,12 +429,16 @@ def windowed_paginate(collection: Collection[Doc], query: Doc, *, limit: int,
         for _ in range(MAX_WINDOWS):
             try:
                 high = low + span
-            except OverflowError:
+            except OverflowError:  # past year 9999: the rest is the last window
                 break
             yield {"$gte": low, "$lt": high}
             if upper_value is not None and high >= upper_value:
                 return  # the query's own range ends inside this window
-            low, span = high, span * WINDOW_GROWTH
+            low = high
+            try:
+                span *= WINDOW_GROWTH
+            except OverflowError:
+                break
         yield {"$gte": low}
 
     def beyond(doc: Doc) -> bool:

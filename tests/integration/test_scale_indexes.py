@@ -120,7 +120,8 @@ def test_windowed_pages_are_one_sorted_read_whatever_the_hints(migrated_db) -> N
     offsets = ([timedelta(0)] * 15  # ties on the date
                + [timedelta(seconds=rng.uniform(1, 3600)) for _ in range(40)]
                + [timedelta(days=rng.uniform(1, 1100)) for _ in range(40)]
-               + [timedelta(days=500, milliseconds=i) for i in range(20)])
+               + [timedelta(days=500, milliseconds=i) for i in range(20)]
+               + [timedelta(days=-2_900_000)])  # year 9966: windows would pass year 9999
     docs = []
     for i, offset in enumerate(offsets):
         expires = None if i % 9 == 4 else now + timedelta(days=rng.uniform(-400, 400))
