@@ -303,7 +303,9 @@ class Seeder:
         return {**{k: round(v, 2) for k, v in timings.items()}, "total_s": round(total, 2),
                 **{f"added_{k}": v for k, v in added.items()},
                 "certificates_per_s": round(added["certificates"] / timings["certificates_s"])
-                if timings["certificates_s"] else None}
+                if timings["certificates_s"] else None,
+                "audit_per_s": round(added["audit"] / timings["audit_s"])
+                if timings["audit_s"] else None}
 
     def make_due_again(self) -> int:
         """The 1 % due now again (the previous scan moved them forward; their queued
@@ -340,6 +342,19 @@ def explain(db: Any, collection: str, query: Doc, sort: Doc | None = None,
     return {"examined": examined, "returned": returned,
             "ratio": round(examined / max(1, returned), 2),
             "plan": f"{stage.get('stage')}{':' + index if index else ''}"}
+
+
+def window_explain(db: Any, query: Doc, keys: list[str]) -> Doc | None:
+    if not keys:
+        return None
+    last = next(iter(db[dbm.CERTIFICATES].find(query, {keys[0]: 1})
+                     .sort([(k, 1) for k in keys]).skip(50).limit(1)), None)
+    if last is None:
+        return None
+    bound = dict(query.get(keys[0]) or {})
+    upper = last[keys[0]] + timedelta(milliseconds=1)
+    bound["$lt"] = min(bound.get("$lt", upper), upper)
+    return explain(db, dbm.CERTIFICATES, {**query, keys[0]: bound}, {k: 1 for k in keys}, 51)
 
 
 def timed_requests(session: Any, url: str, headers: dict[str, str], count: int,
@@ -552,6 +567,7 @@ class Bench:
         finally:
             self.stop_api()
         row["sizes"] = collection_sizes(self.db)
+        row["load_average"] = [round(v, 2) for v in os.getloadavg()]
         return row
 
     def time_queue_depth(self) -> list[float]:
@@ -624,6 +640,9 @@ class Bench:
             keys = cursor_keys(session, base, path, headers)
             out[f"{name}_explain"] = explain(self.db, dbm.CERTIFICATES, query,
                                              {k: 1 for k in keys}, 51)
+            # What the api's first page reads once warm (app.api.common.windowed_paginate):
+            # the range of the date key up to where the page's 51st item is.
+            out[f"{name}_window_explain"] = window_explain(self.db, query, keys)
             first = timed_requests(session, f"{base}{path}&limit=50", headers,
                                    self.args.requests, self.args.budget)
             cursor = deep_cursor(self.db, query, keys)
@@ -672,6 +691,7 @@ def figures(row: Doc) -> dict[str, float | None]:
     lists = row["lists"]
     flat: dict[str, float | None] = {
         "seed_certs_per_s": row["seed"].get("certificates_per_s"),
+        "seed_audit_per_s": row["seed"].get("audit_per_s"),
         "scan_s": row["scan_s"],
         "scan_examined_per_returned": row["scan_explain"]["ratio"],
         "queue_depth_idle_ms": row["queue_depth_idle_ms"],
@@ -692,6 +712,8 @@ def figures(row: Doc) -> dict[str, float | None]:
             flat[f"list_{name}_{page}_p50_ms"] = lists[f"{name}_{page}"]["p50_ms"]
             flat[f"list_{name}_{page}_p99_ms"] = lists[f"{name}_{page}"]["p99_ms"]
         flat[f"list_{name}_examined_per_returned"] = lists[f"{name}_explain"]["ratio"]
+        window = lists.get(f"{name}_window_explain") or {}
+        flat[f"list_{name}_window_examined"] = window.get("examined")
     flat["jobs_docs"] = row["sizes"]["jobs"]
     flat["audit_docs"] = row["sizes"]["audit"]
     return flat
