@@ -478,10 +478,10 @@ def windowed_paginate(collection: Collection[Doc], query: Doc, *, limit: int,
     next_cursor = None
     if len(items) > limit:
         first_value, last_value = items[0].get(first), items[limit].get(first)
-        with _hints_lock:
-            if after is None:
-                hint.first_upper = last_value
-            if isinstance(first_value, datetime) and isinstance(last_value, datetime):
+        if isinstance(first_value, datetime) and isinstance(last_value, datetime):
+            with _hints_lock:
+                if after is None:
+                    hint.first_upper = last_value
                 hint.span = max(_MIN_SPAN, last_value - first_value)
         items = items[:limit]
         next_cursor = encode_cursor([items[-1].get(k) for k in keys])
