@@ -266,10 +266,14 @@ def _metadata(entry: Entry) -> Doc:
 
 
 class _IndexBuilds:
-    """Index builds run on threads beside the loads. On the embedded server building the
-    indexes over loaded documents costs more than loading them (measured: 96 s for the 4
-    audit indexes over 20,000 entries that loaded in 37 s; creating them before the load
-    made the load take 235 s), so the next collection loads while they are built."""
+    """Index builds run on threads beside the loads, so that a server that builds an
+    index while it takes writes to other collections (mongod) loads the next collection
+    meanwhile. The embedded server does not: its build holds a lock every write takes,
+    and it builds each index with its own pass over the documents, so there a restore
+    costs its loads plus every build (benchmark, 2026-12-01: 100,000 audit entries and
+    10,000 certificates and keys loaded in about 27 s, their indexes built in 124 s;
+    indexes created before the load made the load slower than both, 9.8 s against
+    8.2 s for 10,000 audit entries)."""
 
     def __init__(self, workers: int = INDEX_BUILDERS) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers,

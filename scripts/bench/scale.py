@@ -67,6 +67,7 @@ from renewals import Procs, log, wait_until  # noqa: E402
 from app import db as dbm  # noqa: E402
 from app.config import load_settings  # noqa: E402
 from devstack import embedded  # noqa: E402
+from devstack.pebble import unlimited_budget  # noqa: E402
 from tests.helpers.pebble import Pebble, start_pebble  # noqa: E402
 
 Doc = dict[str, Any]
@@ -378,15 +379,14 @@ def timed_requests(session: Any, url: str, headers: dict[str, str], count: int,
 
 
 def cursor_keys(session: Any, base: str, path: str, headers: dict[str, str]) -> list[str]:
-    """The sort keys a list pages on (read from its own cursor)."""
+    """The sort keys a list pages on (``app/api/certificates``: soonest expiry first with
+    ``expiring_before``, else creation order), after checking it pages at all."""
     sep = "&" if "?" in path else "?"
     response = session.get(f"{base}{path}{sep}limit=1", headers=headers, timeout=120)
     response.raise_for_status()
-    cursor = response.json().get("next_cursor")
-    if not cursor:
+    if not response.json().get("next_cursor"):
         return []
-    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-    return list(json.loads(raw)["k"])
+    return ["not_after", "_id"] if "expiring_before=" in path else ["created_at", "_id"]
 
 
 def deep_cursor(db: Any, query: Doc, keys: list[str], fraction: float = 0.8) -> str | None:
@@ -450,6 +450,9 @@ class Bench:
                     "CAP_LOG_LEVEL": "WARNING", "CAP_API_RATE_LIMIT": "off",
                     "CAP_ACME_DIRECTORY_URL": self.pebble.directory_url,
                     "CAP_ACME_CA_BUNDLE": str(self.pebble.ca_cert),
+                    # Pebble has no rate limits; Let's Encrypt's default budget (50
+                    # certificates per registered domain a week) stops the renewals here.
+                    "CAP_CA_BUDGETS": unlimited_budget(self.pebble.directory_url),
                     "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("CAP_")})
         self.settings = load_settings()
@@ -766,6 +769,8 @@ def main() -> None:
             started = time.perf_counter()
             rows.append(bench.measure(size))
             log(f"size {size}: measured in {time.perf_counter() - started:.0f} s")
+            # Each size's figures as soon as they are known (a long run may be stopped).
+            log(f"figures {size}: {json.dumps(figures(rows[-1]), default=str)}")
         ttl_left = bench.db[dbm.JOBS].count_documents(
             {"expire_at": {"$lt": dbm.server_now(bench.db)}})
     finally:
