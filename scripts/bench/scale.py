@@ -793,7 +793,7 @@ def main() -> None:
     for row in rows:
         plans = {"scan": row["scan_explain"]["plan"], "queue": row["queue_explain"]["plan"],
                  **{k[:-8]: v["plan"] for k, v in row["lists"].items()
-                    if k.endswith("_explain")},
+                    if k.endswith("_explain") and v is not None},
                  "audit_target": row["audit"]["target_explain"]["plan"],
                  "audit_time": row["audit"]["time_explain"]["plan"]}
         print(f"  {row['size']:>7,}: " + ", ".join(f"{k} {v}" for k, v in plans.items()))
