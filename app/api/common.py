@@ -18,7 +18,10 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -314,6 +317,177 @@ def paginate(collection: Collection[Doc], query: Doc, *, limit: int, cursor: str
     if len(items) > limit:
         items = items[:limit]
         next_cursor = encode_cursor([items[-1].get(k) for k in keys])
+    return {"items": items, "next_cursor": next_cursor}
+
+
+# -- pages read through bounded ranges of their first key -----------------------------
+
+_RANGE_OPS = frozenset({"$gt", "$gte", "$lt", "$lte"})
+WINDOW_GROWTH = 4
+MAX_WINDOWS = 12
+# A deep page of a list this process has not paged yet starts with an hour of its key.
+COLD_SPAN = timedelta(hours=1)
+_MIN_SPAN = timedelta(seconds=1)
+_MILLISECOND = timedelta(milliseconds=1)
+_HINTS_KEPT = 512
+
+
+@dataclass
+class _Hint:
+    """What the last pages of one list (a filter, whatever its range on the key) showed:
+    where its first page ended, and how much of the key one page covered."""
+
+    first_upper: datetime | None = None
+    span: timedelta | None = None
+
+
+_hints: OrderedDict[tuple[Any, ...], _Hint] = OrderedDict()
+_hints_lock = threading.Lock()
+
+
+def _hint(shape: tuple[Any, ...]) -> _Hint:
+    with _hints_lock:
+        hint = _hints.pop(shape, None) or _Hint()
+        _hints[shape] = hint
+        while len(_hints) > _HINTS_KEPT:
+            _hints.popitem(last=False)
+        return hint
+
+
+def _narrow(condition: Doc | None, ops: Doc) -> Doc | None:
+    """The range ``condition`` ∧ ``ops`` (both made of $gt/$gte/$lt/$lte) as one operator
+    document, or None when it is empty."""
+    lower: tuple[Any, bool] | None = None  # (value, inclusive)
+    upper: tuple[Any, bool] | None = None
+    for source in (condition or {}, ops):
+        for op, value in source.items():
+            inclusive = op in ("$gte", "$lte")
+            if op in ("$gt", "$gte"):
+                if lower is None or value > lower[0] or (value == lower[0] and not inclusive):
+                    lower = (value, inclusive)
+            elif upper is None or value < upper[0] or (value == upper[0] and not inclusive):
+                upper = (value, inclusive)
+    if lower is not None and upper is not None and (
+            lower[0] > upper[0] or (lower[0] == upper[0] and not (lower[1] and upper[1]))):
+        return None
+    out: Doc = {}
+    if lower is not None:
+        out["$gte" if lower[1] else "$gt"] = lower[0]
+    if upper is not None:
+        out["$lte" if upper[1] else "$lt"] = upper[0]
+    return out
+
+
+def windowed_paginate(collection: Collection[Doc], query: Doc, *, limit: int,
+                      cursor: str | None, keys: tuple[str, str],
+                      projection: Doc | None = None) -> dict[str, Any]:
+    """``paginate``'s page (ascending ``keys``: a date every document has, then a unique
+    key; the same cursors), asked of the database as bounded ranges of the date.
+
+    The embedded server reads every index entry of a query's range before it sorts and
+    limits (a page of "every issued certificate" costs it the whole set; mongod stops
+    after ``limit + 1`` keys). So the page is read through disjoint windows of the first
+    key, ascending, together covering the query's whole range: the first page from below
+    where this list's last first page ended, a deep page from its cursor over twice what
+    one page covered last time; each next window is ``WINDOW_GROWTH`` times wider and the
+    last one is unbounded. Each window is one (equality..., date) index range with the
+    sort and limit, so a page costs about its own documents on either server, plus a
+    round trip per extra window when the list's density changed. The hints are per
+    process and only choose the windows: the result never depends on them. A list this
+    process has not paged yet reads its first page in one unbounded range."""
+    first = keys[0]
+    own = query.get(first)
+    if own is not None and not (isinstance(own, dict) and own and set(own) <= _RANGE_OPS):
+        return paginate(collection, query, limit=limit, cursor=cursor, keys=keys,
+                        projection=projection)
+    after: list[Any] | None = decode_cursor(cursor)[:len(keys)] if cursor else None
+    if after is not None and (len(after) < len(keys) or not isinstance(after[0], datetime)):
+        return paginate(collection, query, limit=limit, cursor=cursor, keys=keys,
+                        projection=projection)
+    base = {k: v for k, v in query.items() if k != first}
+    shape = (collection.name, first, tuple(sorted((k, repr(v)) for k, v in base.items())))
+    hint = _hint(shape)
+    own_upper = _narrow(own, {})
+    upper_value = None
+    if own_upper:
+        upper_value = own_upper.get("$lt", own_upper.get("$lte"))
+    order = [(k, 1) for k in keys]
+
+    def windows() -> Iterator[Doc]:
+        # Half-open windows, [low, high): the embedded server drops the entries equal to
+        # a $lte bound on a date followed by _id in the index (secantusdb 0.7.0b3), and
+        # stored dates have millisecond precision.
+        if after is None:
+            if hint.first_upper is None:
+                yield {}
+                return
+            low = hint.first_upper + _MILLISECOND
+            yield {"$lt": low}
+        else:
+            low = after[0]
+        span = 2 * hint.span if hint.span else COLD_SPAN
+        for _ in range(MAX_WINDOWS):
+            try:
+                high = low + span
+            except OverflowError:  # past year 9999: the rest is the last window
+                break
+            yield {"$gte": low, "$lt": high}
+            if upper_value is not None and high >= upper_value:
+                return  # the query's own range ends inside this window
+            low = high
+            try:
+                span *= WINDOW_GROWTH
+            except OverflowError:
+                break
+        yield {"$gte": low}
+
+    def beyond(doc: Doc) -> bool:
+        """After the cursor (only a document tying on the date can be at or before it)."""
+        assert after is not None
+        if doc.get(first) != after[0]:
+            return True
+        try:
+            return bool(doc.get(keys[1]) > after[1])
+        except TypeError:  # a hand-made position of another type: the database ordered it
+            return True
+
+    def read(find: Doc, wanted: int) -> list[Doc]:
+        return list(collection.find(find, projection).sort(order).limit(wanted))
+
+    def fetch(window: Doc, need: int) -> list[Doc]:
+        """The first ``need`` documents of the window that come after the cursor."""
+        narrowed = _narrow(own, window)
+        if narrowed is None:
+            return []  # outside the query's own range on the date
+        find = {**base, first: narrowed} if narrowed else dict(base)
+        extra = 0
+        while True:
+            wanted = need + extra
+            fetched = dbm.retry(functools.partial(read, find, wanted),
+                                what=f"list {collection.name}")
+            kept = fetched if after is None else [d for d in fetched if beyond(d)]
+            if len(kept) >= need or len(fetched) < wanted:
+                return kept[:need]
+            extra = max(2 * extra, len(fetched) - len(kept), 1)
+
+    items: list[Doc] = []
+    for window in windows():
+        items.extend(fetch(window, limit + 1 - len(items)))
+        if len(items) > limit:
+            break
+    next_cursor = None
+    if len(items) > limit:
+        first_value, last_value = items[0].get(first), items[limit].get(first)
+        if isinstance(first_value, datetime) and isinstance(last_value, datetime):
+            with _hints_lock:
+                if after is None:
+                    hint.first_upper = last_value
+                hint.span = max(_MIN_SPAN, last_value - first_value)
+        items = items[:limit]
+        next_cursor = encode_cursor([items[-1].get(k) for k in keys])
+    elif after is None:
+        with _hints_lock:
+            hint.first_upper = None  # a list of one page: read it whole next time
     return {"items": items, "next_cursor": next_cursor}
 
 

@@ -239,8 +239,9 @@ def renewal_scan(db: Database[Doc], *, batch_size: int = SCAN_BATCH,
             job_ids = fence.transaction(enqueue_batch)
         else:
             job_ids = dbm.transaction(db, enqueue_batch, what="enqueue renewals")
-        for job_id in job_ids:
-            jobs.publish_wakeup(job_id)
+        # After the commit, in one broker write (one message per job was most of the scan's
+        # time); a wake-up lost here is re-published by the reaper.
+        jobs.publish_wakeups(job_ids)
         enqueued += len(job_ids)
         batches += 1
         if len(due) < batch_size:

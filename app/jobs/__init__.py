@@ -7,6 +7,7 @@ only wakes a worker. Public API::
     enqueue(db, kind, payload, *, dedupe_key=None, run_after=None, project_id=None,
             session=None, publish=True) -> dict       # the job (or the active duplicate)
     publish_wakeup(job_id) -> bool                    # after a transaction that enqueued
+    publish_wakeups(job_ids) -> int                   # ... many, in one broker write
 
     @register_handler("kind", max_attempts=..., backoff_base_seconds=...,
                       backoff_max_seconds=..., validate=...)
@@ -50,6 +51,7 @@ from app.jobs.lifecycle import (
     fenced_transaction,
     heartbeat,
     publish_wakeup,
+    publish_wakeups,
     release,
     retry_later,
 )
@@ -62,6 +64,7 @@ __all__ = [
     "JobStateConflict", "LeaseLost", "PermanentFailure", "RetryLater", "DeferUntil",
     "active_dedupe_keys",
     "cancel", "claim", "complete", "enqueue", "enqueue_many", "fail", "fenced_transaction",
-    "get_job", "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "queue_depth", "reap",
+    "get_job", "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "publish_wakeups",
+    "queue_depth", "reap",
     "register_handler", "release", "retry_dead", "retry_later", "running_under_live_lease",
 ]

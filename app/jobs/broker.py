@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Iterable
+from contextlib import nullcontext
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -127,6 +129,37 @@ def publish_wakeup(job_id: str, countdown: float | None = None, *,
                     extra={"job_id": str(job_id),
                            "error": f"{exc.__class__.__name__}: {exc}"[:300]})
         return False
+
+
+def publish_wakeups(job_ids: Iterable[str], *, settings: Settings | None = None) -> int:
+    """Publish the wake-ups of several jobs due now (no countdown), written to the broker
+    together: with this project's transport (``app.jobs.kombu_mongo``) one insert for
+    all of them instead of two commands per message.
+
+    When the batch cannot be written, each wake-up is published on its own (a message
+    of the batch that did get in then arrives twice: harmless, a wake-up only says "this
+    job may be ready"). Returns how many were published; never raises: a job whose
+    wake-up was not published stays queued and the reaper re-publishes it."""
+    ids = [str(job_id) for job_id in job_ids]
+    if len(ids) <= 1:
+        return sum(publish_wakeup(job_id, settings=settings) for job_id in ids)
+    app = _publisher(settings)
+    try:
+        with app.producer_or_acquire() as producer:
+            buffered = getattr(producer.channel, "buffered_puts", None)
+            with buffered() if buffered is not None else nullcontext():
+                for job_id in ids:
+                    app.send_task(
+                        RUN_JOB_TASK, args=[job_id], queue=QUEUE, producer=producer,
+                        retry=True,
+                        retry_policy={"max_retries": 2, "interval_start": 0.1,
+                                      "interval_step": 0.2, "interval_max": 0.5})
+        return len(ids)
+    except Exception as exc:  # noqa: BLE001 - retried one by one below
+        log.warning("could not publish a batch of job wake-ups; publishing them one by one",
+                    extra={"jobs": len(ids), "first_job_id": ids[0],
+                           "error": f"{exc.__class__.__name__}: {exc}"[:300]})
+    return sum(publish_wakeup(job_id, settings=settings) for job_id in ids)
 
 
 def broker_backlog(settings: Settings | None = None) -> int | None:

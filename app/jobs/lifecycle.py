@@ -155,7 +155,8 @@ def enqueue_many(db: Database[Doc], kind: str,
     """Insert queued jobs due now, ``(payload, dedupe_key, project_id)`` each, with one
     ``insert_many`` in the caller's transaction (the renewal scan's batches). The caller
     has excluded dedupe keys held by active jobs (a concurrent holder aborts the
-    transaction, which is retried); publish each wake-up after the commit."""
+    transaction, which is retried); publish the wake-ups after the commit
+    (``publish_wakeups``)."""
     if not jobs:
         return []
     for payload, dedupe_key, project_id in jobs:
@@ -260,6 +261,13 @@ def publish_wakeup(job_id: str) -> bool:
     """Publish the wake-up of a job (e.g. after the transaction that enqueued it with
     ``session=`` committed). Never raises; False means the reaper will do it."""
     return broker.publish_wakeup(str(job_id))
+
+
+def publish_wakeups(job_ids: list[str]) -> int:
+    """Publish the wake-ups of several jobs due now in one broker write (after the
+    transaction that enqueued them committed). Never raises; returns how many were
+    published (0: the reaper will do it)."""
+    return broker.publish_wakeups(job_ids)
 
 
 # ------------------------------------------------------------------------------ claim

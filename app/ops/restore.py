@@ -23,6 +23,7 @@ with ``--drop``.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -265,18 +266,32 @@ def _metadata(entry: Entry) -> Doc:
 
 
 class _IndexBuilds:
-    """Index builds run on threads beside the loads. On the embedded server building the
-    indexes over loaded documents costs more than loading them (measured: 96 s for the 4
-    audit indexes over 20,000 entries that loaded in 37 s; creating them before the load
-    made the load take 235 s), so the next collection loads while they are built."""
+    """Index builds run on threads beside the loads, so that a server that builds an
+    index while it takes writes to other collections (mongod) loads the next collection
+    meanwhile. The embedded server does not: its build holds a lock every write takes,
+    and it builds each index with its own pass over the documents, so there a restore
+    costs its loads plus every build (benchmark, 2026-12-01: 100,000 audit entries and
+    10,000 certificates and keys loaded in about 27 s, their indexes built in 124 s;
+    indexes created before the load made the load slower than both, 9.8 s against
+    8.2 s for 10,000 audit entries)."""
 
     def __init__(self, workers: int = INDEX_BUILDERS) -> None:
         self._pool = ThreadPoolExecutor(max_workers=workers,
                                         thread_name_prefix="restore-index")
         self._futures: list[Future[Any]] = []
+        self.seconds = 0.0  # the builds' own durations, summed
+        self._lock = threading.Lock()
 
     def submit(self, fn: Callable[[], Any]) -> None:
-        self._futures.append(self._pool.submit(fn))
+        def timed() -> Any:
+            started = time.monotonic()
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self.seconds += time.monotonic() - started
+
+        self._futures.append(self._pool.submit(timed))
 
     def wait(self) -> None:
         """Wait for every build; raise the first failure."""
@@ -347,7 +362,9 @@ def run_restore(db: Database[Doc], broker_db: str, backup: Backup, *, drop: bool
                 continue
             counts[f"{entry.role}.{entry.name}"] = _load_collection(
                 database, entry, progress, index_builds.submit)
+        loaded = time.monotonic()
         index_builds.wait()
+        built = time.monotonic()
         mismatched = {f"{e.role}.{e.name}": (counts.get(f"{e.role}.{e.name}"), e.count)
                       for e in backup.entries
                       if e.count is not None and counts.get(f"{e.role}.{e.name}") != e.count}
@@ -356,6 +373,10 @@ def run_restore(db: Database[Doc], broker_db: str, backup: Backup, *, drop: bool
         from app.migrations import migrate
 
         applied = migrate(db)
+        phases = {"load_s": round(loaded - started, 3),
+                  "index_wait_s": round(built - loaded, 3),
+                  "index_build_s": round(index_builds.seconds, 3),
+                  "migrate_s": round(time.monotonic() - built, 3)}
         actor = actor or audit.system_actor("cli")
         summary = _summary(backup)
 
@@ -383,7 +404,10 @@ def run_restore(db: Database[Doc], broker_db: str, backup: Backup, *, drop: bool
             "documents": sum(counts.values()), "counts": counts,
             "migrations_applied": applied, "verified": backup.manifest is not None,
             "manifest": _summary(backup), "notes": backup.notes,
-            "seconds": round(time.monotonic() - started, 3)}
+            "seconds": round(time.monotonic() - started, 3),
+            # load_s: documents loaded (index builds of earlier collections beside it);
+            # index_wait_s: the builds still running after the last load.
+            "phases": phases}
 
 
 def _summary(backup: Backup) -> Doc:

@@ -207,6 +207,8 @@ def main() -> None:
             "floor_backup_docs_per_s": round(floor_docs / floor_b_s, 1),
             "floor_docs_per_s": round(floor_r_docs / floor_r_s, 1),
             "backup_bytes": sum(int(f["bytes"]) for f in manifest["files"].values()),
+            "restore_phases": report.get("phases"),
+            "load_average": os.getloadavg(),
         }
         figures["backup_ratio"] = round(figures["backup_docs_per_s"]
                                         / figures["floor_backup_docs_per_s"], 3)

@@ -67,6 +67,7 @@ from renewals import Procs, log, wait_until  # noqa: E402
 from app import db as dbm  # noqa: E402
 from app.config import load_settings  # noqa: E402
 from devstack import embedded  # noqa: E402
+from devstack.pebble import unlimited_budget  # noqa: E402
 from tests.helpers.pebble import Pebble, start_pebble  # noqa: E402
 
 Doc = dict[str, Any]
@@ -303,7 +304,9 @@ class Seeder:
         return {**{k: round(v, 2) for k, v in timings.items()}, "total_s": round(total, 2),
                 **{f"added_{k}": v for k, v in added.items()},
                 "certificates_per_s": round(added["certificates"] / timings["certificates_s"])
-                if timings["certificates_s"] else None}
+                if timings["certificates_s"] else None,
+                "audit_per_s": round(added["audit"] / timings["audit_s"])
+                if timings["audit_s"] else None}
 
     def make_due_again(self) -> int:
         """The 1 % due now again (the previous scan moved them forward; their queued
@@ -342,6 +345,19 @@ def explain(db: Any, collection: str, query: Doc, sort: Doc | None = None,
             "plan": f"{stage.get('stage')}{':' + index if index else ''}"}
 
 
+def window_explain(db: Any, query: Doc, keys: list[str]) -> Doc | None:
+    if not keys:
+        return None
+    last = next(iter(db[dbm.CERTIFICATES].find(query, {keys[0]: 1})
+                     .sort([(k, 1) for k in keys]).skip(50).limit(1)), None)
+    if last is None:
+        return None
+    bound = dict(query.get(keys[0]) or {})
+    upper = last[keys[0]] + timedelta(milliseconds=1)
+    bound["$lt"] = min(bound.get("$lt", upper), upper)
+    return explain(db, dbm.CERTIFICATES, {**query, keys[0]: bound}, {k: 1 for k in keys}, 51)
+
+
 def timed_requests(session: Any, url: str, headers: dict[str, str], count: int,
                    budget: float) -> dict[str, Any]:
     latencies: list[float] = []
@@ -363,15 +379,14 @@ def timed_requests(session: Any, url: str, headers: dict[str, str], count: int,
 
 
 def cursor_keys(session: Any, base: str, path: str, headers: dict[str, str]) -> list[str]:
-    """The sort keys a list pages on (read from its own cursor)."""
+    """The sort keys a list pages on (``app/api/certificates``: soonest expiry first with
+    ``expiring_before``, else creation order), after checking it pages at all."""
     sep = "&" if "?" in path else "?"
     response = session.get(f"{base}{path}{sep}limit=1", headers=headers, timeout=120)
     response.raise_for_status()
-    cursor = response.json().get("next_cursor")
-    if not cursor:
+    if not response.json().get("next_cursor"):
         return []
-    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-    return list(json.loads(raw)["k"])
+    return ["not_after", "_id"] if "expiring_before=" in path else ["created_at", "_id"]
 
 
 def deep_cursor(db: Any, query: Doc, keys: list[str], fraction: float = 0.8) -> str | None:
@@ -435,6 +450,9 @@ class Bench:
                     "CAP_LOG_LEVEL": "WARNING", "CAP_API_RATE_LIMIT": "off",
                     "CAP_ACME_DIRECTORY_URL": self.pebble.directory_url,
                     "CAP_ACME_CA_BUNDLE": str(self.pebble.ca_cert),
+                    # Pebble has no rate limits; Let's Encrypt's default budget (50
+                    # certificates per registered domain a week) stops the renewals here.
+                    "CAP_CA_BUDGETS": unlimited_budget(self.pebble.directory_url),
                     "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         os.environ.update({k: v for k, v in self.env.items() if k.startswith("CAP_")})
         self.settings = load_settings()
@@ -552,6 +570,7 @@ class Bench:
         finally:
             self.stop_api()
         row["sizes"] = collection_sizes(self.db)
+        row["load_average"] = [round(v, 2) for v in os.getloadavg()]
         return row
 
     def time_queue_depth(self) -> list[float]:
@@ -624,6 +643,9 @@ class Bench:
             keys = cursor_keys(session, base, path, headers)
             out[f"{name}_explain"] = explain(self.db, dbm.CERTIFICATES, query,
                                              {k: 1 for k in keys}, 51)
+            # What the api's first page reads once warm (app.api.common.windowed_paginate):
+            # the range of the date key up to where the page's 51st item is.
+            out[f"{name}_window_explain"] = window_explain(self.db, query, keys)
             first = timed_requests(session, f"{base}{path}&limit=50", headers,
                                    self.args.requests, self.args.budget)
             cursor = deep_cursor(self.db, query, keys)
@@ -672,6 +694,7 @@ def figures(row: Doc) -> dict[str, float | None]:
     lists = row["lists"]
     flat: dict[str, float | None] = {
         "seed_certs_per_s": row["seed"].get("certificates_per_s"),
+        "seed_audit_per_s": row["seed"].get("audit_per_s"),
         "scan_s": row["scan_s"],
         "scan_examined_per_returned": row["scan_explain"]["ratio"],
         "queue_depth_idle_ms": row["queue_depth_idle_ms"],
@@ -692,6 +715,8 @@ def figures(row: Doc) -> dict[str, float | None]:
             flat[f"list_{name}_{page}_p50_ms"] = lists[f"{name}_{page}"]["p50_ms"]
             flat[f"list_{name}_{page}_p99_ms"] = lists[f"{name}_{page}"]["p99_ms"]
         flat[f"list_{name}_examined_per_returned"] = lists[f"{name}_explain"]["ratio"]
+        window = lists.get(f"{name}_window_explain") or {}
+        flat[f"list_{name}_window_examined"] = window.get("examined")
     flat["jobs_docs"] = row["sizes"]["jobs"]
     flat["audit_docs"] = row["sizes"]["audit"]
     return flat
@@ -744,6 +769,8 @@ def main() -> None:
             started = time.perf_counter()
             rows.append(bench.measure(size))
             log(f"size {size}: measured in {time.perf_counter() - started:.0f} s")
+            # Each size's figures as soon as they are known (a long run may be stopped).
+            log(f"figures {size}: {json.dumps(figures(rows[-1]), default=str)}")
         ttl_left = bench.db[dbm.JOBS].count_documents(
             {"expire_at": {"$lt": dbm.server_now(bench.db)}})
     finally:
@@ -766,7 +793,7 @@ def main() -> None:
     for row in rows:
         plans = {"scan": row["scan_explain"]["plan"], "queue": row["queue_explain"]["plan"],
                  **{k[:-8]: v["plan"] for k, v in row["lists"].items()
-                    if k.endswith("_explain")},
+                    if k.endswith("_explain") and v is not None},
                  "audit_target": row["audit"]["target_explain"]["plan"],
                  "audit_time": row["audit"]["time_explain"]["plan"]}
         print(f"  {row['size']:>7,}: " + ", ".join(f"{k} {v}" for k, v in plans.items()))

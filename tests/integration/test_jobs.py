@@ -552,6 +552,62 @@ def test_a_failed_publish_leaves_the_job_queued_for_the_reaper(jdb, jsettings):
         [[job["_id"]]]
 
 
+def _enqueue_quietly(db, count, prefix="batch"):
+    """Jobs enqueued in a transaction: nothing published yet (the renewal scan's way)."""
+    def create(session):
+        return [str(job["_id"]) for job in jobs.enqueue_many(
+            db, "test.noop", [({"n": n}, f"{prefix}:{n}", None) for n in range(count)],
+            session=session)]
+    return dbm.transaction(db, create)
+
+
+def test_publish_wakeups_writes_the_messages_single_publishes_would(jdb, jsettings):
+    ids = _enqueue_quietly(jdb, 3)
+    assert broker_messages(jdb.client, jsettings.broker_db) == []
+    assert jobs.publish_wakeups(ids) == 3
+    messages = broker_messages(jdb.client, jsettings.broker_db)
+    assert messages == [{"task": broker.RUN_JOB_TASK, "args": [job_id], "kwargs": {},
+                         "eta": None} for job_id in ids]
+    single = jobs.enqueue(jdb, "test.noop", {})
+    raw = list(jdb.client[jsettings.broker_db][dbm.MESSAGES_COLLECTION].find({}, {"_id": 0}))
+    assert {frozenset(doc) for doc in raw} == {frozenset(raw[-1])}  # one document shape
+    assert broker_messages(jdb.client, jsettings.broker_db)[-1]["args"] == [single["_id"]]
+    # A worker woken by one of them runs its job.
+    assert runner.run_job(ids[0], db=jdb, settings=jsettings, worker="w") == "succeeded"
+
+
+def test_publish_wakeups_falls_back_to_one_by_one(jdb, jsettings):
+    from tests.helpers.jobs import failpoint, failpoint_off
+
+    ids = _enqueue_quietly(jdb, 3)
+    # The batch's one insert fails: each wake-up is then published on its own.
+    failpoint(jdb.client, ["insert"], times=1, error_code=10107,
+              app_name=broker.BROKER_APPNAME)
+    try:
+        assert jobs.publish_wakeups(ids) == 3
+    finally:
+        failpoint_off(jdb.client)
+    assert sorted(m["args"][0] for m in broker_messages(jdb.client, jsettings.broker_db)) \
+        == sorted(ids)
+
+
+def test_publish_wakeups_the_broker_refuses_are_left_to_the_reaper(jdb, jsettings):
+    from tests.helpers.jobs import failpoint, failpoint_off
+
+    later = _enqueue_quietly(jdb, 2, prefix="later")
+    failpoint(jdb.client, ["insert"], times=50, error_code=10107,
+              app_name=broker.BROKER_APPNAME)
+    try:
+        assert jobs.publish_wakeups(later) == 0
+    finally:
+        failpoint_off(jdb.client)
+    assert broker_messages(jdb.client, jsettings.broker_db) == []
+    assert all(_job(jdb, job_id)["state"] == "queued" for job_id in later)
+    wait_for(lambda: jobs.reap(jdb)["republished"] == 2, timeout=20, message="the reaper")
+    assert sorted(m["args"][0] for m in broker_messages(jdb.client, jsettings.broker_db)) \
+        == sorted(later)
+
+
 def test_kombu_channels_close_their_mongo_clients(jdb, jsettings):
     from kombu import Connection
     from pymongo.errors import InvalidOperation

@@ -4,6 +4,7 @@ repeat, and the per-event collections expire."""
 
 from __future__ import annotations
 
+import random
 from datetime import timedelta
 from typing import Any
 
@@ -104,6 +105,74 @@ def test_pages_after_a_cursor_with_ties_skip_and_repeat_nothing(client_admin) ->
         .count_documents({"not_after": {"$ne": None}})
     listed = client.get(f"{API}/certificates?limit=1", headers=admin.headers).json["items"][0]
     assert "fullchain_pem" not in listed and "certificate_pem" not in listed
+
+
+def test_windowed_pages_are_one_sorted_read_whatever_the_hints(migrated_db) -> None:
+    """The certificates list reads its pages through windows of the date key chosen from
+    per-process hints (``windowed_paginate``): every page sequence equals one sorted read
+    of the filter, with cold hints, warm ones, and after documents arrived below where
+    the hints say the first page ends."""
+    from app.api import common
+
+    coll = migrated_db[dbm.CERTIFICATES]
+    now = dbm.server_now(migrated_db)
+    rng = random.Random(19)
+    offsets = ([timedelta(0)] * 15  # ties on the date
+               + [timedelta(seconds=rng.uniform(1, 3600)) for _ in range(40)]
+               + [timedelta(days=rng.uniform(1, 1100)) for _ in range(40)]
+               + [timedelta(days=500, milliseconds=i) for i in range(20)]
+               + [timedelta(days=-2_900_000)])  # year 9966: windows would pass year 9999
+    docs = []
+    for i, offset in enumerate(offsets):
+        expires = None if i % 9 == 4 else now + timedelta(days=rng.uniform(-400, 400))
+        docs.append({"_id": f"crt_w{rng.randrange(10**6):06d}_{i:03d}",
+                     "project_id": f"prj_w{i % 2}", "created_at": now - offset,
+                     "not_after": expires, "status": "failed" if i % 5 == 1 else "issued",
+                     "deleted_at": now if i % 11 == 3 else None})
+    coll.insert_many(docs)
+    before = now + timedelta(days=100)
+    lists = [({"deleted_at": None}, ("created_at", "_id")),
+             ({"deleted_at": None, "status": "issued"}, ("created_at", "_id")),
+             ({"deleted_at": None, "project_id": "prj_w1"}, ("created_at", "_id")),
+             ({"deleted_at": None, "not_after": {"$lt": before}}, ("not_after", "_id"))]
+
+    def expected(query: dict[str, Any], keys: tuple[str, str]) -> list[str]:
+        found = coll.find(query, {k: 1 for k in keys})
+        return [d["_id"] for d in sorted(found, key=lambda d: tuple(d[k] for k in keys))]
+
+    def walk(query: dict[str, Any], keys: tuple[str, str], limit: int) -> list[str]:
+        seen: list[str] = []
+        cursor = None
+        for _ in range(500):
+            page = common.windowed_paginate(coll, query, limit=limit, cursor=cursor,
+                                            keys=keys, projection={k: 1 for k in keys})
+            assert len(page["items"]) <= limit
+            seen.extend(d["_id"] for d in page["items"])
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return seen
+        raise AssertionError("no last page")
+
+    common._hints.clear()
+    for query, keys in lists:
+        want = expected(query, keys)
+        assert len(want) > 30
+        for limit in (1, 7, 50, 200):
+            assert walk(query, keys, limit) == want, (query, limit)  # cold, then warm
+            assert walk(query, keys, limit) == want, (query, limit)
+    # Documents below where the warm hints put the first page's end, and one that joins
+    # the issued ones with an old date: the next first pages start with them.
+    coll.insert_many([{"_id": "crt_w_oldest", "project_id": "prj_w1", "status": "issued",
+                       "created_at": now - timedelta(days=4000), "deleted_at": None,
+                       "not_after": now - timedelta(days=4000)}])
+    rejoined = docs[1]  # status failed, among the ties
+    coll.update_one({"_id": rejoined["_id"]}, {"$set": {"status": "issued"}})
+    for query, keys in lists:
+        want = expected(query, keys)
+        assert walk(query, keys, 7) == want, query
+        if "status" in query:
+            assert rejoined["_id"] in want
+    assert walk(*lists[0], 7)[0] == "crt_w_oldest"
 
 
 @pytest.fixture
