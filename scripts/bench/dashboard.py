@@ -11,9 +11,11 @@ page. The peer in the same run is the API's own JSON for the same data
 (``/api/v1/certificates``, ``/api/v1/jobs``, ``/api/v1/status/workers``,
 ``/api/v1/audit``): a page should cost about what the API's JSON costs.
 
-The first request of the overview aggregates 6 hours of finished jobs (the chart's
-cache is per process, then refreshed minute by minute); it is reported apart as
-``overview_cold_ms`` (with several gunicorn processes, each one pays it once).
+The fleet figures (certificates by state and days left, failing renewals, the queue,
+the jobs chart) are kept by one api process (``app.dashboard.snapshot``), which loads
+them once when the first dashboard request starts it, then reads only what changed: the
+first request's time is ``overview_cold_ms`` and the time until the figures are shown
+``figures_ready_s``; pages are measured after that.
 
 Target: every page p99 ≤ 200 ms. The embedded database is a Python server sharing the
 same 2 cores (NOTES.md), so absolute figures are pessimistic; a real mongod is faster.
@@ -22,7 +24,7 @@ same 2 cores (NOTES.md), so absolute figures are pessimistic; a real mongod is f
         [--rounds 30] [--peer-rounds 5] [--workers 1]
 
 The last line printed is one JSON object: {page: {p50_ms, p99_ms}, ..., max_p99_ms,
-target_ms, overview_cold_ms, seed_s}.
+target_ms, overview_cold_ms, figures_ready_s, seed_s}.
 """
 
 from __future__ import annotations
@@ -258,6 +260,16 @@ def main() -> None:
         first = admin.get(base + "/dashboard/", timeout=120)
         cold_ms = (time.perf_counter() - t0) * 1000
         assert first.status_code == 200, first.text[:300]
+        # The keeper loads the figures once (every certificate, the active jobs, 6 h of
+        # finished jobs); pages are measured once they are shown.
+        text = first.text
+        while 'id="figures-pending"' in text:
+            if time.perf_counter() - t0 > 600:
+                raise SystemExit("the dashboard figures were not ready after 600 s")
+            time.sleep(0.5)
+            text = admin.get(base + "/dashboard/", timeout=120).text
+        ready_s = time.perf_counter() - t0
+        log(f"figures ready after {ready_s:.1f} s (first request {cold_ms:.0f} ms)")
         pages: dict[str, tuple[requests.Session, str, dict[str, str]]] = {
             "overview": (admin, "/dashboard/", {}),
             "chart_json": (admin, "/dashboard/throughput.json", {}),
@@ -326,6 +338,7 @@ def main() -> None:
     dashboard = {k: v for k, v in results.items() if not k.startswith("api_")}
     summary = {**results, "max_p99_ms": max(v["p99_ms"] for v in dashboard.values()),
                "target_ms": TARGET_MS, "overview_cold_ms": round(cold_ms, 1),
+               "figures_ready_s": round(ready_s, 1),
                "seed_s": round(seed_s, 1), "seed_certificates": args.certificates,
                "seed_jobs": args.jobs, "rounds": args.rounds}
     print(json.dumps(summary))
