@@ -223,8 +223,16 @@ def test_invalid_certificate_input_is_422_and_stores_nothing(client, world,
                                                            "key_type": "dsa"},
                  {"names": ["*.example.com"], "challenge": {"type": "tls-alpn-01"}},
                  {"names": ["*.example.com"], "challenge": {"type": "http-01"}},
-                 {"names": ["a.example.com"], "account_id": "acc_missing"}):
+                 {"names": ["a.example.com"], "endpoints": [{"host": "a b", "port": 1}]},
+                 {"names": ["a.example.com"], "challenge": {"type": "dns-01",
+                                                           "provider": "cloudflare",
+                                                           "options": {"auth_token": "x"}}}):
         response = client.post(f"{API}/certificates", headers=a["rw"].headers, json=body)
         assert response.status_code == 422, (body, response.json)
         assert set(response.json) == ENVELOPE
+    # A valid request naming an account the project does not have: a conflict with the
+    # stored state, not bad input (the schema cannot know the accounts).
+    response = client.post(f"{API}/certificates", headers=a["rw"].headers,
+                           json={"names": ["a.example.com"], "account_id": "acc_missing"})
+    assert response.status_code == 409 and "account_id" in response.json["errors"]
     assert migrated_db[dbm.CERTIFICATES].count_documents({}) == 0
