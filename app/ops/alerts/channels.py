@@ -86,16 +86,15 @@ def _unavailable(field: str, message: str) -> Conflict:
 
 
 def _matches(pattern: re.Pattern[str], value: Any) -> bool:
-    # ``match`` with ``^...$``: the semantics of the schema's patterns (JSON Schema
-    # validators and marshmallow search them), a final newline included; it is dropped.
-    return isinstance(value, str) and pattern.match(value) is not None
+    # The whole value: Python's '$' would also let a final newline through (an email
+    # header injection), which the schema's '$' (ECMA) does not.
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
 
 
 def _env_name(field: str, value: Any) -> str:
     if not _matches(_ENV, value):
         raise _fail(field, "the name of a CAP_ALERT_* environment variable (e.g. "
                            "CAP_ALERT_SMTP_PASSWORD), never the secret itself")
-    value = value.rstrip("\n")
     if not os.environ.get(value):
         raise _unavailable(field, f"environment variable {value} is not set in this process "
                                   "(set it on every api and worker pod)")
@@ -123,7 +122,7 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
     name = spec.get("name")
     if not _matches(_NAME, name):
         raise _fail("name", "1-64 letters, digits, '.', '_' or '-'")
-    name = str(name).rstrip("\n")
+    name = str(name)
     url = spec.get("url")
     form = url_form(url) if isinstance(url, str) and len(url) <= 2000 else None
     if form is None:
@@ -132,11 +131,17 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
             raise _fail("url", f"unknown scheme {scheme + '://' if scheme else '(none)'}: "
                                "use https:// (webhook), http:// with allow_http, smtp:// "
                                "(STARTTLS) or smtps:// (TLS)")
-        raise _fail("url", "https://host[:port][/path] (webhook; no user or password: use "
-                           "secret or secret_env), or smtp[s]://[user@]host[:port] (no "
-                           "password: name it in password_env); a host is a DNS name or "
-                           "an IPv4 address")
-    url = str(url).rstrip("\n")
+        netloc = url.split("/")[2] if isinstance(url, str) and url.count("/") >= 2 else ""
+        if "@" in netloc and scheme in ("https", "http"):
+            raise _fail("url", "no user or password in a webhook URL; use secret or "
+                               "secret_env for signing")
+        if ":" in netloc.rpartition("@")[0]:
+            raise _fail("url", "no password in the URL; name a CAP_ALERT_* variable in "
+                               "password_env")
+        raise _fail("url", "https://host[:port][/path] (webhook), or smtp[s]://[user@]"
+                           "host[:port] (no password: name it in password_env); a host is a "
+                           "DNS name or an IPv4 address, the rest printable ASCII")
+    url = str(url)
     parts = urlsplit(url)
     port = parts.port
     scheme = parts.scheme.lower()
@@ -194,11 +199,9 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
     if not isinstance(to, list) or not 1 <= len(to) <= 20 or not all(
             _matches(_EMAIL, a) for a in to):
         raise _fail("to", "1-20 email addresses")
-    to = [a.rstrip("\n") for a in to]
     sender = spec.get("from", "certautopilot@localhost")
     if not _matches(_EMAIL, sender):
         raise _fail("from", "an email address")
-    sender = sender.rstrip("\n")
     _check_ca_file(ca_file)
     if password_env is not None:
         password_env = _env_name("password_env", password_env)
