@@ -54,7 +54,10 @@ LEASE_SECONDS = 30.0
 # before it commits (transactions here are short; the server ends any after 60 s).
 CHANGE_SLACK = timedelta(seconds=30)
 RESYNC_SECONDS = 900.0
-KEK_SECONDS = 60.0
+# Keys per KEK version is a count over every key (one per certificate): every 30 min;
+# a running rotation's progress comes from its own document every minute.
+KEK_FULL_SECONDS = 1800.0
+KEK_ROTATION_SECONDS = 60.0
 IDLE_STOP_SECONDS = 300.0
 CHART_MINUTES = 360
 FAILING_SHOWN = 10
@@ -109,6 +112,7 @@ class Keeper:
     minutes_final_before: datetime | None = None
     kek: Doc | None = None
     kek_at: float = 0.0
+    kek_rotation_at: float = 0.0
     written: dict[str, Doc] = field(default_factory=dict)
 
     # -- reading the database ------------------------------------------------------
@@ -189,11 +193,22 @@ class Keeper:
         self.minutes_final_before = _minute(now) - timedelta(minutes=1)
 
     def kek_status(self) -> Doc | None:
-        if self.kek is None or time.monotonic() - self.kek_at > KEK_SECONDS:
-            from app.dashboard.queries import kek
+        from app.dashboard.queries import kek
 
+        if self.kek is None or time.monotonic() - self.kek_at > KEK_FULL_SECONDS:
             self.kek = kek(self.db, self.settings)
-            self.kek_at = time.monotonic()
+            self.kek_at = self.kek_rotation_at = time.monotonic()
+        elif time.monotonic() - self.kek_rotation_at > KEK_ROTATION_SECONDS:
+            from app.keys.rotation import latest_rotation
+
+            latest = latest_rotation(self.db)
+            rotation = self.kek.get("rotation")
+            if latest is not None and (rotation is None or rotation.get("id") != latest["_id"]
+                                       or latest.get("state") != rotation.get("state")
+                                       or latest.get("rewrapped") != rotation.get("rewrapped")):
+                self.kek = kek(self.db, self.settings)  # it moved: count again
+                self.kek_at = time.monotonic()
+            self.kek_rotation_at = time.monotonic()
         return self.kek
 
     # -- the figures ---------------------------------------------------------------

@@ -2,12 +2,12 @@
 """Dashboard benchmark: every page at scale, through gunicorn (the production config).
 
 Seeds ``--certificates`` certificates (default 10,000, in two projects, issued ones
-expiring over 0-90 days, some failing), ``--jobs`` jobs (default 100,000 over the last
-24 h: mostly succeeded, some dead, queued and running), 12 workers, a scheduler lease
-with its entries and ``--audit`` audit entries, written in bulk as the services leave
-them. Then signs in with an admin token (a project token for the ``project_`` rows) and
-requests each page ``--rounds`` times, one request at a time, and reports p50/p99 per
-page. The peer in the same run is the API's own JSON for the same data
+expiring over 0-90 days with their sealed keys, some failing), ``--jobs`` jobs
+(default 100,000 over the last 24 h: mostly succeeded, some dead, queued and running),
+12 workers, a scheduler lease with its entries and ``--audit`` audit entries, written in
+bulk as the services leave them. Then signs in with an admin token (a project token for
+the ``project_`` rows) and requests each page ``--rounds`` times, one request at a
+time, and reports p50/p99 per page. The peer in the same run is the API's own JSON for the same data
 (``/api/v1/certificates``, ``/api/v1/jobs``, ``/api/v1/status/workers``,
 ``/api/v1/audit``): a page should cost about what the API's JSON costs.
 
@@ -74,13 +74,16 @@ def _bulk(collection: Any, docs: list[dict[str, Any]], batch: int = 2000) -> Non
         collection.insert_many(docs[i:i + batch], ordered=False)
 
 
-def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[str, Any]:
+def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int,
+         kek_key: bytes) -> dict[str, Any]:
     from bson import ObjectId
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from app import db as dbm
     from app.audit import system_actor
     from app.config import load_settings
     from app.domain import accounts, projects, tokens
+    from app.keys.store import build_record
     from app.migrations import migrate
 
     rng = random.Random(15)
@@ -94,6 +97,8 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[s
                                            register=False)["_id"] for p in project_ids]
     now = dbm.server_now(db)
     certs = []
+    keys = []
+    kek = AESGCM(kek_key)
     for i in range(n_certs):
         p = i % 2
         host = f"host{i:05d}.bench.example.com"
@@ -111,9 +116,16 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[s
             "not_after": None, "issuer": None, "key_id": None, "order_id": None,
             "ari": None, "failure": None, "issue_count": 0}
         if status == "issued":
+            # One sealed key per issued certificate, as issuance leaves them (the KEK
+            # figures count them).
+            key = build_record(os.urandom(240), key_id=f"key_{i:016x}",
+                               project_id=project_ids[p], purpose="certificate",
+                               key_type="ec256", fingerprint=f"{i:064x}", kek=kek,
+                               kek_version=1)
+            keys.append(key)
             doc.update(not_before=now - timedelta(days=10), serial=f"{i:x}",
                        not_after=now + timedelta(days=rng.uniform(0, 90)),
-                       issuer="CN=Bench CA", issue_count=1)
+                       issuer="CN=Bench CA", issue_count=1, key_id=key["_id"])
         if status == "failed" or i % 97 == 0:
             doc["failure"] = {"count": 2, "last_failed_at": now - timedelta(minutes=i % 600),
                               "last_error": {"type": "urn:ietf:params:acme:error:dns",
@@ -122,7 +134,8 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[s
             doc["renewal_source"] = "backoff"
         certs.append(doc)
     _bulk(db[dbm.CERTIFICATES], certs)
-    log(f"  {n_certs} certificates")
+    _bulk(db[dbm.KEYS], keys)
+    log(f"  {n_certs} certificates, {len(keys)} keys")
 
     kinds = ["certificates.issue", "certificates.renewal_scan", "audit.forward",
              "keys.rotation_step"]
@@ -216,12 +229,13 @@ def main() -> None:
         name = f"cap_bench_dash_{os.getpid()}"
         kek = tmp / "kek"
         kek.mkdir()
-        (kek / "v1.key").write_text(base64.b64encode(os.urandom(32)).decode())
+        kek_key = os.urandom(32)
+        (kek / "v1.key").write_text(base64.b64encode(kek_key).decode())
         (kek / "v1.key").chmod(0o600)
         os.environ["CAP_KEK_DIR"] = str(kek)
         log(f"seeding {args.certificates} certificates, {args.jobs} jobs")
         started = time.monotonic()
-        spec = seed(uri, name, args.certificates, args.jobs, args.audit)
+        spec = seed(uri, name, args.certificates, args.jobs, args.audit, kek_key)
         seed_s = time.monotonic() - started
         port = free_port()
         env = {**os.environ, "CAP_MONGO_URI": uri, "CAP_MONGO_DB": name,
