@@ -53,7 +53,7 @@ LEASE_SECONDS = 30.0
 # Re-read changes this far behind the last pass: a transaction stamps ``updated_at``
 # before it commits (transactions here are short; the server ends any after 60 s).
 CHANGE_SLACK = timedelta(seconds=30)
-RESYNC_SECONDS = 900.0
+RESYNC_SECONDS = 3600.0
 # Keys per KEK version is a count over every key (one per certificate): every 30 min;
 # a running rotation's progress comes from its own document every minute.
 KEK_FULL_SECONDS = 1800.0
