@@ -62,7 +62,9 @@ class Window:
     first_span: float = 60.0
 
 
-# Expiry dates are days apart, creation times seconds: the first window of each.
+# The first window of each list: certificates are created over days and months, jobs
+# every second; expiry dates are days apart.
+CREATED_FIRST_SPAN = 86400.0
 EXPIRY_FIRST_SPAN = 6 * 3600.0
 # Below any stored expiry: keeps certificates without one (null sorts first in an
 # index) out of the last window's index range.
@@ -79,7 +81,7 @@ def certificate_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, Win
     The clause to serve from an index comes first (the embedded server takes the first
     one it can)."""
     query: Doc = {}
-    window: Window | None = Window()
+    window: Window | None = Window(first_span=CREATED_FIRST_SPAN)
     name = (args.get("name") or "").strip().lower().rstrip(".")
     if name.endswith("*"):
         prefix = name.rstrip("*")
