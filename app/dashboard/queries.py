@@ -329,13 +329,15 @@ def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
             return list(collection.find({key: b, **query} if b else dict(query), projection)
                         .sort([(key, -1), ("_id", -1)]).limit(n))
 
-        items.extend(dbm.retry(fetch, what=f"list {collection.name}"))
+        found = dbm.retry(fetch, what=f"list {collection.name}")
+        items.extend(found)
         if len(items) > limit:
             _spans[shape] = span
         if last:
             break
         upper = lower
-        span *= growth
+        # An empty window: the rows are sparse here, widen faster.
+        span *= growth if found else growth * growth
     next_cursor = None
     if len(items) > limit:
         items = items[:limit]
