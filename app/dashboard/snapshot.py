@@ -438,10 +438,12 @@ def queue_view(every: Doc | None, now: datetime) -> Doc:
             "ready": every is not None}
 
 
-def certificate_view(doc: Doc | None) -> Doc:
-    if doc is None:
-        return Keeper.certificate_figures([], datetime.now(UTC)) | {"ready": False}
-    return {**doc["certs"], "ready": True}
+def certificate_view(every: Doc | None, scoped: Doc | None) -> Doc:
+    """The certificate figures of the caller's scope; ``ready`` once the keeper wrote
+    any (a project without certificates has no document of its own: zeros)."""
+    if scoped is None:
+        return Keeper.certificate_figures([], datetime.now(UTC)) | {"ready": every is not None}
+    return {**scoped["certs"], "ready": True}
 
 
 def chart_view(every: Doc | None) -> Doc:

@@ -277,7 +277,7 @@ def overview() -> str:
     principal = caller()
     every, scoped = _figures()
     return render_template(
-        "overview.html", certs=snapshot.certificate_view(scoped),
+        "overview.html", certs=snapshot.certificate_view(every, scoped),
         failing=(scoped or {}).get("failing", []), figures_at=(every or {}).get("at"),
         workers=queries.workers(db, now, snapshot.host_counts(every))["online"],
         queue=snapshot.queue_view(every, now), scheduler=queries.scheduler(db),

@@ -175,6 +175,14 @@ def test_pages_read_the_figures_one_process_keeps(migrated_db, settings) -> None
     assert re.search(r'data-state="issued">6<', page)
     assert re.search(r'data-state="issued">3<', alpha.get("/dashboard/").get_data(
         as_text=True))
+    # A project without certificates has no figures document: zeros, not "computing".
+    empty = make_project(db, "empty")
+    tokens.clear_cache()
+    nobody = app.test_client()
+    assert nobody.post("/dashboard/signin", data={
+        "token": make_token(db, empty, ["read"]).token}).status_code == 302
+    page = nobody.get("/dashboard/").get_data(as_text=True)
+    assert 'id="figures-pending"' not in page and re.search(r'data-state="issued">0<', page)
     lease = db[dbm.LEASES].find_one({"_id": snapshot.LEASE_ID})
     assert lease is not None and lease["holder"]
     assert admin.get("/dashboard/throughput.json").get_json()["totals"] == {
