@@ -49,7 +49,8 @@ COLLECTION = "dashboard_snapshots"
 LEASE_ID = "dashboard_snapshot"
 ALL_ID = "all"
 REFRESH_SECONDS = 5.0
-LEASE_SECONDS = 30.0
+# Renewed at every pass and between the phases of a (long) full load.
+LEASE_SECONDS = 60.0
 # Re-read changes this far behind the last pass: a transaction stamps ``updated_at``
 # before it commits (transactions here are short; the server ends any after 60 s).
 CHANGE_SLACK = timedelta(seconds=30)
@@ -97,6 +98,10 @@ def _minute(value: datetime) -> datetime:
     return value.replace(second=0, microsecond=0)
 
 
+class Deposed(Exception):  # noqa: N818 - reads as "this keeper was deposed"
+    """Another process took the snapshot lease: this one stops writing figures."""
+
+
 @dataclass
 class Keeper:
     """The figures of one database, kept in memory by the lease holder."""
@@ -114,6 +119,12 @@ class Keeper:
     kek_at: float = 0.0
     kek_rotation_at: float = 0.0
     written: dict[str, Doc] = field(default_factory=dict)
+    lease: Lease | None = None  # when set, renewed between the phases of a pass
+
+    def keep_lease(self) -> None:
+        """Renew the lease mid-pass; Deposed when another process holds it now."""
+        if self.lease is not None and self.lease.renew() is None:
+            raise Deposed("the dashboard snapshot lease was lost mid-pass")
 
     # -- reading the database ------------------------------------------------------
 
@@ -150,6 +161,7 @@ class Keeper:
         self.certs = {}
         for doc in rows:
             self._put_cert(doc)
+        self.keep_lease()
         jobs = dbm.retry(lambda: list(self.db[dbm.JOBS].find(
             {"state": {"$in": list(ACTIVE_JOB_STATES)}}, JOB_FIELDS)),
             what="load active jobs for the dashboard")
@@ -326,8 +338,11 @@ class Keeper:
         else:
             self.catch_up(now)
         self.drop_expired(now)
+        self.keep_lease()
         self.chart(now)
-        return self.write(now, self.figures(now))
+        docs = self.figures(now)
+        self.keep_lease()
+        return self.write(now, docs)
 
 
 def refresh(db: Database[Doc], settings: Any = None) -> int:
@@ -368,6 +383,7 @@ def _run(runner: _Runner) -> None:
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     lease = Lease(keeper.db[dbm.LEASES], {"_id": LEASE_ID}, holder, LEASE_SECONDS,
                   upsert=True, what="dashboard snapshot lease")
+    keeper.lease = lease
     failures = 0
     try:
         while not runner.stop.is_set():
@@ -384,6 +400,8 @@ def _run(runner: _Runner) -> None:
                 failures = 0
             except InvalidOperation:
                 break  # the client was closed: this app is being shut down
+            except Deposed:
+                keeper.loaded_at = 0.0
             except Exception:  # noqa: BLE001 - the next pass tries again; pages show age
                 failures += 1
                 keeper.loaded_at = 0.0
