@@ -198,13 +198,19 @@ def workers(db: Database[Doc], now: datetime, counts: dict[str, dict[str, int]]
 # -- scheduler, keys, audit --------------------------------------------------------------
 
 def scheduler(db: Database[Doc], fires: int = 0) -> Doc:
-    """The lease, entries and recent fires (``app.db.schedule``) and the
-    standbys."""
+    """The lease and entries (``app.db.schedule``), the standbys, and the last ``fires``
+    fired slots, newest first, read through windows on ``fired_at`` (a day of slots is
+    ~26,000 documents: a sort of all of them is what the embedded server would do)."""
+    from app.db.names import FIRES
     from app.db.schedule import standbys, status
 
-    result = status(db, fires=fires)
+    result = status(db)
     lease = result["lease"]
     result["standbys"] = standbys(db, lease["server_time"], lease.get("holder"))
+    if fires:
+        result["recent_fires"] = windowed_page(db[FIRES], {}, limit=fires, cursor=None,
+                                               projection={"_id": 0}, key="fired_at",
+                                               first_span=60.0)["items"]
     return result
 
 

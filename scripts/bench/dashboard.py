@@ -4,10 +4,11 @@
 Seeds ``--certificates`` certificates (default 10,000, in two projects, issued ones
 expiring over 0-90 days with their sealed keys, some failing), ``--jobs`` jobs
 (default 100,000 over the last 24 h: mostly succeeded, some dead, queued and running),
-12 workers, a scheduler lease with its entries and ``--audit`` audit entries, written in
-bulk as the services leave them. Then signs in with an admin token (a project token for
-the ``project_`` rows) and requests each page ``--rounds`` times, one request at a
-time, and reports p50/p99 per page. The peer in the same run is the API's own JSON for the same data
+12 workers, a scheduler lease with its entries and a day of fires (26,000), ``--audit``
+audit entries, written in bulk as the services leave them. Then signs in with an admin
+token (a project token for the ``project_`` rows) and requests each page ``--rounds``
+times, one request at a time, and reports p50/p99 per page. The peer in the same run is
+the API's own JSON for the same data
 (``/api/v1/certificates``, ``/api/v1/jobs``, ``/api/v1/status/workers``,
 ``/api/v1/audit``): a page should cost about what the API's JSON costs.
 
@@ -183,6 +184,13 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int,
         "next_run_at": now + timedelta(seconds=30), "last_run_at": now,
         "total_run_count": 500, "last_term": 7, "last_holder": "beat@sched0",
         "last_job_id": jobs[0]["_id"]} for kind in kinds[1:]])
+    # A day of timed slots, as the scheduler leaves them (scheduler/timed.py: ~26,000).
+    fires = [{"entry": kinds[1 + i % 3], "slot": now - timedelta(seconds=3.3 * i),
+              "dedupe_key": f"{kinds[1 + i % 3]}@{i}", "kind": kinds[1 + i % 3], "term": 7,
+              "holder": "beat@sched0", "job_id": str(ObjectId()),
+              "fired_at": now - timedelta(seconds=3.3 * i)} for i in range(26_000)]
+    _bulk(db[dbm.FIRES], fires)
+    log(f"  {len(fires)} schedule fires")
     audit = [{"seq": 1_000_000 + i, "time": now - timedelta(seconds=n_audit - i),
               "actor": {"kind": "token", "id": "tok_bench"}, "action": "certificate.update",
               "target": f"certificate:{certs[i % n_certs]['_id']}",
