@@ -342,8 +342,7 @@ def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
         if last:
             break
         upper = lower
-        # An empty window: the rows are sparse here, widen faster.
-        span *= growth if found else growth * growth
+        span *= growth
     next_cursor = None
     if len(items) > limit:
         items = items[:limit]
