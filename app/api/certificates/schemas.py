@@ -1,12 +1,14 @@
+import re
 from datetime import UTC
 from typing import Any
 
-from marshmallow import Schema, fields, validate
+from marshmallow import Schema, ValidationError, fields, validate
 
 from app.acme.dns.config import BUILTIN, COMMON, HOSTED, RFC2136, TSIG_ALGORITHMS, hosted_providers
 from app.acme.dns.config import ENV_RE as DNS_ENV_RE
 from app.acme.dns.config import HOST_RE as DNS_HOST_RE
 from app.acme.dns.config import NAME_RE as DNS_NAME_RE
+from app.acme.identifiers import InvalidName, normalize_name
 from app.api.common import JsonValue, PageArgsSchema, page_schema
 from app.api.jobs.schemas import JobSchema
 from app.domain.certspec import CHALLENGE_TYPES, KEY_TYPES
@@ -19,9 +21,9 @@ STATUSES = ("pending", "issued", "failed", "revoked")
 # What the API takes, as patterns that the schema states and the API checks first
 # (marshmallow), each a subset of what the domain accepts, so the domain never refuses
 # what the schema allows. They are ASCII and avoid \s, \w and lookarounds (ECMA and
-# Python read those differently). Names are ASCII DNS names (an IDN as its xn-- A-label
-# is not taken here: its validity is IDNA's, beyond a pattern; the CLI takes both),
-# IPv4 addresses or wildcards; the challenge type then narrows them (see NAMES_BY_CHALLENGE).
+# Python read those differently). Names are ASCII DNS names, IPv4 addresses or wildcards;
+# the challenge type then narrows them (see NAMES_BY_CHALLENGE). An IDN (Unicode, or its
+# xn-- A-labels) is beyond the pattern (its validity is IDNA's) and taken by ``_name``.
 _A, _M = "[A-Za-z0-9]", "[A-Za-z0-9-]"
 
 
@@ -201,12 +203,33 @@ class CertificateSchema(Schema):
                        "verified or unverified (with the failing endpoints)"})
 
 
-_NAMES = fields.List(fields.String(validate=[validate.Length(min=1, max=253),
-                                              validate.Regexp(NAME_PATTERN)]),
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+def _name(value: str) -> None:
+    """A name of the schema's pattern; or an internationalised one (Unicode labels or
+    xn-- A-labels), which IDNA decides beyond any pattern: taken when the domain's IDNA
+    check passes, so the API serves IDNs as it always did."""
+    if _NAME_RE.match(value):
+        return
+    if not value.isascii() or "xn--" in value.lower():
+        try:
+            normalize_name(value, allow_wildcard=True, allow_ip=False)
+        except InvalidName as exc:
+            raise ValidationError(str(exc)) from None
+        return
+    raise ValidationError("String does not match expected pattern.")
+
+
+_NAMES = fields.List(fields.String(validate=[validate.Length(min=1, max=253), _name],
+                                   metadata={"pattern": NAME_PATTERN}),
                      validate=validate.Length(min=1, max=100), metadata={
                          "example": ["www.example.com", "example.com"],
                          "description": "DNS names (ASCII), IPv4 addresses (http-01) or "
-                                        "wildcards *.name (dns-01); duplicates are merged"})
+                                        "wildcards *.name (dns-01); duplicates are merged. "
+                                        "Internationalised names (Unicode or xn-- labels) "
+                                        "are taken too, beyond this pattern: IDNA decides "
+                                        "them (converted to their A-labels)"})
 
 
 def _spec_fields() -> dict[str, fields.Field]:
