@@ -1,23 +1,20 @@
-"""What the dashboard's pages read: bounded, indexed queries and aggregates.
+"""What the dashboard's pages read: bounded, indexed queries.
 
-Every list is one page of an index walk (``app.api.common.paginate``, the API's cursor
-order); every figure is a count or a ``$group`` over an indexed range; a page never
-issues a query per row (a page's related rows are fetched with one ``$in``). The jobs
-chart is kept per process, minute by minute: finished minutes do not change, so each
-refresh aggregates only the last two minutes (the first one reads the 6 hours once).
-Indexes: m0001, m0002, m0007 and m0012.
+Every list is one page of an index walk in the order of that index, read through windows
+on its sort key (``windowed_page``, ``seq_page``) or one selective index range; a page
+never issues a query per row (a page's related rows are fetched with one ``$in``). The
+fleet figures (certificates by state and days left, the queue, the jobs chart, KEK) are
+not computed here but read from the documents ``app.dashboard.snapshot`` keeps.
+Indexes: m0001, m0002, m0007, m0010, m0012 and m0015.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -28,15 +25,9 @@ from app.domain import certificates as certs
 from app.domain.tokens import Principal
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # A worker whose last heartbeat is older than this is not online (as /status/workers).
 WORKER_LIVENESS = timedelta(seconds=60)
-# Days-left buckets of the overview's histogram: (label, lower days, upper days).
-DAYS_LEFT_BUCKETS: tuple[tuple[str, int | None, int | None], ...] = (
-    ("0–7", None, 8), ("8–14", 8, 15), ("15–30", 15, 31), ("31–60", 31, 61), ("> 60", 61, None))
-CHART_MINUTES = 360
-FAILING_SHOWN = 10
 CERT_STATES = (certs.STATUS_PENDING, certs.STATUS_ISSUED, certs.STATUS_FAILED,
                certs.STATUS_REVOKED)
 RENEWAL_REASONS = {
@@ -60,75 +51,59 @@ def project_filter(caller: Principal, requested: str | None = None) -> Doc:
 
 # -- certificates --------------------------------------------------------------------
 
-def certificate_figures(db: Database[Doc], caller: Principal, now: datetime) -> Doc:
-    """Certificates by state, and issued ones by days left (one count per bucket on the
-    ``not_after`` index, so 10,000 certificates cost five index counts)."""
-    scope = project_filter(caller)
-    by_state = {str(row["_id"]): int(row["n"]) for row in dbm.retry(
-        lambda: list(db[dbm.CERTIFICATES].aggregate([
-            {"$match": {**scope, "deleted_at": None}},
-            {"$group": {"_id": "$status", "n": {"$sum": 1}}}])),
-        what="count certificates by state")}
-    buckets: list[Doc] = []
-    for label, low, high in DAYS_LEFT_BUCKETS:
-        window: Doc = {}
-        if low is not None:
-            window["$gte"] = now + timedelta(days=low)
-        if high is not None:
-            window["$lt"] = now + timedelta(days=high)
-        query = {**scope, "not_after": window, "status": certs.STATUS_ISSUED}
-        n = dbm.retry(lambda q=query: db[dbm.CERTIFICATES].count_documents(q),  # type: ignore[misc]
-                      what="count certificates by days left")
-        buckets.append({"label": label, "count": int(n)})
-    expired = dbm.retry(lambda: db[dbm.CERTIFICATES].count_documents(
-        {**scope, "not_after": {"$lt": now}, "status": certs.STATUS_ISSUED}),
-        what="count expired certificates")
-    buckets[0]["count"] -= int(expired)  # the first bucket starts at 0 days, not before
-    peak = max([b["count"] for b in buckets] + [1])
-    for bucket in buckets:
-        bucket["percent"] = round(100 * bucket["count"] / peak)
-    return {"by_state": by_state, "total": sum(by_state.values()), "days_left": buckets,
-            "expired": int(expired)}
+@dataclass(frozen=True)
+class Window:
+    """How a list is read through ``windowed_page``: windows on ``key`` below ``start``
+    (None: no upper bound), never below ``floor``, the first one ``first_span`` seconds."""
+
+    key: str = "created_at"
+    start: datetime | None = None
+    floor: datetime | None = None
+    first_span: float = 60.0
 
 
-def failing_renewals(db: Database[Doc], caller: Principal, limit: int = FAILING_SHOWN
-                     ) -> list[Doc]:
-    """Certificates whose last attempt failed, newest failure first, with the CA's
-    problem document (sparse index on ``failure.last_failed_at``)."""
-    query = {**project_filter(caller), "failure.last_failed_at": {"$exists": True},
-             "deleted_at": None}
-    return dbm.retry(lambda: list(db[dbm.CERTIFICATES].find(
-        query, {"name": 1, "names": 1, "project_id": 1, "status": 1, "failure": 1,
-                "next_renewal_at": 1}).sort("failure.last_failed_at", -1).limit(limit)),
-        what="read failing renewals")
+# The first window of each list: certificates are created over days and months, jobs
+# every second; expiry dates are days apart.
+CREATED_FIRST_SPAN = 86400.0
+EXPIRY_FIRST_SPAN = 6 * 3600.0
+# Below any stored expiry: keeps certificates without one (null sorts first in an
+# index) out of the last window's index range.
+EXPIRY_FLOOR = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def certificate_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, bool]:
+def certificate_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, Window | None]:
     """The filter of the certificates list (search by name, project, state and expiring
-    before a date), and whether to read it through time windows (``windowed_page``).
+    before a date), and how to read it: through windows (``windowed_page``: newest
+    first, or by expiry, latest first, below an "expiring before" date), or, for a name,
+    as one index range on ``names`` (exact, one of the certificate's names, as the API's
+    ``?name=``; a trailing ``*`` makes it a prefix: the range [prefix, next prefix)).
 
-    The most selective indexed clause comes first (a planner that serves one clause
-    from an index takes the first one it can): a name (exact, one of the certificate's
-    names, as the API's ``?name=``; a trailing ``*`` makes it a prefix), then expiry."""
+    The clause to serve from an index comes first (the embedded server takes the first
+    one it can)."""
     query: Doc = {}
-    windowed = True
+    window: Window | None = Window(first_span=CREATED_FIRST_SPAN)
     name = (args.get("name") or "").strip().lower().rstrip(".")
     if name.endswith("*"):
-        query["names"] = {"$regex": "^" + re.escape(name.rstrip("*"))}
-        windowed = False
+        prefix = name.rstrip("*")
+        if prefix:
+            query["names"] = {"$gte": prefix,
+                              "$lt": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
+            window = None
     elif name:
         query["names"] = name
-        windowed = False
+        window = None
     before = parse_date(args.get("expiring_before"))
     if before is not None:
-        query["not_after"] = {"$lt": before}
-        windowed = False
+        if window is None:
+            query["not_after"] = {"$lt": before}
+        else:
+            window = Window("not_after", before, EXPIRY_FLOOR, EXPIRY_FIRST_SPAN)
     query.update(project_filter(caller, args.get("project") or None))
     if args.get("state") in CERT_STATES:
         query["status"] = args["state"]  # a deleted certificate's status is "deleted"
     else:
         query["deleted_at"] = None
-    return query, windowed
+    return query, window
 
 
 def parse_date(value: str | None) -> datetime | None:
@@ -174,26 +149,10 @@ def job_query(caller: Principal, args: dict[str, str]) -> Doc:
     return query
 
 
-@dataclass
-class _Series:
-    """Finished jobs per minute: {minute start: {(state, worker): n}}; minutes before
-    ``final_before`` are final."""
-
-    minutes: dict[datetime, dict[tuple[str, str], int]] = field(default_factory=dict)
-    final_before: datetime | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_series: dict[str, _Series] = {}
-_series_lock = threading.Lock()
-
-
-def _minute(value: datetime) -> datetime:
-    return value.replace(second=0, microsecond=0)
-
-
-def _aggregate_minutes(db: Database[Doc], since: datetime) -> dict[datetime,
+def aggregate_minutes(db: Database[Doc], since: datetime) -> dict[datetime,
                                                                    dict[tuple[str, str], int]]:
+    """Finished jobs per minute since ``since``: {minute: {(state, worker host): n}}
+    (``finished_at`` index)."""
     pipeline: list[Doc] = [
         {"$match": {"finished_at": {"$gte": since}, "state": {"$in": ["succeeded", "dead"]}}},
         # Epoch milliseconds rounded down to the minute ($toLong: the embedded server
@@ -216,58 +175,14 @@ def _aggregate_minutes(db: Database[Doc], since: datetime) -> dict[datetime,
     return out
 
 
-def finished_per_minute(db: Database[Doc], now: datetime) -> dict[datetime,
-                                                                   dict[tuple[str, str], int]]:
-    """The last ``CHART_MINUTES`` minutes of finished jobs by state and worker."""
-    with _series_lock:
-        series = _series.setdefault(db.name, _Series())
-    start = _minute(now) - timedelta(minutes=CHART_MINUTES - 1)
-    with series.lock:
-        since = start if series.final_before is None else max(start, series.final_before)
-        fresh = _aggregate_minutes(db, since)
-        for minute in [m for m in series.minutes if m >= since or m < start]:
-            del series.minutes[minute]
-        series.minutes.update(fresh)
-        # A job finished in the last minute may commit a little later: keep it open.
-        series.final_before = _minute(now) - timedelta(minutes=1)
-        return {m: dict(cells) for m, cells in series.minutes.items()}
-
-
-def throughput(db: Database[Doc], now: datetime) -> Doc:
-    """Chart data: minute timestamps (epoch seconds), succeeded and dead counts."""
-    minutes = finished_per_minute(db, now)
-    start = _minute(now) - timedelta(minutes=CHART_MINUTES - 1)
-    xs, ok, dead = [], [], []
-    for i in range(CHART_MINUTES):
-        minute = start + timedelta(minutes=i)
-        cells = minutes.get(minute, {})
-        xs.append(int(minute.timestamp()))
-        ok.append(sum(n for (s, _), n in cells.items() if s == "succeeded"))
-        dead.append(sum(n for (s, _), n in cells.items() if s == "dead"))
-    return {"t": xs, "succeeded": ok, "failed": dead,
-            "totals": {"succeeded": sum(ok), "failed": sum(dead)}}
-
-
-def per_worker_counts(db: Database[Doc], now: datetime) -> dict[str, dict[str, int]]:
-    """Jobs finished in the chart's window by the workers of each host:
-    {host: {processed, failed}}."""
-    counts: dict[str, dict[str, int]] = {}
-    for cells in finished_per_minute(db, now).values():
-        for (state, worker), n in cells.items():
-            row = counts.setdefault(worker, {"processed": 0, "failed": 0})
-            row["processed"] += n
-            if state == "dead":
-                row["failed"] += n
-    return counts
-
-
-def workers(db: Database[Doc], now: datetime) -> dict[str, list[Doc]]:
+def workers(db: Database[Doc], now: datetime, counts: dict[str, dict[str, int]]
+            ) -> dict[str, list[Doc]]:
     """Workers online (heartbeat within WORKER_LIVENESS and not stopped) and the others
-    seen in the last day, with processed/failed over the chart's window."""
+    seen in the last day, with ``counts`` (processed/failed over the chart's window by
+    host, from the snapshot)."""
     from app.jobs.workers import list_workers
 
     rows = dbm.retry(lambda: list_workers(db)[:500], what="read workers")
-    counts = per_worker_counts(db, now)
     online: list[Doc] = []
     gone: list[Doc] = []
     for row in rows:
@@ -280,23 +195,22 @@ def workers(db: Database[Doc], now: datetime) -> dict[str, list[Doc]]:
     return {"online": online, "gone": gone}
 
 
-def queue(db: Database[Doc]) -> Doc:
-    """Queue depth by kind and the oldest due job's age (``app.jobs.stats``)."""
-    from app.jobs.stats import queue_depth
-
-    return dbm.retry(lambda: queue_depth(db), what="read queue depth")
-
-
 # -- scheduler, keys, audit --------------------------------------------------------------
 
 def scheduler(db: Database[Doc], fires: int = 0) -> Doc:
-    """The lease, entries and recent fires (``app.db.schedule``) and the
-    standbys."""
+    """The lease and entries (``app.db.schedule``), the standbys, and the last ``fires``
+    fired slots, newest first, read through windows on ``fired_at`` (a day of slots is
+    ~26,000 documents: a sort of all of them is what the embedded server would do)."""
+    from app.db.names import FIRES
     from app.db.schedule import standbys, status
 
-    result = status(db, fires=fires)
+    result = status(db)
     lease = result["lease"]
     result["standbys"] = standbys(db, lease["server_time"], lease.get("holder"))
+    if fires:
+        result["recent_fires"] = windowed_page(db[FIRES], {}, limit=fires, cursor=None,
+                                               projection={"_id": 0}, key="fired_at",
+                                               first_span=60.0)["items"]
     return result
 
 
@@ -354,7 +268,7 @@ def audit_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, bool]:
 
 # -- bounded work on any server --------------------------------------------------------
 
-_spans: dict[tuple[str, tuple[str, ...]], float] = {}
+_spans: dict[tuple[str, str, tuple[str, ...]], float] = {}
 _LONGEST_SPAN = 50 * 365 * 86400.0  # beyond it, the last window: the rest
 
 
@@ -376,9 +290,12 @@ def _position(cursor: str, *types: type) -> list[Any]:
 def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
                   cursor: str | None, projection: Doc | None = None,
                   key: str = "created_at", first_span: float = 60.0,
+                  start: datetime | None = None, floor: datetime | None = None,
                   growth: float = 4.0, max_windows: int = 14) -> Doc:
-    """One page, newest first, in the API's ``(created_at, _id)`` cursor order, read
-    through time windows that grow ×``growth`` until the page is full.
+    """One page, newest first, in ``(key, _id)`` order (for ``created_at`` the API's
+    cursor order), read through time windows below ``start`` (default: no upper bound)
+    that grow ×``growth`` until the page is full; the last one reaches down to
+    ``floor`` (default: no lower bound).
 
     The range on ``key`` leads the filter, so each window is one index range (on a real
     mongod the planner would also stop a sorted index walk early; the embedded server
@@ -387,23 +304,26 @@ def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
     from app.api.common import encode_cursor
 
     items: list[Doc] = []
-    upper: datetime | None = None  # None: no upper bound (the newest page)
+    upper: datetime | None = start  # None: no upper bound (the newest page)
     if cursor:
         upper, last_id = _position(cursor, datetime, object)
-        ties = {**query, key: upper, "_id": {"$lt": last_id}}
+        # The sort key first: the clause the embedded server serves from an index.
+        ties = {key: upper, **query, "_id": {"$lt": last_id}}
         items = dbm.retry(lambda: list(collection.find(ties, projection)
                                        .sort("_id", -1).limit(limit + 1)),
                           what=f"list {collection.name}")
     anchor = upper or datetime.now(UTC)
     # Start from the span that filled the last page of this list (per process): most
     # pages then cost one or two windows instead of climbing from a minute each time.
-    shape = (collection.name, tuple(sorted(query)))
+    shape = (collection.name, key, tuple(sorted(query)))
     span = max(first_span, _spans.get(shape, first_span) / growth)
     for window in range(max_windows):
         if len(items) > limit:
             break
         last = window == max_windows - 1 or span > _LONGEST_SPAN
-        lower = None if last else anchor - timedelta(seconds=span)
+        lower = floor if last else anchor - timedelta(seconds=span)
+        if floor is not None and lower is not None and lower <= floor:
+            lower, last = floor, True
         bound: Doc = {}
         if upper is not None:
             bound["$lt"] = upper
@@ -415,10 +335,11 @@ def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
             return list(collection.find({key: b, **query} if b else dict(query), projection)
                         .sort([(key, -1), ("_id", -1)]).limit(n))
 
-        items.extend(dbm.retry(fetch, what=f"list {collection.name}"))
+        found = dbm.retry(fetch, what=f"list {collection.name}")
+        items.extend(found)
         if len(items) > limit:
             _spans[shape] = span
-        if lower is None:
+        if last:
             break
         upper = lower
         span *= growth
@@ -460,58 +381,3 @@ def seq_page(collection: Collection[Doc], query: Doc, *, head: int, limit: int,
         items = items[:limit]
         next_cursor = encode_cursor([items[-1]["seq"]])
     return {"items": items, "next_cursor": next_cursor}
-
-
-@dataclass
-class _Cached:
-    value: Any = None
-    at: float = 0.0
-    refreshing: bool = False
-
-
-_cache: dict[tuple[Any, ...], _Cached] = {}
-_cache_lock = threading.Lock()
-FIGURES_MAX_AGE = 5.0
-# Certificates by state and days left, and KEK progress, move slowly; a whole-collection
-# aggregate every 5 s would keep a small database busy for nothing.
-SLOW_FIGURES_MAX_AGE = 30.0
-# Older than this (nobody looked for a while), a value is recomputed before answering.
-FIGURES_STALE_LIMIT = 60.0
-
-
-def cached(key: tuple[Any, ...], compute: Callable[[], T],
-           max_age: float = FIGURES_MAX_AGE) -> T:
-    """``compute()``'s value, at most ``max_age`` seconds old when fresh; a staler one
-    is answered at once while one background thread recomputes it (stale while
-    revalidate), so a page waits on an aggregate over a whole collection only the first
-    time in a process, or after nobody asked for ``FIGURES_STALE_LIMIT`` seconds."""
-    now = time.monotonic()
-    with _cache_lock:
-        entry = _cache.setdefault(key, _Cached())
-        if entry.at and now - entry.at > FIGURES_STALE_LIMIT and not entry.refreshing:
-            entry.at = 0.0
-        fresh = entry.at and now - entry.at <= max_age
-        start_refresh = bool(entry.at) and not fresh and not entry.refreshing
-        if start_refresh:
-            entry.refreshing = True
-    if fresh:
-        return entry.value
-    if not entry.at:
-        value = compute()
-        with _cache_lock:
-            entry.value, entry.at = value, time.monotonic()
-        return value
-    if start_refresh:
-        def refresh() -> None:
-            try:
-                value = compute()
-                with _cache_lock:
-                    entry.value, entry.at = value, time.monotonic()
-            except Exception:  # noqa: BLE001 - the next request tries again
-                log.warning("dashboard figures refresh failed", exc_info=True)
-            finally:
-                with _cache_lock:
-                    entry.refreshing = False
-
-        threading.Thread(target=refresh, name="dashboard-figures", daemon=True).start()
-    return entry.value

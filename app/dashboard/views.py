@@ -27,7 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from app import db as dbm
 from app.api.common import current_db, paginate
-from app.dashboard import queries, sessions
+from app.dashboard import queries, sessions, snapshot
 from app.db import Doc
 from app.domain import budget, certificates, drift, revocation
 from app.domain.tokens import WRITE, Principal
@@ -100,6 +100,8 @@ def authenticate() -> Response | None:
             raise Unauthorized("sign in first: your dashboard session is missing or expired")
         return redirect(target)  # type: ignore[return-value]
     g.principal, g.csrf = found
+    # This process keeps the fleet figures if it holds (or takes) their lease.
+    snapshot.ensure_running(current_db(), current_app.extensions.get("cap_settings"))
     if request.method == "POST" and not sessions.csrf_matches(
             g.csrf, request.form.get("csrf_token") or request.headers.get("X-CSRF-Token")):
         raise Forbidden("missing or invalid CSRF token: reload the page and try again")
@@ -196,13 +198,16 @@ def _page(collection: str, query: Doc, **kwargs: Any) -> dict[str, Any]:
                     cursor=request.args.get("cursor") or None, **kwargs)
 
 
-def _list(collection: str, query: Doc, windowed: bool, projection: Doc) -> dict[str, Any]:
-    """A page, newest first: through time windows when no clause is selective, else one
-    indexed lookup sorted after (both in the API's cursor order)."""
-    if windowed:
+def _list(collection: str, query: Doc, window: queries.Window | None,
+          projection: Doc) -> dict[str, Any]:
+    """A page: through windows on the window's key when no clause is selective, else
+    one indexed lookup sorted after (newest first, the API's cursor order)."""
+    if window is not None:
         return queries.windowed_page(current_db()[collection], query, limit=PAGE_SIZE,
                                      cursor=request.args.get("cursor") or None,
-                                     projection=projection)
+                                     projection=projection, key=window.key,
+                                     start=window.start, floor=window.floor,
+                                     first_span=window.first_span)
     return _page(collection, query, projection=projection, descending=True)
 
 
@@ -259,25 +264,24 @@ def signout() -> Any:
 
 # -- overview ------------------------------------------------------------------------
 
+def _figures() -> tuple[Doc | None, Doc | None]:
+    """The snapshot's ``all`` document and the caller's scope's (the same for admins)."""
+    principal = caller()
+    return snapshot.read(current_db(), None if principal.is_admin else principal.project_id)
+
+
 @bp.get("/")
 def overview() -> str:
     db = current_db()
     now = _now()
     principal = caller()
-    scope = (db.name, principal.project_id)
-    # Aggregates over every certificate or queued job: at most a few seconds old.
-    certs = queries.cached(("certs", *scope),
-                           lambda: queries.certificate_figures(db, principal, now),
-                           max_age=queries.SLOW_FIGURES_MAX_AGE)
-    failing = queries.cached(("failing", *scope),
-                             lambda: queries.failing_renewals(db, principal))
+    every, scoped = _figures()
     return render_template(
-        "overview.html", certs=certs, failing=failing,
-        workers=queries.workers(db, now)["online"], queue=_queue(),
-        scheduler=queries.scheduler(db),
-        kek=queries.cached(("kek", db.name), lambda: queries.kek(
-            db, current_app.extensions["cap_settings"]), max_age=queries.SLOW_FIGURES_MAX_AGE)
-        if principal.is_admin else None,
+        "overview.html", certs=snapshot.certificate_view(every, scoped),
+        failing=(scoped or {}).get("failing", []), figures_at=(every or {}).get("at"),
+        workers=queries.workers(db, now, snapshot.host_counts(every))["online"],
+        queue=snapshot.queue_view(every, now), scheduler=queries.scheduler(db),
+        kek=(every or {}).get("kek") if principal.is_admin else None,
         audit=queries.audit_head(db) if principal.is_admin else None,
         budgets=budget.levels(db, limit=BUDGET_ROWS) if principal.is_admin else None)
 
@@ -286,14 +290,13 @@ def overview() -> str:
 BUDGET_ROWS = 30
 
 
-def _queue() -> Doc:
-    db = current_db()
-    return queries.cached(("queue", db.name), lambda: queries.queue(db))
+def _queue(now: datetime) -> Doc:
+    return snapshot.queue_view(snapshot.read(current_db(), None)[0], now)
 
 
 @bp.get("/throughput.json")
 def throughput() -> Response:
-    return jsonify(queries.throughput(current_db(), _now()))
+    return jsonify(snapshot.chart_view(snapshot.read(current_db(), None)[0]))
 
 
 # -- certificates ----------------------------------------------------------------------
@@ -307,9 +310,10 @@ CERT_LIST_FIELDS = {"name": 1, "names": 1, "project_id": 1, "status": 1, "not_af
 def certificate_list() -> str:
     filters = _args("name", "project", "state", "expiring_before")
     _now()
-    query, windowed = queries.certificate_query(caller(), filters)
-    page = _list(dbm.CERTIFICATES, query, windowed, projection=CERT_LIST_FIELDS)
+    query, window = queries.certificate_query(caller(), filters)
+    page = _list(dbm.CERTIFICATES, query, window, projection=CERT_LIST_FIELDS)
     return render_template("certificates.html", page=page, filters=filters,
+                           by_expiry=window is not None and window.key == "not_after",
                            states=queries.CERT_STATES,
                            projects=_project_names(page["items"]),
                            next_url=_next_url("dashboard.certificate_list", filters,
@@ -388,11 +392,11 @@ def job_list() -> str:
     from app.jobs import STATES
 
     filters = _args("state", "kind", "project")
-    _now()
-    page = _list(dbm.JOBS, queries.job_query(caller(), filters), True,
+    now = _now()
+    page = _list(dbm.JOBS, queries.job_query(caller(), filters), queries.Window(),
                  projection=JOB_LIST_FIELDS)
     return render_template("jobs.html", page=page, filters=filters, states=STATES,
-                           queue=_queue(),
+                           queue=_queue(now),
                            projects=_project_names(page["items"]),
                            next_url=_next_url("dashboard.job_list", filters,
                                               page["next_cursor"]))
@@ -443,8 +447,10 @@ def job_cancel(job_id: str) -> Any:
 def workers() -> str:
     db = current_db()
     now = _now()
-    return render_template("workers.html", workers=queries.workers(db, now),
-                           queue=_queue())
+    every = snapshot.read(db, None)[0]
+    return render_template("workers.html",
+                           workers=queries.workers(db, now, snapshot.host_counts(every)),
+                           queue=snapshot.queue_view(every, now))
 
 
 @bp.get("/scheduler")

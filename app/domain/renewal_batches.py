@@ -33,7 +33,7 @@ from app import audit
 from app import db as dbm
 from app.db import Doc
 from app.domain import certificates
-from app.errors import NotFound, ValidationFailed
+from app.errors import Conflict, NotFound, ValidationFailed
 from app.jobs.lifecycle import FINISHED_RETENTION
 
 COLLECTION = dbm.RENEWAL_BATCHES
@@ -176,8 +176,9 @@ def start_batch(db: Database[Doc], selector: Any, actor: audit.Actor, *,
         query, {"_id": 1, "project_id": 1, "serial": 1, "names": 1})),
         what="select certificates to renew")
     if not selected:
-        raise ValidationFailed("no live issued certificate matches this selection; nothing "
-                               "was enqueued")
+        # A well-formed selection that the fleet does not match now: the server's state.
+        raise Conflict("no live issued certificate matches this selection; nothing "
+                       "was enqueued")
     unmatched = sorted(set(clean.get("serials", [])) - {c.get("serial") for c in selected})
     batch_id = str(ObjectId())
     now = dbm.server_now(db)

@@ -2,18 +2,21 @@
 """Dashboard benchmark: every page at scale, through gunicorn (the production config).
 
 Seeds ``--certificates`` certificates (default 10,000, in two projects, issued ones
-expiring over 0-90 days, some failing), ``--jobs`` jobs (default 100,000 over the last
-24 h: mostly succeeded, some dead, queued and running), 12 workers, a scheduler lease
-with its entries and ``--audit`` audit entries, written in bulk as the services leave
-them. Then signs in with an admin token (a project token for the ``project_`` rows) and
-requests each page ``--rounds`` times, one request at a time, and reports p50/p99 per
-page. The peer in the same run is the API's own JSON for the same data
+expiring over 0-90 days with their sealed keys, some failing), ``--jobs`` jobs
+(default 100,000 over the last 24 h: mostly succeeded, some dead, queued and running),
+12 workers, a scheduler lease with its entries and a day of fires (26,000), ``--audit``
+audit entries, written in bulk as the services leave them. Then signs in with an admin
+token (a project token for the ``project_`` rows) and requests each page ``--rounds``
+times, one request at a time, and reports p50/p99 per page. The peer in the same run is
+the API's own JSON for the same data
 (``/api/v1/certificates``, ``/api/v1/jobs``, ``/api/v1/status/workers``,
 ``/api/v1/audit``): a page should cost about what the API's JSON costs.
 
-The first request of the overview aggregates 6 hours of finished jobs (the chart's
-cache is per process, then refreshed minute by minute); it is reported apart as
-``overview_cold_ms`` (with several gunicorn processes, each one pays it once).
+The fleet figures (certificates by state and days left, failing renewals, the queue,
+the jobs chart) are kept by one api process (``app.dashboard.snapshot``), which loads
+them once when the first dashboard request starts it, then reads only what changed: the
+first request's time is ``overview_cold_ms`` and the time until the figures are shown
+``figures_ready_s``; pages are measured after that.
 
 Target: every page p99 ≤ 200 ms. The embedded database is a Python server sharing the
 same 2 cores (NOTES.md), so absolute figures are pessimistic; a real mongod is faster.
@@ -21,8 +24,8 @@ same 2 cores (NOTES.md), so absolute figures are pessimistic; a real mongod is f
     .venv/bin/python scripts/bench/dashboard.py [--certificates 10000] [--jobs 100000]
         [--rounds 30] [--peer-rounds 5] [--workers 1]
 
-The last line printed is one JSON object: {page: {p50_ms, p99_ms}, ..., max_p99_ms,
-target_ms, overview_cold_ms, seed_s}.
+The last line printed is one JSON object: {page: {p50_ms, p99_ms, first_ms}, ..., max_p99_ms,
+target_ms, overview_cold_ms, figures_ready_s, seed_s}.
 """
 
 from __future__ import annotations
@@ -72,13 +75,16 @@ def _bulk(collection: Any, docs: list[dict[str, Any]], batch: int = 2000) -> Non
         collection.insert_many(docs[i:i + batch], ordered=False)
 
 
-def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[str, Any]:
+def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int,
+         kek_key: bytes) -> dict[str, Any]:
     from bson import ObjectId
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from app import db as dbm
     from app.audit import system_actor
     from app.config import load_settings
     from app.domain import accounts, projects, tokens
+    from app.keys.store import build_record
     from app.migrations import migrate
 
     rng = random.Random(15)
@@ -92,6 +98,8 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[s
                                            register=False)["_id"] for p in project_ids]
     now = dbm.server_now(db)
     certs = []
+    keys = []
+    kek = AESGCM(kek_key)
     for i in range(n_certs):
         p = i % 2
         host = f"host{i:05d}.bench.example.com"
@@ -109,9 +117,16 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[s
             "not_after": None, "issuer": None, "key_id": None, "order_id": None,
             "ari": None, "failure": None, "issue_count": 0}
         if status == "issued":
+            # One sealed key per issued certificate, as issuance leaves them (the KEK
+            # figures count them).
+            key = build_record(os.urandom(240), key_id=f"key_{i:016x}",
+                               project_id=project_ids[p], purpose="certificate",
+                               key_type="ec256", fingerprint=f"{i:064x}", kek=kek,
+                               kek_version=1)
+            keys.append(key)
             doc.update(not_before=now - timedelta(days=10), serial=f"{i:x}",
                        not_after=now + timedelta(days=rng.uniform(0, 90)),
-                       issuer="CN=Bench CA", issue_count=1)
+                       issuer="CN=Bench CA", issue_count=1, key_id=key["_id"])
         if status == "failed" or i % 97 == 0:
             doc["failure"] = {"count": 2, "last_failed_at": now - timedelta(minutes=i % 600),
                               "last_error": {"type": "urn:ietf:params:acme:error:dns",
@@ -120,7 +135,8 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[s
             doc["renewal_source"] = "backoff"
         certs.append(doc)
     _bulk(db[dbm.CERTIFICATES], certs)
-    log(f"  {n_certs} certificates")
+    _bulk(db[dbm.KEYS], keys)
+    log(f"  {n_certs} certificates, {len(keys)} keys")
 
     kinds = ["certificates.issue", "certificates.renewal_scan", "audit.forward",
              "keys.rotation_step"]
@@ -168,6 +184,13 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int) -> dict[s
         "next_run_at": now + timedelta(seconds=30), "last_run_at": now,
         "total_run_count": 500, "last_term": 7, "last_holder": "beat@sched0",
         "last_job_id": jobs[0]["_id"]} for kind in kinds[1:]])
+    # A day of timed slots, as the scheduler leaves them (scheduler/timed.py: ~26,000).
+    fires = [{"entry": kinds[1 + i % 3], "slot": now - timedelta(seconds=3.3 * i),
+              "dedupe_key": f"{kinds[1 + i % 3]}@{i}", "kind": kinds[1 + i % 3], "term": 7,
+              "holder": "beat@sched0", "job_id": str(ObjectId()),
+              "fired_at": now - timedelta(seconds=3.3 * i)} for i in range(26_000)]
+    _bulk(db[dbm.FIRES], fires)
+    log(f"  {len(fires)} schedule fires")
     audit = [{"seq": 1_000_000 + i, "time": now - timedelta(seconds=n_audit - i),
               "actor": {"kind": "token", "id": "tok_bench"}, "action": "certificate.update",
               "target": f"certificate:{certs[i % n_certs]['_id']}",
@@ -214,12 +237,13 @@ def main() -> None:
         name = f"cap_bench_dash_{os.getpid()}"
         kek = tmp / "kek"
         kek.mkdir()
-        (kek / "v1.key").write_text(base64.b64encode(os.urandom(32)).decode())
+        kek_key = os.urandom(32)
+        (kek / "v1.key").write_text(base64.b64encode(kek_key).decode())
         (kek / "v1.key").chmod(0o600)
         os.environ["CAP_KEK_DIR"] = str(kek)
         log(f"seeding {args.certificates} certificates, {args.jobs} jobs")
         started = time.monotonic()
-        spec = seed(uri, name, args.certificates, args.jobs, args.audit)
+        spec = seed(uri, name, args.certificates, args.jobs, args.audit, kek_key)
         seed_s = time.monotonic() - started
         port = free_port()
         env = {**os.environ, "CAP_MONGO_URI": uri, "CAP_MONGO_DB": name,
@@ -258,6 +282,16 @@ def main() -> None:
         first = admin.get(base + "/dashboard/", timeout=120)
         cold_ms = (time.perf_counter() - t0) * 1000
         assert first.status_code == 200, first.text[:300]
+        # The keeper loads the figures once (every certificate, the active jobs, 6 h of
+        # finished jobs); pages are measured once they are shown.
+        text = first.text
+        while 'id="figures-pending"' in text:
+            if time.perf_counter() - t0 > 600:
+                raise SystemExit("the dashboard figures were not ready after 600 s")
+            time.sleep(0.5)
+            text = admin.get(base + "/dashboard/", timeout=120).text
+        ready_s = time.perf_counter() - t0
+        log(f"figures ready after {ready_s:.1f} s (first request {cold_ms:.0f} ms)")
         pages: dict[str, tuple[requests.Session, str, dict[str, str]]] = {
             "overview": (admin, "/dashboard/", {}),
             "chart_json": (admin, "/dashboard/throughput.json", {}),
@@ -292,6 +326,11 @@ def main() -> None:
             # The API's unbounded sorted lists take seconds each on the embedded server:
             # a few rounds tell the difference.
             rounds = args.peer_rounds if page.startswith("api_") else args.rounds
+            # One request first, reported apart (``first_ms``): this process compiles
+            # the page's template and learns its list's window span once.
+            t0 = time.perf_counter()
+            client.get(base + path, headers=headers, timeout=60)
+            first_ms = (time.perf_counter() - t0) * 1000
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 response = client.get(base + path, headers=headers, timeout=60)
@@ -301,7 +340,8 @@ def main() -> None:
             if page.startswith("certificates_search"):
                 assert re.search(r"host0012\d\.bench", response.text), "search found nothing"
             results[page] = {"p50_ms": round(percentile(times, 50), 1),
-                             "p99_ms": round(percentile(times, 99), 1)}
+                             "p99_ms": round(percentile(times, 99), 1),
+                             "first_ms": round(first_ms, 1)}
             log(f"{page:28s} p50 {results[page]['p50_ms']:7.1f} ms   "
                 f"p99 {results[page]['p99_ms']:7.1f} ms")
     finally:
@@ -326,6 +366,7 @@ def main() -> None:
     dashboard = {k: v for k, v in results.items() if not k.startswith("api_")}
     summary = {**results, "max_p99_ms": max(v["p99_ms"] for v in dashboard.values()),
                "target_ms": TARGET_MS, "overview_cold_ms": round(cold_ms, 1),
+               "figures_ready_s": round(ready_s, 1),
                "seed_s": round(seed_s, 1), "seed_certificates": args.certificates,
                "seed_jobs": args.jobs, "rounds": args.rounds}
     print(json.dumps(summary))

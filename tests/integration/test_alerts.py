@@ -333,17 +333,21 @@ def test_bad_channel_definitions_are_refused_and_nothing_is_stored(
     client = create_app(settings).test_client()
     owner = make_token(db, project, ["read", "write"])
     audit_before = db[dbm.AUDIT].count_documents({})
+    # 422: the definition is wrong; 409: it names a variable this server lacks.
     cases = [
-        ({"name": "a", "url": "ftp://example.com/x"}, "unknown scheme ftp://"),
-        ({"name": "a", "url": "http://hooks.example.com/x"}, "must use https://"),
+        ({"name": "a", "url": "ftp://example.com/x"}, "unknown scheme ftp://", 422),
+        ({"name": "a", "url": "http://hooks.example.com/x"}, "must use https://", 422),
+        ({"name": "a", "url": "https://u@hooks.example.com/x"}, "no user or password", 422),
+        ({"name": "a", "url": "smtp://mail.example.com", "to": ["a@b.c"],
+          "secret": "s" * 16}, "only for webhook channels", 422),
         ({"name": "a", "url": "https://hooks.example.com/x", "secret_env": "CAP_ALERT_UNSET"},
-         "CAP_ALERT_UNSET is not set"),
+         "CAP_ALERT_UNSET is not set", 409),
         ({"name": "a", "url": "smtp://u@mail.example.com", "to": ["a@b.c"],
-          "password_env": "CAP_ALERT_UNSET"}, "CAP_ALERT_UNSET is not set"),
+          "password_env": "CAP_ALERT_UNSET"}, "CAP_ALERT_UNSET is not set", 409),
     ]
-    for body, message in cases:
+    for body, message, status in cases:
         answer = client.post("/api/v1/alert-channels", headers=owner.headers, json=body)
-        assert answer.status_code == 422, answer.json
+        assert answer.status_code == status, answer.json
         assert message in answer.json["message"]
         assert set(answer.json) == {"code", "status", "message", "errors"}
     forbidden = client.post("/api/v1/alert-channels", headers=owner.headers, json={

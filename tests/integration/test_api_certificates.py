@@ -223,8 +223,28 @@ def test_invalid_certificate_input_is_422_and_stores_nothing(client, world,
                                                            "key_type": "dsa"},
                  {"names": ["*.example.com"], "challenge": {"type": "tls-alpn-01"}},
                  {"names": ["*.example.com"], "challenge": {"type": "http-01"}},
-                 {"names": ["a.example.com"], "account_id": "acc_missing"}):
+                 {"names": ["a.example.com"], "endpoints": [{"host": "a b", "port": 1}]},
+                 {"names": ["a.example.com"], "challenge": {"type": "dns-01",
+                                                           "provider": "cloudflare",
+                                                           "options": {"auth_token": "x"}}}):
         response = client.post(f"{API}/certificates", headers=a["rw"].headers, json=body)
         assert response.status_code == 422, (body, response.json)
         assert set(response.json) == ENVELOPE
+    # A valid request naming an account the project does not have: a conflict with the
+    # stored state, not bad input (the schema cannot know the accounts).
+    response = client.post(f"{API}/certificates", headers=a["rw"].headers,
+                           json={"names": ["a.example.com"], "account_id": "acc_missing"})
+    assert response.status_code == 409 and "account_id" in response.json["errors"]
     assert migrated_db[dbm.CERTIFICATES].count_documents({}) == 0
+
+
+def test_internationalised_names_are_taken_beyond_the_schemas_ascii_pattern(
+        client, world) -> None:
+    """The schema states ASCII names (a pattern cannot judge IDNA); the API still takes an
+    IDN as Unicode or as its A-labels, stores the A-labels, and refuses broken A-labels."""
+    rw = world["alpha"]["rw"]
+    created = create_cert(client, rw, ["bücher.example", "xn--caf-dma.example"])
+    assert created["names"] == ["xn--bcher-kva.example", "xn--caf-dma.example"]
+    broken = client.post(f"{API}/certificates", headers=rw.headers,
+                         json={"names": ["xn--zz-.example"], "issue": False})
+    assert broken.status_code in (400, 422) and "IDNA" in str(broken.json)

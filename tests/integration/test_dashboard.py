@@ -21,6 +21,14 @@ PAGES = ("/dashboard/", "/dashboard/certificates", "/dashboard/jobs", "/dashboar
          "/dashboard/scheduler", "/dashboard/audit")
 
 
+@pytest.fixture(autouse=True)
+def _stop_keepers():
+    from app.dashboard import snapshot
+
+    yield
+    snapshot.stop_all()  # the figures' keeper thread a page request started
+
+
 @pytest.fixture
 def world(migrated_db, settings):
     tokens.clear_cache()

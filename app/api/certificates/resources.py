@@ -42,7 +42,7 @@ from app.api.common import (
     windowed_paginate,
 )
 from app.domain import certificates, drift, revocation
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, NotFound, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,15 @@ class Certificates(MethodView):
         issue = data.pop("issue", True)
         caller = principal()
         db = current_db()
-        doc = certificates.create_certificate(db, project_id, data, caller.actor)
+        _merge_endpoints(data)
+        try:
+            doc = certificates.create_certificate(db, project_id, data, caller.actor)
+        except ValidationFailed as exc:
+            # The schema states every rule on the request itself; what is left depends
+            # on the project's accounts.
+            if exc.errors and set(exc.errors) <= STATE_FIELDS:
+                raise Conflict(exc.message, errors=exc.errors) from None
+            raise
         if issue:
             try:
                 certificates.request_issuance(db, doc["_id"], caller.actor, "initial",
@@ -130,6 +138,21 @@ class Certificates(MethodView):
                               extra={"certificate_id": doc["_id"]})
         doc = _with_endpoints(doc)
         return doc, {"ETag": _etag(doc)}
+
+
+# Rules on a spec that depend on stored state (the project's accounts), not the request.
+STATE_FIELDS = {"account_id", "ca_fallback"}
+
+
+def _merge_endpoints(data: dict[str, Any]) -> None:
+    """The same endpoint twice (host, port, SNI and STARTTLS, case aside) is one: no
+    schema can say that two objects are the same endpoint, so the API merges them."""
+    if not data.get("endpoints"):
+        return
+    seen: dict[str, Any] = {}
+    for item in data["endpoints"]:
+        seen.setdefault(drift.parse_endpoint(item).key, item)
+    data["endpoints"] = list(seen.values())
 
 
 @blp.route("/<string:certificate_id>")
@@ -156,9 +179,17 @@ class CertificateById(MethodView):
         check_if_match(_etag(current))
         if not data:  # a merge patch that changes nothing (RFC 7396): no write, no audit
             return current, {"ETag": _etag(current)}
-        doc = certificates.update_certificate(
-            current_db(), certificate_id, data, principal().actor,
-            project_id=current["project_id"], expected_version=current.get("version"))
+        _merge_endpoints(data)
+        try:
+            doc = certificates.update_certificate(
+                current_db(), certificate_id, data, principal().actor,
+                project_id=current["project_id"], expected_version=current.get("version"))
+        except ValidationFailed as exc:
+            # The change is valid by itself (the schema's rules); it does not suit the
+            # stored spec (e.g. a wildcard name for an http-01 certificate) or the
+            # project's accounts.
+            raise Conflict("the change does not suit the certificate's stored spec: "
+                           + exc.message, errors=exc.errors) from None
         doc = _with_endpoints(doc)
         return doc, {"ETag": _etag(doc)}
 

@@ -1,18 +1,44 @@
-from marshmallow import Schema, fields, validate
+from typing import Any
+
+from marshmallow import Schema, ValidationError, fields, validate, validates_schema
 
 from app.api.common import JsonValue
 
+# Some character Python's str.strip() keeps (spelled out: ECMA's \S and Python's differ).
+NOT_BLANK = ("^[\\s\\S]*?[^\\t\\n\\v\\f\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a"
+             "\\u2028\\u2029\\u202f\\u205f\\u3000]")
+# A serial as hex (optionally 0x) or colon-separated bytes, at most 32 bytes.
+SERIAL_PATTERN = "^(?:0[xX])?[0-9A-Fa-f]{1,64}$|^[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){0,31}$"
+
 
 class RenewalBatchCreateSchema(Schema):
-    all = fields.Boolean(metadata={"description": "Every live issued certificate in scope"})
-    issuer = fields.String(validate=validate.Length(min=1, max=500), metadata={
+    class Meta:
+        # At least one selection; 'all' stands alone (a 409 when nothing matches now).
+        openapi_extra = {"minProperties": 1,
+                         "not": {"required": ["all"], "minProperties": 2}}
+
+    all = fields.Boolean(validate=validate.OneOf([True]), metadata={
+        "description": "Every live issued certificate in scope (true; alone)"})
+    issuer = fields.String(validate=[validate.Length(min=1, max=500),
+                                     validate.Regexp(NOT_BLANK)], metadata={
         "description": "Part of the issuer's name (case-insensitive), e.g. 'R11'"})
     project_id = fields.String(validate=validate.Length(min=1, max=64))
     expiring_before = fields.AwareDateTime(metadata={
         "description": "Certificates whose notAfter is before this time"})
-    serials = fields.List(fields.String(validate=validate.Length(min=1, max=200)),
+    serials = fields.List(fields.String(validate=[validate.Length(min=1, max=200),
+                                                  validate.Regexp(SERIAL_PATTERN)]),
                           validate=validate.Length(min=1, max=100000), metadata={
                               "description": "Serials (hex) from a CA's revocation notice"})
+
+    @validates_schema
+    def one_selection(self, data: dict[str, Any], **kwargs: Any) -> None:
+        """The same rules as the schema's minProperties and not (marshmallow cannot state
+        them as keywords)."""
+        if not data:
+            raise ValidationError("say which certificates to renew: all, issuer, "
+                                  "project_id, expiring_before or serials")
+        if "all" in data and len(data) > 1:
+            raise ValidationError("'all' cannot be combined with another selection")
 
 
 class RenewalCountsSchema(Schema):

@@ -40,7 +40,7 @@ from pymongo.database import Database
 from app import audit
 from app import db as dbm
 from app.db import Doc
-from app.errors import NotFound, ValidationFailed
+from app.errors import Conflict, NotFound, ValidationFailed
 
 GLOBAL = "global"  # the scope of channels that belong to no project
 KEY_PROJECT = "_global_alerts"  # the project a global channel's sealed secret is bound to
@@ -48,28 +48,71 @@ WEBHOOK, SMTP = "webhook", "smtp"
 FORMATS = ("generic", "slack")
 FIELDS = {"name", "url", "format", "secret", "secret_env", "password_env", "from", "to",
           "allow_http", "ca_file", "rules", "enabled"}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_ENV = re.compile(r"^CAP_ALERT_[A-Z0-9_]{1,100}$")
-_EMAIL = re.compile(r"^[^@\s<>,;]{1,64}@[A-Za-z0-9.-]{1,253}$")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+ENV_PATTERN = r"^CAP_ALERT_[A-Z0-9_]{1,100}$"
+# ASCII only, and no \s: JSON Schema (ECMA) and Python disagree on which characters
+# \s covers, and the schema's patterns must mean the same to clients and to the server.
+EMAIL_PATTERN = r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9.-]{1,253}$"
+# The URL forms a channel takes, one pattern each: the API's schema states them (one
+# ``oneOf`` branch each) and ``validate`` refuses any other, so both say the same. A host
+# is a DNS name or an IPv4 address (no IPv6 literal); a port 1-65535; the rest printable
+# ASCII (percent-encode anything else).
+_HOST = (r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+         r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_PORT = (r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+         r"|[1-9][0-9]{0,3}))?")
+HTTPS_URL_PATTERN = rf"^[Hh][Tt][Tt][Pp][Ss]://{_HOST}{_PORT}(?:[/?#][!-~]*)?$"
+HTTP_URL_PATTERN = rf"^[Hh][Tt][Tt][Pp]://{_HOST}{_PORT}(?:[/?#][!-~]*)?$"
+SMTP_URL_PATTERN = rf"^[Ss][Mm][Tt][Pp][Ss]?://{_HOST}{_PORT}/?$"
+SMTP_USER_URL_PATTERN = rf"^[Ss][Mm][Tt][Pp][Ss]?://[A-Za-z0-9._~%!$&'*+=-]+@{_HOST}{_PORT}/?$"
+_NAME = re.compile(NAME_PATTERN)
+_ENV = re.compile(ENV_PATTERN)
+_EMAIL = re.compile(EMAIL_PATTERN)
+_URLS = {name: re.compile(pattern) for name, pattern in (
+    ("https", HTTPS_URL_PATTERN), ("http", HTTP_URL_PATTERN), ("smtp", SMTP_URL_PATTERN),
+    ("smtp_user", SMTP_USER_URL_PATTERN))}
+WEBHOOK_ONLY = ("secret", "secret_env", "format")
+SMTP_ONLY = ("password_env", "from", "to")
 
 
 def _fail(field: str, message: str) -> ValidationFailed:
     return ValidationFailed(f"alert channel {field}: {message}", errors={field: [message]})
 
 
+def _unavailable(field: str, message: str) -> Conflict:
+    """What the request names exists nowhere on this server (an unset variable, a
+    missing file): a conflict with the server's state, not a malformed request."""
+    return Conflict(f"alert channel {field}: {message}", errors={field: [message]})
+
+
+def _matches(pattern: re.Pattern[str], value: Any) -> bool:
+    # The whole value: Python's '$' would also let a final newline through (an email
+    # header injection), which the schema's '$' (ECMA) does not.
+    return isinstance(value, str) and pattern.fullmatch(value) is not None
+
+
 def _env_name(field: str, value: Any) -> str:
-    if not isinstance(value, str) or not _ENV.fullmatch(value):
+    if not _matches(_ENV, value):
         raise _fail(field, "the name of a CAP_ALERT_* environment variable (e.g. "
                            "CAP_ALERT_SMTP_PASSWORD), never the secret itself")
     if not os.environ.get(value):
-        raise _fail(field, f"environment variable {value} is not set in this process (set "
-                           "it on every api and worker pod)")
-    return value
+        raise _unavailable(field, f"environment variable {value} is not set in this process "
+                                  "(set it on every api and worker pod)")
+    return str(value)
+
+
+def url_form(url: Any) -> str | None:
+    """Which form of channel URL ``url`` is (https, http, smtp, smtp_user), if any."""
+    for form, pattern in _URLS.items():
+        if _matches(pattern, url):
+            return form
+    return None
 
 
 def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | None]:
     """The stored fields of a channel, and the bytes to seal (webhook URL + secret).
-    ValidationFailed names the first bad field; nothing is stored then."""
+    ValidationFailed names the first bad field (Conflict: a named variable or file that
+    this server lacks); nothing is stored then."""
     if not isinstance(spec, dict):
         raise ValidationFailed("an alert channel is an object with name and url")
     unknown = sorted(set(spec) - FIELDS)
@@ -77,24 +120,35 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
         raise ValidationFailed(f"unknown alert channel fields: {', '.join(unknown)}",
                                errors={k: ["unknown field"] for k in unknown})
     name = spec.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not _matches(_NAME, name):
         raise _fail("name", "1-64 letters, digits, '.', '_' or '-'")
+    name = str(name)
     url = spec.get("url")
-    if not isinstance(url, str) or not url or len(url) > 2000 or any(c.isspace() for c in url):
-        raise _fail("url", "a URL: https://... (webhook), smtp://host (STARTTLS) or "
-                           "smtps://host (TLS)")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise _fail("url", f"not a URL ({exc})") from None
+    form = url_form(url) if isinstance(url, str) and len(url) <= 2000 else None
+    if form is None:
+        scheme = urlsplit(url).scheme.lower() if isinstance(url, str) and ":" in url else ""
+        if scheme not in ("https", "http", "smtp", "smtps"):
+            raise _fail("url", f"unknown scheme {scheme + '://' if scheme else '(none)'}: "
+                               "use https:// (webhook), http:// with allow_http, smtp:// "
+                               "(STARTTLS) or smtps:// (TLS)")
+        netloc = url.split("/")[2] if isinstance(url, str) and url.count("/") >= 2 else ""
+        if "@" in netloc and scheme in ("https", "http"):
+            raise _fail("url", "no user or password in a webhook URL; use secret or "
+                               "secret_env for signing")
+        if ":" in netloc.rpartition("@")[0]:
+            raise _fail("url", "no password in the URL; name a CAP_ALERT_* variable in "
+                               "password_env")
+        raise _fail("url", "https://host[:port][/path] (webhook), or smtp[s]://[user@]"
+                           "host[:port] (no password: name it in password_env); a host is a "
+                           "DNS name or an IPv4 address, the rest printable ASCII")
+    url = str(url)
+    parts = urlsplit(url)
+    port = parts.port
     scheme = parts.scheme.lower()
+    assert parts.hostname
     allow_http = spec.get("allow_http", False)
     if not isinstance(allow_http, bool):
         raise _fail("allow_http", "true or false")
-    ca_file = spec.get("ca_file")
-    if ca_file is not None and (not isinstance(ca_file, str) or not Path(ca_file).is_file()):
-        raise _fail("ca_file", "the path of a readable PEM file of CAs to trust")
     rules = spec.get("rules")
     if rules is not None and (not isinstance(rules, list) or not rules
                               or any(r not in rule_names for r in rules)):
@@ -102,24 +156,20 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
     enabled = spec.get("enabled", True)
     if not isinstance(enabled, bool):
         raise _fail("enabled", "true or false")
-    if scheme not in ("https", "http", "smtp", "smtps"):
-        raise _fail("url", f"unknown scheme {scheme + '://' if scheme else '(none)'}: use "
-                           "https:// (webhook), http:// with allow_http, smtp:// (STARTTLS) "
-                           "or smtps:// (TLS)")
-    if not parts.hostname:
-        raise _fail("url", "a host is required")
+    webhook = form in ("https", "http")
+    for field in SMTP_ONLY if webhook else WEBHOOK_ONLY:
+        if spec.get(field) is not None:
+            raise _fail(field, "only for smtp:// and smtps:// channels" if webhook
+                        else "only for webhook channels")
+    ca_file = spec.get("ca_file")
+    if ca_file is not None and not isinstance(ca_file, str):
+        raise _fail("ca_file", "the path of a readable PEM file of CAs to trust")
     doc: Doc = {"name": name, "allow_http": allow_http, "ca_file": ca_file, "rules": rules,
                 "enabled": enabled}
-    if scheme in ("https", "http"):
-        if scheme == "http" and not allow_http:
+    if webhook:
+        if form == "http" and not allow_http:
             raise _fail("url", "a webhook must use https:// (set allow_http: true to "
                                "allow plain http, e.g. inside the cluster)")
-        for field in ("password_env", "from", "to"):
-            if spec.get(field) is not None:
-                raise _fail(field, "only for smtp:// and smtps:// channels")
-        if parts.username or parts.password:
-            raise _fail("url", "no user or password in a webhook URL; use secret or "
-                               "secret_env for signing")
         fmt = spec.get("format", "generic")
         if fmt not in FORMATS:
             raise _fail("format", f"one of {', '.join(FORMATS)}")
@@ -128,48 +178,46 @@ def validate(spec: Any, *, rule_names: tuple[str, ...]) -> tuple[Doc, bytes | No
             raise _fail("secret", "give secret or secret_env, not both")
         if secret is not None and (not isinstance(secret, str) or not 16 <= len(secret) <= 512):
             raise _fail("secret", "16-512 characters")
+        _check_ca_file(ca_file)
         if secret_env is not None:
-            _env_name("secret_env", secret_env)
+            secret_env = _env_name("secret_env", secret_env)
         hostport = parts.hostname + (f":{port}" if port else "")
         doc.update(type=WEBHOOK, format=fmt, secret_env=secret_env,
                    signed=bool(secret or secret_env),
                    target=f"{scheme}://{hostport}/…")
         sealed = json.dumps({"url": url, "secret": secret}).encode()
         return doc, sealed
-    if scheme in ("smtp", "smtps"):
-        if parts.password:
-            raise _fail("url", "no password in the URL; name a CAP_ALERT_* variable in "
-                               "password_env")
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise _fail("url", "smtp://[user@]host[:port] without a path or query")
-        for field in ("secret", "secret_env", "format"):
-            if spec.get(field) is not None:
-                raise _fail(field, "only for webhook channels")
-        password_env = spec.get("password_env")
-        username = parts.username
-        if username and password_env is None:
-            raise _fail("password_env", f"required with a user in the URL ({username}@...)")
-        if password_env is not None:
-            if not username:
-                raise _fail("password_env", "needs a user in the URL (smtp://user@host)")
-            _env_name("password_env", password_env)
-        to = spec.get("to")
-        if isinstance(to, str):
-            to = [to]
-        if not isinstance(to, list) or not 1 <= len(to) <= 20 or not all(
-                isinstance(a, str) and _EMAIL.fullmatch(a) for a in to):
-            raise _fail("to", "1-20 email addresses")
-        sender = spec.get("from", "certautopilot@localhost")
-        if not isinstance(sender, str) or not _EMAIL.fullmatch(sender):
-            raise _fail("from", "an email address")
-        tls = "starttls" if scheme == "smtp" else "tls"
-        port = port or (587 if tls == "starttls" else 465)
-        doc.update(type=SMTP, tls=tls, host=parts.hostname, port=port, username=username,
-                   password_env=password_env, to=to, sender=sender,
-                   target=f"{scheme}://{username + '@' if username else ''}"
-                          f"{parts.hostname}:{port}")
-        return doc, None
-    raise AssertionError(scheme)  # every scheme was checked above
+    password_env = spec.get("password_env")
+    username = parts.username
+    if username and password_env is None:
+        raise _fail("password_env", f"required with a user in the URL ({username}@...)")
+    if password_env is not None and not username:
+        raise _fail("password_env", "needs a user in the URL (smtp://user@host)")
+    to = spec.get("to")
+    if isinstance(to, str):
+        to = [to]
+    if not isinstance(to, list) or not 1 <= len(to) <= 20 or not all(
+            _matches(_EMAIL, a) for a in to):
+        raise _fail("to", "1-20 email addresses")
+    sender = spec.get("from", "certautopilot@localhost")
+    if not _matches(_EMAIL, sender):
+        raise _fail("from", "an email address")
+    _check_ca_file(ca_file)
+    if password_env is not None:
+        password_env = _env_name("password_env", password_env)
+    tls = "starttls" if scheme == "smtp" else "tls"
+    port = port or (587 if tls == "starttls" else 465)
+    doc.update(type=SMTP, tls=tls, host=parts.hostname, port=port, username=username,
+               password_env=password_env, to=to, sender=sender,
+               target=f"{scheme}://{username + '@' if username else ''}"
+                      f"{parts.hostname}:{port}")
+    return doc, None
+
+
+def _check_ca_file(ca_file: str | None) -> None:
+    if ca_file is not None and not Path(ca_file).is_file():
+        raise _unavailable("ca_file", f"no readable file {ca_file[:200]!r} on this server "
+                                      "(a PEM of CAs to trust, on the api and worker pods)")
 
 
 def public_view(doc: Doc) -> Doc:
@@ -192,8 +240,6 @@ def create_channel(db: Database[Doc], project_id: str | None, spec: Any,
         if db[dbm.PROJECTS].find_one({"_id": project_id}, {"_id": 1}) is None:
             raise NotFound(f"project {project_id:.64} not found")
     if db[dbm.ALERT_CHANNELS].find_one({"scope": scope, "name": fields["name"]}) is not None:
-        from app.errors import Conflict
-
         raise Conflict(f"an alert channel named {fields['name']!r} exists in this scope")
     now = datetime.now(UTC)
     doc: Doc = {"_id": "chn_" + secrets.token_hex(8), "project_id": project_id,
