@@ -274,7 +274,15 @@ def page_query(query: Doc, keys: tuple[str, ...], after: list[Any] | None,
         return _with_bound(query, keys[0], {"$lt" if descending else "$gt": after[0]}), None
     if len(after) < len(keys) or any(v is None for v in after):
         return {"$and": [query, _after(keys, after, descending)]}, None
-    return _with_bound(query, keys[0], {"$lte" if descending else "$gte": after[0]}), after
+    if descending and isinstance(after[0], datetime):
+        # ``< value + 1 ms`` rather than ``<= value`` (stored dates have millisecond
+        # precision, so the same documents): the embedded server drops the entries equal
+        # to a $lte bound on a date after an equality in a compound index (secantusdb
+        # 0.7.0b3), which skipped every item tying with the cursor on a later page.
+        bound: Doc = {"$lt": after[0] + _MILLISECOND}
+    else:
+        bound = {"$lte" if descending else "$gte": after[0]}
+    return _with_bound(query, keys[0], bound), after
 
 
 def paginate(collection: Collection[Doc], query: Doc, *, limit: int, cursor: str | None,

@@ -204,3 +204,25 @@ def test_pagination_is_stable_under_concurrent_inserts(client, migrated_db) -> N
     bad = client.get(f"{API}/tokens?cursor=eyJrIjoiX2lkIn0", headers=admin.headers)
     assert bad.status_code == 422
     assert "cursor" in bad.json["errors"]["query"]
+
+
+def test_descending_pages_keep_every_item_that_ties_on_the_cursors_date(migrated_db) -> None:
+    """Newest-first pages over (state, created_at, _id) with many items per second: every
+    item once. A `$lte` bound on the date lost the ties on the embedded server."""
+    from app.api.common import paginate
+
+    things = migrated_db["things"]
+    things.create_index([("state", 1), ("created_at", 1), ("_id", 1)])
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    things.insert_many([{"_id": f"t{i:03d}", "state": "queued",
+                         "created_at": start + timedelta(seconds=i // 5)} for i in range(40)])
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = paginate(things, {"state": "queued"}, limit=7, cursor=cursor,
+                        descending=True)
+        seen += [doc["_id"] for doc in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == sorted((f"t{i:03d}" for i in range(40)), reverse=True)
