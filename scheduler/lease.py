@@ -26,10 +26,7 @@ expired when it wakes, because the monotonic clock keeps running.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,7 +42,7 @@ from app import db as dbm
 from app.config import Settings
 from app.db import Doc
 from app.db.lease import Lease as DbLease
-from app.db.lease import LeaseSchema, NotHeld
+from app.db.lease import LeaseSchema, NotHeld, process_identity
 from app.db.names import SCHEDULER_LEASE_ID
 
 log = logging.getLogger("certautopilot.scheduler.lease")
@@ -54,19 +51,6 @@ log = logging.getLogger("certautopilot.scheduler.lease")
 # rises at every acquisition (so each reign has its own number).
 SCHEDULER_LEASE = LeaseSchema(holder="holder", expires_at="expires_at", token="term",
                               counter=True)
-
-_PROCESS_IDENTITY: str | None = None
-
-
-def process_identity() -> str:
-    """This process's holder name, ``host:pid:random``: stable for the life of the
-    process (Celery builds several scheduler objects), distinct across restarts."""
-    global _PROCESS_IDENTITY
-    pid = str(os.getpid())
-    if _PROCESS_IDENTITY is None or _PROCESS_IDENTITY.split(":")[-2] != pid:  # forked
-        _PROCESS_IDENTITY = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
-    return _PROCESS_IDENTITY
-
 
 class Deposed(Exception):
     """The lease is no longer ours (another holder, a newer term, or expired)."""
@@ -239,9 +223,10 @@ class Lease(DbLease):
         """Give the lease up at once so a standby can take it (SIGTERM, close)."""
         if self.term is None:
             return False
-        return super().release(
-            also={"released_at": self.now(), "released_by": self.holder, "holder_lsid": None},
-            max_time_ms=self.config.wait_ms)
+        return super().release(also=self._released_fields(), max_time_ms=self.config.wait_ms)
+
+    def _released_fields(self) -> Doc:
+        return {"released_at": self.now(), "released_by": self.holder, "holder_lsid": None}
 
     def release_unrecorded(self) -> bool:
         """Release the lease if the document names us as holder although we recorded no
@@ -250,8 +235,7 @@ class Lease(DbLease):
         holder = self.schema.path(self.schema.holder)
         doc = dbm.retry(lambda: self.collection.find_one_and_update(
             {**self.key, holder: self.holder},
-            {"$set": {**self.schema.released(self.now()), "released_at": self.now(),
-                      "released_by": self.holder, "holder_lsid": None}},
+            {"$set": {**self.schema.released(self.now()), **self._released_fields()}},
             maxTimeMS=self.config.wait_ms), what="release the scheduler lease", attempts=3)
         return doc is not None
 

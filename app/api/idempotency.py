@@ -36,10 +36,8 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
-import uuid
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -50,6 +48,7 @@ from pymongo.errors import DuplicateKeyError
 
 from app import db as dbm
 from app.api.common import BadRequest
+from app.db.lease import process_identity
 from app.db.names import IDEMPOTENCY
 from app.domain.projects import now_ms
 from app.errors import Conflict
@@ -107,7 +106,7 @@ class _Keeper:
     """This process's running reservations, their leases renewed by one thread."""
 
     def __init__(self) -> None:
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = process_identity()
         self.held: dict[str, Database[dict[str, Any]]] = {}
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="idempotency-leases",

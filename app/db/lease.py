@@ -30,7 +30,10 @@ session).
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -52,6 +55,20 @@ class NotHeld(Exception):  # noqa: N818 - reads as "the lease is not held"
 def new_token() -> str:
     return secrets.token_hex(16)
 
+
+
+_PROCESS_IDENTITY: str | None = None
+
+
+def process_identity() -> str:
+    """This process's holder name, ``host:pid:random``: stable for the life of the
+    process (Celery builds several scheduler objects), distinct across restarts and
+    after a fork."""
+    global _PROCESS_IDENTITY
+    pid = str(os.getpid())
+    if _PROCESS_IDENTITY is None or _PROCESS_IDENTITY.split(":")[-2] != pid:  # forked
+        _PROCESS_IDENTITY = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
+    return _PROCESS_IDENTITY
 
 @dataclass(frozen=True)
 class LeaseSchema:
