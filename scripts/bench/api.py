@@ -37,7 +37,6 @@ import os
 import queue
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -49,6 +48,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from benchlib import stop  # noqa: E402 - this directory is sys.path[0]
 
 
 def log(message: str) -> None:
@@ -278,22 +279,10 @@ def main() -> None:
             results[phase] = json.loads(out.stdout.strip().splitlines()[-1])
             log(json.dumps(results[phase]))
     finally:
-        if api is not None:
-            os.killpg(api.pid, signal.SIGTERM)
-            try:
-                api.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(api.pid, signal.SIGKILL)
-                api.wait()
+        stop(api, 30, group=True)
         if api_log is not None:
             api_log.close()
-        if mongo is not None:
-            mongo.terminate()
-            try:
-                mongo.wait(10)
-            except subprocess.TimeoutExpired:
-                mongo.kill()
-                mongo.wait()
+        stop(mongo, 10)
         shutil.rmtree(tmp, ignore_errors=True)
 
     def pick(phase: str, key: str) -> Any:

@@ -37,7 +37,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from benchlib import stop  # noqa: E402 - this directory is sys.path[0]
 
 TARGET_MS = 200.0
 
@@ -345,22 +346,10 @@ def main() -> None:
             log(f"{page:28s} p50 {results[page]['p50_ms']:7.1f} ms   "
                 f"p99 {results[page]['p99_ms']:7.1f} ms")
     finally:
-        if api is not None:
-            os.killpg(api.pid, signal.SIGTERM)
-            try:
-                api.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(api.pid, signal.SIGKILL)
-                api.wait()
+        stop(api, 30, group=True)
         if api_log is not None:
             api_log.close()
-        if mongo is not None:
-            mongo.terminate()
-            try:
-                mongo.wait(10)
-            except subprocess.TimeoutExpired:
-                mongo.kill()
-                mongo.wait()
+        stop(mongo, 10)
         shutil.rmtree(tmp, ignore_errors=True)
 
     dashboard = {k: v for k, v in results.items() if not k.startswith("api_")}
