@@ -50,7 +50,6 @@ from app import db as dbm
 from app.api.common import BadRequest
 from app.db.lease import process_identity
 from app.db.names import IDEMPOTENCY
-from app.domain.projects import now_ms
 from app.errors import Conflict
 
 log = logging.getLogger(__name__)
@@ -172,8 +171,8 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
         lease_until = now + timedelta(seconds=LEASE_SECONDS)
         reservation = {
             "_id": record_id, "fingerprint": wanted, "state": "running",
-            "owner": keeper.owner, "created_at": now_ms(), "lease_until": lease_until,
-            "expires_at": now_ms() + TTL}
+            "owner": keeper.owner, "created_at": now, "lease_until": lease_until,
+            "expires_at": now + TTL}
         try:
             dbm.retry(partial(collection.insert_one, reservation),
                       what="reserve idempotency key")
