@@ -225,17 +225,19 @@ class Lease(DbLease):
             return False
         return super().release(also=self._released_fields(), max_time_ms=self.config.wait_ms)
 
-    def _released_fields(self) -> Doc:
-        return {"released_at": self.now(), "released_by": self.holder, "holder_lsid": None}
+    def _released_fields(self, now: datetime | None = None) -> Doc:
+        return {"released_at": now or self.now(), "released_by": self.holder,
+                "holder_lsid": None}
 
     def release_unrecorded(self) -> bool:
         """Release the lease if the document names us as holder although we recorded no
         term: an acquisition that a signal interrupted after the server granted it. The
         holder identity is this process's own, so nobody else's lease is touched."""
         holder = self.schema.path(self.schema.holder)
+        now = self.now()
         doc = dbm.retry(lambda: self.collection.find_one_and_update(
             {**self.key, holder: self.holder},
-            {"$set": {**self.schema.released(self.now()), **self._released_fields()}},
+            {"$set": {**self.schema.released(now), **self._released_fields(now)}},
             maxTimeMS=self.config.wait_ms), what="release the scheduler lease", attempts=3)
         return doc is not None
 
