@@ -290,9 +290,13 @@ def store_failure(db: Database[Doc], session: ClientSession, certificate_id: str
 
 def store_schedule(db: Database[Doc], session: ClientSession, certificate_id: str,
                    fields: Doc) -> None:
-    """Move the next renewal (``next_renewal_at``, ``renewal_source``, ``ari``)."""
-    db[dbm.CERTIFICATES].update_one({"_id": certificate_id}, {"$set": fields},
-                                    session=session)
+    """Move the next renewal (``next_renewal_at``, ``renewal_source``, ``ari``); stamped
+    ``updated_at`` so the dashboard's incremental pass sees it (a failing certificate
+    shows its next attempt)."""
+    db[dbm.CERTIFICATES].update_one(
+        {"_id": certificate_id},
+        {"$set": {**fields, "updated_at": fields.get("updated_at") or dbm.now_ms()}},
+        session=session)
 
 
 def store_awaiting(db: Database[Doc], certificate_id: str, awaiting: Doc | None) -> None:

@@ -248,3 +248,17 @@ def test_internationalised_names_are_taken_beyond_the_schemas_ascii_pattern(
     broken = client.post(f"{API}/certificates", headers=rw.headers,
                          json={"names": ["xn--zz-.example"], "issue": False})
     assert broken.status_code in (400, 422) and "IDNA" in str(broken.json)
+
+
+def test_ipv6_addresses_and_absolute_names_are_taken_as_the_cli_takes_them(
+        client, world) -> None:
+    """The API takes what the CLI takes: an IPv6 address (http-01, RFC 8738) stored
+    compressed, and a name with its final dot stored without it; a tls-alpn-01 one
+    still refuses an address, naming the field."""
+    rw = world["alpha"]["rw"]
+    created = create_cert(client, rw, ["2001:DB8:0:0::1", "www.example.com."])
+    assert created["names"] == ["2001:db8::1", "www.example.com"]
+    refused = client.post(f"{API}/certificates", headers=rw.headers, json={
+        "names": ["2001:db8::2"], "issue": False,
+        "challenge": {"type": "tls-alpn-01"}})
+    assert refused.status_code in (400, 422) and "names" in str(refused.json)

@@ -21,7 +21,8 @@ STATUSES = ("pending", "issued", "failed", "revoked")
 # What the API takes, as patterns that the schema states and the API checks first
 # (marshmallow), each a subset of what the domain accepts, so the domain never refuses
 # what the schema allows. They are ASCII and avoid \s, \w and lookarounds (ECMA and
-# Python read those differently). Names are ASCII DNS names, IPv4 addresses or wildcards;
+# Python read those differently). Names are ASCII DNS names (a final dot allowed), IPv4 or
+# IPv6 addresses, or wildcards;
 # the challenge type then narrows them (see NAMES_BY_CHALLENGE). An IDN (Unicode, or its
 # xn-- A-labels) is beyond the pattern (its validity is IDNA's) and taken by ``_name``.
 _A, _M = "[A-Za-z0-9]", "[A-Za-z0-9-]"
@@ -37,11 +38,18 @@ def _label(first: str) -> str:
 DNS_NAME = rf"(?:{_label(_A)}\.)+{_label('[A-Za-z]')}"  # 2+ labels, a non-numeric TLD
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 IPV4 = rf"(?:{_OCTET}\.){{3}}{_OCTET}"
-NAME_PATTERN = rf"^(?:{DNS_NAME}|{IPV4}|\*\.{DNS_NAME})$"
+_H = "[0-9A-Fa-f]{1,4}"
+# IPv6 in its full and ::-shortened forms (RFC 4291 2.2; no zone, no embedded IPv4).
+IPV6 = ("(?:" + "|".join([
+    rf"(?:{_H}:){{7}}{_H}", rf"(?:{_H}:){{1,7}}:",
+    *(rf"(?:{_H}:){{1,{6 - k}}}(?::{_H}){{1,{k + 1}}}" for k in range(6)),
+    rf":(?:(?::{_H}){{1,7}}|:)"]) + ")")
+_DNS = rf"{DNS_NAME}\.?"  # an absolute name's final dot is taken (the same identifier)
+NAME_PATTERN = rf"^(?:{_DNS}|{IPV4}|{IPV6}|\*\.{_DNS})$"
 NAMES_BY_CHALLENGE = {  # what each challenge type can prove (RFC 8555 8, RFC 8738)
-    "http-01": rf"^(?:{DNS_NAME}|{IPV4})$",
-    "tls-alpn-01": rf"^{DNS_NAME}$",
-    "dns-01": rf"^(?:\*\.)?{DNS_NAME}$",
+    "http-01": rf"^(?:{_DNS}|{IPV4}|{IPV6})$",
+    "tls-alpn-01": rf"^{_DNS}$",
+    "dns-01": rf"^(?:\*\.)?{_DNS}$",
 }
 LABEL_PATTERN = r"^[A-Za-z0-9_ .:@/-]{1,200}$"
 PROFILE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
@@ -225,7 +233,7 @@ _NAMES = fields.List(fields.String(validate=[validate.Length(min=1, max=253), _n
                                    metadata={"pattern": NAME_PATTERN}),
                      validate=validate.Length(min=1, max=100), metadata={
                          "example": ["www.example.com", "example.com"],
-                         "description": "DNS names (ASCII), IPv4 addresses (http-01) or "
+                         "description": "DNS names (ASCII), IP addresses (http-01) or "
                                         "wildcards *.name (dns-01); duplicates are merged. "
                                         "Internationalised names (Unicode or xn-- labels) "
                                         "are taken too, beyond this pattern: IDNA decides "
