@@ -12,6 +12,8 @@ This module owns the broker settings so that ``tasks/`` (the worker) and ``app/`
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -102,6 +104,8 @@ def _publisher(settings: Settings | None = None) -> Celery:
         if app is None:
             app = Celery("certautopilot-publisher", set_as_current=False)
             app.conf.update(celery_config(settings))
+            if not _publishers:
+                atexit.register(close_publishers)  # its broker connections, at exit
             _publishers[key] = app
         return app
 
@@ -178,7 +182,12 @@ def broker_backlog(settings: Settings | None = None) -> int | None:
 
 
 def close_publishers() -> None:
+    """Close this process's publishers and their broker connections (at exit)."""
     with _publisher_lock:
         for app in _publishers.values():
-            app.close()
+            with contextlib.suppress(Exception):  # a broker already gone: nothing to close
+                pool = app._pool  # Celery.close only forgets it: close its connections
+                if pool is not None:
+                    pool.force_close_all()
+                app.close()
         _publishers.clear()

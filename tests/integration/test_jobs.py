@@ -697,3 +697,18 @@ def test_finished_jobs_expire_and_a_retried_one_does_not(jdb, jsettings):
     assert jdb[dbm.JOBS].index_information()["ttl_expire_at"]["expireAfterSeconds"] == 0
     jobs.retry_dead(jdb, dead["_id"], actor=system_actor("cli"))
     assert "expire_at" not in _job(jdb, dead["_id"])
+
+
+def test_a_process_that_published_closes_its_broker_connections_at_exit(jdb, jenv,
+                                                                       jsettings):
+    """The api, the scheduler and the CLI publish wake-ups through a per-process
+    publisher: at exit its broker connections are closed (no unclosed MongoClient)."""
+    code = ("from app.jobs import broker; "
+            "print(broker.publish_wakeup('x1'), broker.publish_wakeups(['x2', 'x3']))")
+    done = subprocess.run([sys.executable, "-X", "dev", "-c", code], env=jenv,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split() == ["True", "2"], done.stderr
+    assert "ResourceWarning" not in done.stderr and "MongoClient" not in done.stderr, \
+        done.stderr[-2000:]
+    assert [m["args"] for m in broker_messages(jdb.client, jsettings.broker_db)] == [
+        ["x1"], ["x2"], ["x3"]]
