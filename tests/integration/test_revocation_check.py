@@ -66,6 +66,7 @@ def test_a_certificate_revoked_behind_our_back_is_renewed_at_once(migrated_db, s
         assert flagged["renewal_source"] == "revoked"
         assert flagged["next_renewal_at"] <= dbm.server_now(db)
         assert flagged["revocation_check"]["status"] == "revoked"
+        assert flagged["updated_at"] > stored["updated_at"]  # the dashboard's pass sees it
         [entry] = list(db[dbm.AUDIT].find({"action": "certificate.revocation_detected"}))
         assert entry["target"] == f"certificate:{cert['_id']}"
         assert entry["details"]["serial"] == stored["serial"]
