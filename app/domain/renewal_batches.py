@@ -29,12 +29,11 @@ from bson import ObjectId
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
 
-from app import audit
+from app import audit, jobs
 from app import db as dbm
 from app.db import Doc
 from app.domain import certificates
 from app.errors import Conflict, NotFound, ValidationFailed
-from app.jobs.lifecycle import FINISHED_RETENTION
 
 COLLECTION = dbm.RENEWAL_BATCHES
 REASON = "emergency"
@@ -255,20 +254,15 @@ def cancel_batch(db: Database[Doc], batch_id: str, actor: audit.Actor, *,
     now = dbm.server_now(db)
 
     def save(session: ClientSession) -> int:
-        res = db[dbm.JOBS].update_many(
-            {"_id": {"$in": job_ids}, "state": "queued"},
-            {"$set": {"state": "cancelled", "finished_at": now, "updated_at": now,
-                      "expire_at": now + FINISHED_RETENTION},
-             "$push": {"history": {"at": now, "event": "cancelled", "actor": actor.id,
-                                   "reason": f"renewal batch {batch_id} cancelled"}}},
-            session=session)
+        cancelled = jobs.cancel_queued(db, job_ids, actor=actor, session=session,
+                                       reason=f"renewal batch {batch_id} cancelled")
         db[COLLECTION].update_one({"_id": batch_id}, {"$set": {
             "state": "cancelled", "cancelled_at": now, "cancelled_by": actor.id}},
             session=session)
         audit.record(db, session, actor=actor, action="renewal_batch.cancel",
                      target=f"renewal_batch:{batch_id}", project_id=batch.get("project_id"),
-                     details={"jobs_cancelled": res.modified_count})
-        return res.modified_count
+                     details={"jobs_cancelled": cancelled})
+        return cancelled
 
     dbm.transaction(db, save, what="cancel renewal batch")
     return get_batch(db, batch_id, project_id=project_id)

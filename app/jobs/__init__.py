@@ -20,7 +20,7 @@ only wakes a worker. Public API::
           | PermanentFailure(reason)
 
     claim / heartbeat / complete / fail (fenced by the lease token)   # app.jobs.lifecycle
-    get_job / list_jobs / retry_dead / cancel (operator actions)     # app.jobs.actions
+    get_job / list_jobs / retry_dead / cancel / cancel_queued         # app.jobs.actions
     queue_depth(db)                                                  # app.jobs.stats
     running_under_live_lease(db, kind, exclude_id=...)               # app.jobs.stats
     reap(db)                                                         # app.jobs.reaper
@@ -28,7 +28,7 @@ only wakes a worker. Public API::
 The application's job kinds are listed in ``app.handlers`` (nothing registers by import).
 """
 
-from app.jobs.actions import cancel, get_job, list_jobs, retry_dead
+from app.jobs.actions import cancel, cancel_queued, get_job, list_jobs, retry_dead
 from app.jobs.context import JobContext
 from app.jobs.dedupe import active_dedupe_keys
 from app.jobs.errors import (
@@ -63,7 +63,8 @@ __all__ = [
     "ACTIVE_STATES", "STATES", "InvalidJob", "JobContext", "JobNotFound",
     "JobStateConflict", "LeaseLost", "PermanentFailure", "RetryLater", "DeferUntil",
     "active_dedupe_keys",
-    "cancel", "claim", "complete", "enqueue", "enqueue_many", "fail", "fenced_transaction",
+    "cancel", "cancel_queued", "claim", "complete", "enqueue", "enqueue_many", "fail",
+    "fenced_transaction",
     "get_job", "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "publish_wakeups",
     "queue_depth", "reap",
     "register_handler", "release", "retry_dead", "retry_later", "running_under_live_lease",

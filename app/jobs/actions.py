@@ -1,5 +1,7 @@
 """Operator actions on jobs: read, list, retry a dead job, cancel a queued one (the last
-two audited). Used by the API (``/api/v1/jobs``) and ``certautopilot jobs``."""
+two audited), and cancel many queued jobs in a caller's transaction (the caller audits:
+a renewal batch's cancel). Used by the API (``/api/v1/jobs``), ``certautopilot jobs``
+and ``app.domain.renewal_batches``."""
 
 from __future__ import annotations
 
@@ -123,3 +125,18 @@ def cancel(db: Database[Doc], job_id: str, *, actor: Any, reason: str = "") -> D
         return job
 
     return txn.run(db, run, what="cancel job")
+
+
+def cancel_queued(db: Database[Doc], job_ids: list[str], *, actor: Any, reason: str,
+                  session: ClientSession) -> int:
+    """Cancel those of ``job_ids`` still queued, in ``session``'s transaction (running
+    ones finish); the caller's own audit entry covers them. Returns how many."""
+    now = server_now(db)
+    result = _jobs(db).update_many(
+        {"_id": {"$in": job_ids}, "state": QUEUED},
+        {"$set": {"state": CANCELLED, "finished_at": now, "updated_at": now,
+                  "expire_at": now + FINISHED_RETENTION},
+         "$push": {"history": _history(now, "cancelled", actor=actor.id,
+                                       reason=reason[:500])}},
+        session=session)
+    return int(result.modified_count)
