@@ -10,14 +10,10 @@ import json
 import shutil
 
 import pytest
-from cryptography import x509
 
-from app.domain import accounts, certificates
-from app.domain.issuance import run_issuance
 from tests.helpers.dnsservers import Zone, free_loopback, start_knot, txt_at
-from tests.helpers.fences import LocalFence
 from tests.helpers.pebble import start_pebble
-from tests.integration.test_acme_helpers import ACTOR, make_project
+from tests.integration.test_acme_helpers import issue_wildcard_at
 
 ZONE = "dns01.test"
 
@@ -31,27 +27,11 @@ def test_wildcard_through_rfc2136(migrated_db, settings, tmp_path, monkeypatch):
     monkeypatch.setenv("CAP_TEST_TSIG_SECRET", knot.secret)
     pebble = start_pebble(tmp_path / "pebble", dns_server=f"{address}:53")
     try:
-        s = settings.with_overrides(acme_directory_url=pebble.directory_url,
-                                    acme_ca_bundle=pebble.ca_cert,
-                                    acme_order_timeout_seconds=30.0)
-        project_id = make_project(migrated_db)
-        accounts.create_account(migrated_db, project_id, {"terms_agreed": True}, ACTOR,
-                                settings=s)
-        cert = certificates.create_certificate(migrated_db, project_id, {
-            "names": [f"*.{ZONE}", ZONE],
-            "challenge": {"type": "dns-01", "provider": "rfc2136", "server": address,
-                          "zone": ZONE, "tsig_key_name": knot.key_name,
-                          "tsig_secret_env": "CAP_TEST_TSIG_SECRET",
-                          "resolvers": [address]}}, ACTOR, settings=s)
+        cert, stored = issue_wildcard_at(migrated_db, settings, pebble, ZONE, {
+            "type": "dns-01", "provider": "rfc2136", "server": address, "zone": ZONE,
+            "tsig_key_name": knot.key_name, "tsig_secret_env": "CAP_TEST_TSIG_SECRET",
+            "resolvers": [address]}, dns_address=address)
         assert knot.secret not in json.dumps(cert, default=str)
-        result = run_issuance(migrated_db, LocalFence(migrated_db, "job-dns01"), cert["_id"],
-                              reason="initial", settings=s)
-        assert result["outcome"] == "issued"
-        stored = certificates.get_certificate(migrated_db, cert["_id"])
-        leaf = x509.load_pem_x509_certificate(stored["certificate_pem"].encode())
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert sorted(sans.get_values_for_type(x509.DNSName)) == [f"*.{ZONE}", ZONE]
-        assert txt_at(address, f"_acme-challenge.{ZONE}") == []  # cleaned up
         assert stored.get("awaiting") is None
     finally:
         pebble.stop()

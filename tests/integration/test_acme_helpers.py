@@ -62,3 +62,31 @@ def challtest(pebble: Any, path: str, body: dict[str, Any]) -> None:
 
 def pebble_order_count(pebble: Any) -> int:
     return pebble.log().count("Added order")
+
+
+def issue_wildcard_at(db: Any, settings: Any, pebble: Any, zone: str,
+                      challenge: dict[str, Any], *, dns_address: str) -> tuple[Any, Any]:
+    """Issue ``*.zone`` and ``zone`` at ``pebble`` through ``challenge`` (dns-01); assert
+    the leaf's names and that the TXT records are gone. Returns (created, stored)."""
+    from cryptography import x509
+
+    from app.domain import certificates
+    from app.domain.issuance import run_issuance
+    from tests.helpers.dnsservers import txt_at
+    from tests.helpers.fences import LocalFence
+
+    s = settings.with_overrides(acme_directory_url=pebble.directory_url,
+                                acme_ca_bundle=pebble.ca_cert, acme_order_timeout_seconds=30.0)
+    project_id = make_project(db)
+    accounts.create_account(db, project_id, {"terms_agreed": True}, ACTOR, settings=s)
+    created = certificates.create_certificate(db, project_id, {
+        "names": [f"*.{zone}", zone], "challenge": challenge}, ACTOR, settings=s)
+    result = run_issuance(db, LocalFence(db, f"job-{challenge.get('provider')}"),
+                          created["_id"], reason="initial", settings=s)
+    assert result["outcome"] == "issued"
+    stored = certificates.get_certificate(db, created["_id"])
+    leaf = x509.load_pem_x509_certificate(stored["certificate_pem"].encode())
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(sans.get_values_for_type(x509.DNSName)) == [f"*.{zone}", zone]
+    assert txt_at(dns_address, f"_acme-challenge.{zone}") == []  # cleaned up
+    return created, stored

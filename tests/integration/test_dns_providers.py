@@ -10,15 +10,11 @@ import subprocess
 import sys
 
 import pytest
-from cryptography import x509
 
 from app import db as dbm
-from app.domain import accounts, certificates
-from app.domain.issuance import run_issuance
 from tests.helpers.dnsservers import PowerDns, Zone, free_loopback, start_powerdns, txt_at
-from tests.helpers.fences import LocalFence
 from tests.helpers.pebble import start_pebble
-from tests.integration.test_acme_helpers import ACTOR, make_project
+from tests.integration.test_acme_helpers import issue_wildcard_at
 
 ZONE = "pdns.test"
 TOKEN_ENV = "CAP_TEST_PDNS_API_KEY"
@@ -45,22 +41,8 @@ def test_wildcard_through_lexicon_powerdns(migrated_db, settings, tmp_path, monk
     monkeypatch.setenv(TOKEN_ENV, powerdns.api_key)
     pebble = start_pebble(tmp_path / "pebble", dns_server=f"{powerdns.address}:53")
     try:
-        s = settings.with_overrides(acme_directory_url=pebble.directory_url,
-                                    acme_ca_bundle=pebble.ca_cert,
-                                    acme_order_timeout_seconds=30.0)
-        project_id = make_project(migrated_db)
-        accounts.create_account(migrated_db, project_id, {"terms_agreed": True}, ACTOR,
-                                settings=s)
-        cert = certificates.create_certificate(migrated_db, project_id, {
-            "names": [f"*.{ZONE}", ZONE], "challenge": spec(powerdns)}, ACTOR, settings=s)
-        result = run_issuance(migrated_db, LocalFence(migrated_db, "job-pdns"), cert["_id"],
-                              reason="initial", settings=s)
-        assert result["outcome"] == "issued"
-        stored = certificates.get_certificate(migrated_db, cert["_id"])
-        leaf = x509.load_pem_x509_certificate(stored["certificate_pem"].encode())
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        assert sorted(sans.get_values_for_type(x509.DNSName)) == [f"*.{ZONE}", ZONE]
-        assert txt_at(powerdns.address, f"_acme-challenge.{ZONE}") == []  # cleaned up
+        issue_wildcard_at(migrated_db, settings, pebble, ZONE, spec(powerdns),
+                          dns_address=powerdns.address)
         # the API key is in no stored document and no log line
         for name in (dbm.CERTIFICATES, dbm.ORDERS, dbm.AUDIT):
             for doc in migrated_db[name].find():
