@@ -30,7 +30,6 @@ renew_p99_ms, errors (plus the other percentiles and the offered rate).
 from __future__ import annotations
 
 import argparse
-import base64
 import http.client
 import json
 import os
@@ -49,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import stop  # noqa: E402 - this directory is sys.path[0]
+from benchlib import database, kek_dir, stop  # noqa: E402 - this directory is sys.path[0]
 
 
 def log(message: str) -> None:
@@ -215,25 +214,14 @@ def main() -> None:
         generate(args)
         return
 
-    from devstack import embedded
-
     tmp = Path(tempfile.mkdtemp(prefix="cap-bench-api-"))
     mongo = api = None
     api_log = None
     results: dict[str, dict[str, Any]] = {}
     try:
-        external = os.environ.get("CAP_MONGO_URI")
-        if external:
-            uri = external
-        else:
-            mongo, uri = embedded.start(tmp / "db", embedded.free_port(),
-                                        log_path=tmp / "mongo.log")
+        mongo, uri = database(tmp)
         name = f"cap_bench_api_{os.getpid()}"
-        kek = tmp / "kek"
-        kek.mkdir()
-        (kek / "v1.key").write_text(base64.b64encode(os.urandom(32)).decode())
-        (kek / "v1.key").chmod(0o600)
-        os.environ["CAP_KEK_DIR"] = str(kek)  # the seed seals an ACME account key
+        kek, _ = kek_dir(tmp)  # the seed seals an ACME account key
         log(f"seeding {args.certificates} certificates")
         spec = seed(uri, name, args.certificates)
         port = free_port()

@@ -31,7 +31,6 @@ target_ms, overview_cold_ms, figures_ready_s, seed_s}.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import random
@@ -48,7 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchlib import stop  # noqa: E402 - this directory is sys.path[0]
+from benchlib import database, kek_dir, stop  # noqa: E402 - this directory is sys.path[0]
 
 TARGET_MS = 200.0
 
@@ -222,26 +221,14 @@ def main() -> None:
 
     import requests
 
-    from devstack import embedded
-
     tmp = Path(tempfile.mkdtemp(prefix="cap-bench-dash-"))
     mongo = api = None
     api_log = None
     results: dict[str, Any] = {}
     try:
-        external = os.environ.get("CAP_MONGO_URI")
-        if external:
-            uri = external
-        else:
-            mongo, uri = embedded.start(tmp / "db", embedded.free_port(),
-                                        log_path=tmp / "mongo.log")
+        mongo, uri = database(tmp)
         name = f"cap_bench_dash_{os.getpid()}"
-        kek = tmp / "kek"
-        kek.mkdir()
-        kek_key = os.urandom(32)
-        (kek / "v1.key").write_text(base64.b64encode(kek_key).decode())
-        (kek / "v1.key").chmod(0o600)
-        os.environ["CAP_KEK_DIR"] = str(kek)
+        kek, kek_key = kek_dir(tmp)
         log(f"seeding {args.certificates} certificates, {args.jobs} jobs")
         started = time.monotonic()
         spec = seed(uri, name, args.certificates, args.jobs, args.audit, kek_key)
