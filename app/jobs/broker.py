@@ -105,7 +105,7 @@ def _publisher(settings: Settings | None = None) -> Celery:
             app = Celery("certautopilot-publisher", set_as_current=False)
             app.conf.update(celery_config(settings))
             if not _publishers:
-                atexit.register(close_publishers)  # its broker connections, at exit
+                atexit.register(_close_at_exit)
             _publishers[key] = app
         return app
 
@@ -179,6 +179,15 @@ def broker_backlog(settings: Settings | None = None) -> int | None:
         log.warning("cannot read the broker backlog",
                     extra={"error": f"{exc.__class__.__name__}: {exc}"[:200]})
         return None
+
+
+def _close_at_exit() -> None:
+    """Close the publishers' broker connections at exit, waiting at most a second: with
+    the database unreachable, closing a MongoClient waits for server selection (5 s
+    here), and an exit must not."""
+    closer = threading.Thread(target=close_publishers, name="close-publishers", daemon=True)
+    closer.start()
+    closer.join(1.0)
 
 
 def close_publishers() -> None:
