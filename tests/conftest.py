@@ -203,10 +203,12 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest, mongo_base_uri: str
     """Subprocesses for one test; when the test fails, their log tails (and the embedded
     server's) are printed, so a CI failure shows what the processes were doing.
 
-    Afterwards every session is killed on the server: a process SIGKILLed in the middle
-    of a transaction (by the test, or by ``stop_all`` after its grace) would otherwise
-    leave it open until the server's transaction lifetime (60 s) ends it, and the
-    embedded server holds other writes behind it -- stalling the next test."""
+    Afterwards the processes still running are killed (SIGKILL: a worker's graceful stop
+    takes 5-7 s, the consumer loop's 2 s poll and the pool's join, and the tests of
+    graceful stops send SIGTERM themselves), and every session is killed on the server:
+    a process SIGKILLed in the middle of a transaction would otherwise leave it open
+    until the server's transaction lifetime (60 s) ends it, and the embedded server
+    holds other writes behind it -- stalling the next test."""
     manager = ProcessManager(tmp_path / "proc-logs")
     try:
         yield manager
@@ -219,7 +221,7 @@ def procs(tmp_path: Path, request: pytest.FixtureRequest, mongo_base_uri: str
             for path in _SERVER_LOG:
                 print(f"===== embedded server: {path}")
                 print(_tail(path, 30))
-        manager.stop_all()
+        manager.kill_all()
         kill_all_sessions(mongo_base_uri)
 
 

@@ -103,6 +103,18 @@ class ProcessManager:
                 bind, "--workers", str(workers), *(extra or []), "app:create_app()"]
         return self.start("api", argv, env)
 
+    def kill_all(self) -> None:
+        """SIGKILL every process group still running (a test's teardown: graceful stops
+        are what the SIGTERM tests test; here they cost 5-7 s per worker)."""
+        for proc in self.procs:
+            if proc.alive():
+                proc.signal(signal.SIGKILL)
+        for proc in self.procs:
+            try:
+                proc.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
     def stop_all(self, grace: float = 10.0) -> None:
         for proc in self.procs:
             if proc.alive():
