@@ -56,7 +56,6 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-
 _PROCESS_IDENTITY: str | None = None
 
 
@@ -69,6 +68,7 @@ def process_identity() -> str:
     if _PROCESS_IDENTITY is None or _PROCESS_IDENTITY.split(":")[-2] != pid:  # forked
         _PROCESS_IDENTITY = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
     return _PROCESS_IDENTITY
+
 
 @dataclass(frozen=True)
 class LeaseSchema:

@@ -295,7 +295,7 @@ def store_schedule(db: Database[Doc], session: ClientSession, certificate_id: st
     shows its next attempt)."""
     db[dbm.CERTIFICATES].update_one(
         {"_id": certificate_id},
-        {"$set": {**fields, "updated_at": fields.get("updated_at") or now_ms()}},
+        {"$set": {**fields, "updated_at": now_ms()}},
         session=session)
 
 

@@ -254,7 +254,7 @@ def cancel_batch(db: Database[Doc], batch_id: str, actor: audit.Actor, *,
     now = dbm.server_now(db)
 
     def save(session: ClientSession) -> int:
-        cancelled = jobs.cancel_queued(db, job_ids, actor=actor, session=session,
+        cancelled = jobs.cancel_queued(db, job_ids, actor=actor, session=session, now=now,
                                        reason=f"renewal batch {batch_id} cancelled")
         db[COLLECTION].update_one({"_id": batch_id}, {"$set": {
             "state": "cancelled", "cancelled_at": now, "cancelled_by": actor.id}},

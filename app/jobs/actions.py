@@ -5,6 +5,7 @@ and ``app.domain.renewal_batches``."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pymongo import DESCENDING, ReturnDocument
@@ -128,10 +129,10 @@ def cancel(db: Database[Doc], job_id: str, *, actor: Any, reason: str = "") -> D
 
 
 def cancel_queued(db: Database[Doc], job_ids: list[str], *, actor: Any, reason: str,
-                  session: ClientSession) -> int:
+                  session: ClientSession, now: datetime) -> int:
     """Cancel those of ``job_ids`` still queued, in ``session``'s transaction (running
-    ones finish); the caller's own audit entry covers them. Returns how many."""
-    now = server_now(db)
+    ones finish), at the caller's ``now``; the caller's own audit entry covers them.
+    Returns how many."""
     result = _jobs(db).update_many(
         {"_id": {"$in": job_ids}, "state": QUEUED},
         {"$set": {"state": CANCELLED, "finished_at": now, "updated_at": now,

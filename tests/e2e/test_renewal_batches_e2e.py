@@ -30,7 +30,7 @@ BUDGET, WINDOW = 10, 10
 
 @pytest.mark.timeout(1800)
 def test_bulk_renewal_by_issuer_of_100_certificates_within_the_budget(setup, procs, pebble,
-                                                                      cap_env):
+                                                                      cap_env, tmp_path):
     db, project_id, account, s = setup
     base = stack_env(cap_env, pebble)
     acme.start_api(procs, base, pebble)
@@ -40,7 +40,7 @@ def test_bulk_renewal_by_issuer_of_100_certificates_within_the_budget(setup, pro
         for i in range(COUNT)]
     # Issued by a local CA named like Pebble's (tests.helpers.seeded): issuing them at
     # Pebble first took minutes and tests nothing asserted here.
-    issue_locally(db, ids, issuer_cn="Pebble seed CA")
+    issue_locally(db, ids, issuer_cn="Pebble seed CA", directory=tmp_path / "seed-ca")
     accounts.register_account(db, account["_id"], ACTOR, settings=s)
     limited = dict(base, CAP_CA_BUDGETS=json.dumps(
         {pebble.directory_url: {"new_orders_per_account": f"{BUDGET}/{WINDOW}s"}}))

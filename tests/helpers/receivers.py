@@ -54,7 +54,9 @@ class CertFactory:
         self.count = 0
 
     def leaf(self, host: str = "localhost", days: float = 90,
-             key_pem: bytes | None = None) -> Leaf:
+             key_pem: bytes | None = None, names: list[str] | None = None) -> Leaf:
+        """A leaf for ``host`` (its subject, and its SANs unless ``names`` lists them);
+        its file holds the leaf then this CA."""
         self.count += 1
         key = serialization.load_pem_private_key(key_pem, None) if key_pem else \
             ec.generate_private_key(ec.SECP256R1())
@@ -65,7 +67,8 @@ class CertFactory:
                 .serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(hours=1))
                 .not_valid_after(now + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), False)
+                .add_extension(x509.SubjectAlternativeName(
+                    [x509.DNSName(n) for n in names or [host]]), False)
                 .sign(self.key, hashes.SHA256()))
         cert_path = self.directory / f"leaf{self.count}.pem"
         key_path = self.directory / f"leaf{self.count}.key"
