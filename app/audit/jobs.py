@@ -1,5 +1,6 @@
-"""Job handler ``audit.forward`` (listed in ``app.handlers``): deliver new audit entries
-to every CAP_AUDIT_SINKS sink.
+"""Job handler ``audit.forward`` (listed in ``app.handlers``): chain the audit entries left
+pending (a writer that died between its commit and its seal, ``app.audit.log``), then
+deliver new audit entries to every CAP_AUDIT_SINKS sink.
 
 The scheduler leader enqueues it every 10 s (``scheduler/timed.py``). One run forwards
 each sink from its cursor until caught up or out of its time budget (half the job lease,
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 from pymongo.database import Database
 
 from app.audit.forward import forward_all
+from app.audit.log import seal
 from app.config import Settings
 from app.db import Doc
 
@@ -38,11 +40,13 @@ class ForwardJob(Protocol):
 
 
 def forward(ctx: ForwardJob) -> dict[str, Any]:
-    """Forward the audit log to each configured sink, at least once and in order."""
+    """Seal what is pending, then forward the audit log to each configured sink, at least
+    once and in order."""
+    sealed = seal(ctx.db)
     sinks = ctx.settings.audit_sinks
     if not sinks:
-        return {"sinks": {}}
+        return {"sealed": sealed, "sinks": {}}
     budget = max(1.0, min(30.0, ctx.lease_seconds / 2))
     results = forward_all(ctx.db, sinks, owner=f"job:{ctx.job_id}", budget_seconds=budget,
                           check=ctx.check_lease)
-    return {"sinks": results}
+    return {"sealed": sealed, "sinks": results}

@@ -21,7 +21,7 @@ from pymongo.database import Database
 
 from app import db as dbm
 from app.audit.forward import SINKS
-from app.audit.log import CHAIN_ID
+from app.audit.log import CHAIN_ID, oldest_pending, pending_age_seconds
 from app.config import ConfigError
 from app.config.audit_sinks import SinkSpec, parse_sinks
 from app.db import Doc
@@ -93,7 +93,8 @@ def readiness_check(db: Database[Doc]) -> tuple[bool, Doc]:
 
 
 def audit_metrics(db: Any) -> Iterator[Any]:
-    """Scrape-time metrics: chain head, and per sink: up, lag, failures, delivered."""
+    """Scrape-time metrics: chain head, entries waiting for their seal, and per sink: up,
+    lag, failures, delivered."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     head = GaugeMetricFamily("certautopilot_audit_head_seq",
@@ -101,6 +102,16 @@ def audit_metrics(db: Any) -> Iterator[Any]:
     row = db[dbm.COUNTERS].find_one({"_id": CHAIN_ID}) or {}
     head.add_metric([], float(row.get("seq", 0)))
     yield head
+    pending = GaugeMetricFamily(
+        "certautopilot_audit_pending_entries",
+        "Audit entries committed and not yet chained (sealed within a moment; a count that "
+        "stays up means no seal runs, or entries the sealer refused).")
+    oldest = GaugeMetricFamily("certautopilot_audit_oldest_pending_seconds",
+                               "Age of the oldest audit entry waiting to be chained (0: none).")
+    first = oldest_pending(db)
+    pending.add_metric([], float(db[dbm.AUDIT_PENDING].count_documents({})) if first else 0.0)
+    oldest.add_metric([], pending_age_seconds(first, dbm.server_now(db)) if first else 0.0)
+    yield from (pending, oldest)
     up = GaugeMetricFamily("certautopilot_audit_sink_up",
                            "1 when the sink's last delivery attempt succeeded.",
                            labels=["sink"])

@@ -25,11 +25,20 @@ from bson.codec_options import CodecOptions
 from pymongo.database import Database
 
 from app import db as dbm
-from app.audit.log import ALG_HMAC, CHAIN_ID, GENESIS_HASH, _json_default, hmac_key
+from app.audit.log import (
+    ALG_HMAC,
+    CHAIN_ID,
+    GENESIS_HASH,
+    _json_default,
+    hmac_key,
+    oldest_pending,
+    pending_age_seconds,
+)
 from app.db import Doc
 
 EDITED, DELETED, INSERTED, REORDERED = "edited", "deleted", "inserted", "reordered"
 UNKEYED, KEY_MISSING, MALFORMED = "unkeyed", "key-missing", "malformed"
+REFUSED = "refused"
 
 _CODEC: CodecOptions[Doc] = CodecOptions(tz_aware=True)  # UTC datetimes, decoded fastest
 _encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
@@ -54,6 +63,8 @@ class VerifyResult:
     last_seq: int | None = None
     head_seq: int | None = None
     unkeyed: int = 0
+    pending: int = 0
+    oldest_pending_s: float | None = None
     seconds: float = 0.0
     problem: Problem | None = None
     notes: list[str] = field(default_factory=list)
@@ -66,7 +77,8 @@ class VerifyResult:
         return {
             "intact": self.intact, "checked": self.checked, "from_seq": self.from_seq,
             "last_seq": self.last_seq, "head_seq": self.head_seq,
-            "unkeyed_entries": self.unkeyed, "seconds": round(self.seconds, 3),
+            "unkeyed_entries": self.unkeyed, "pending_entries": self.pending,
+            "oldest_pending_s": self.oldest_pending_s, "seconds": round(self.seconds, 3),
             "entries_per_second": round(self.entries_per_second, 1),
             "problem": self.problem.as_dict() if self.problem else None,
             "notes": self.notes,
@@ -308,6 +320,8 @@ def verify_chain(db: Database[Doc], *, from_seq: int = 1, key: bytes | None = No
     walk.flush_progress()
     if result.problem is None:
         result.problem = _check_head(db, head0, result.last_seq, walk.prev, from_seq)
+    if result.problem is None:
+        result.problem = _check_pending(db, result)
     result.intact = result.problem is None
     result.seconds = time.monotonic() - started
     return result
@@ -386,6 +400,29 @@ def _check_head(db: Database[Doc], head0: Doc, last_seq: int | None, last_hash: 
     if seen == head1_seq and seen >= from_seq and head1.get("hash") != last_hash:
         return Problem(seen, EDITED, f"seq {seen} does not match the chain head's hash")
     return None
+
+
+def _check_pending(db: Database[Doc], result: VerifyResult) -> Problem | None:
+    """Entries committed and not yet chained (``app.audit.log.seal``) are counted, not a
+    break; one the sealer refused (an HMAC that does not match: written by someone without
+    the key) is."""
+    pending = db[dbm.AUDIT_PENDING]
+    result.pending = pending.count_documents({})
+    if not result.pending:
+        return None
+    oldest = oldest_pending(db)
+    if oldest is not None:
+        result.oldest_pending_s = round(pending_age_seconds(oldest, datetime.now(UTC)), 1)
+    result.notes.append(f"{result.pending} entries committed and waiting to be chained "
+                        f"(oldest {result.oldest_pending_s} s): the next seal chains them")
+    refused = pending.find_one({"refused": {"$exists": True}}, {"refused": 1})
+    if refused is None:
+        return None
+    count = pending.count_documents({"refused": {"$exists": True}})
+    return Problem((result.head_seq or 0) + 1, REFUSED,
+                   f"{count} pending entries refused by the sealer (first: _id "
+                   f"{refused['_id']}: {refused['refused']}): written into audit_pending "
+                   "by something other than the application")
 
 
 def _diagnose(db: Database[Doc], key: bytes | None, expected: int, prev: str, doc: Doc,

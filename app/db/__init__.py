@@ -34,6 +34,7 @@ from app.db.names import (
     ALERTS,
     API_TOKENS,
     AUDIT,
+    AUDIT_PENDING,
     CA_BUDGETS,
     CERTIFICATES,
     CHALLENGES,
@@ -63,15 +64,16 @@ from app.db.names import (
     WORKERS,
     Doc,
 )
-from app.db.txn import transaction
+from app.db.txn import after_commit, transaction
 
 __all__ = [
     "ACME_ACCOUNTS", "ALERTS", "ALERT_CHANNELS", "ALERT_DELIVERIES", "API_TOKENS", "AUDIT",
-    "CA_BUDGETS", "CERTIFICATES", "CHALLENGES", "COUNTERS", "DASHBOARD_SESSIONS",
-    "ENDPOINT_SCANS", "FIRES", "IDEMPOTENCY", "JOBS", "KEK_ROTATIONS", "KEK_VERSIONS", "KEYS",
-    "LEASES", "MAJORITY", "MESSAGES_COLLECTION", "METRICS_SNAPSHOTS", "MIGRATIONS",
-    "MIGRATIONS_LOCK_ID", "ORDERS", "PROJECTS", "RATE_LIMITS", "RENEWAL_BATCHES", "RESTORES",
-    "SCHEDULE", "SCHEDULER_LEASE_ID", "SCHEDULER_STANDBYS", "SINKS", "WORKERS", "Doc",
-    "backoff_delay", "close_clients", "get_client", "get_db", "is_transient", "ping",
-    "primary", "retry", "server_now", "transaction",
+    "AUDIT_PENDING", "CA_BUDGETS", "CERTIFICATES", "CHALLENGES", "COUNTERS",
+    "DASHBOARD_SESSIONS", "ENDPOINT_SCANS", "FIRES", "IDEMPOTENCY", "JOBS", "KEK_ROTATIONS",
+    "KEK_VERSIONS", "KEYS", "LEASES", "MAJORITY", "MESSAGES_COLLECTION", "METRICS_SNAPSHOTS",
+    "MIGRATIONS", "MIGRATIONS_LOCK_ID", "ORDERS", "PROJECTS", "RATE_LIMITS",
+    "RENEWAL_BATCHES", "RESTORES", "SCHEDULE", "SCHEDULER_LEASE_ID", "SCHEDULER_STANDBYS",
+    "SINKS", "WORKERS", "Doc", "after_commit", "backoff_delay", "close_clients",
+    "get_client", "get_db", "is_transient", "ping", "primary", "retry", "server_now",
+    "transaction",
 ]

@@ -33,8 +33,10 @@ FIRES = "schedule_fires"
 # Schedulers running as standby (who would take over the lease); TTL on expiry.
 SCHEDULER_STANDBYS = "scheduler_standbys"
 
-# Audit log and the forwarding state of each SIEM sink.
+# Audit log, the entries written by committed mutations and not yet chained into it
+# (app.audit.seal), and the forwarding state of each SIEM sink.
 AUDIT = "audit"
+AUDIT_PENDING = "audit_pending"
 SINKS = "audit_sinks"
 
 # KEK bookkeeping: the canary of each version, and the rotations.

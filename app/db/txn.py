@@ -12,7 +12,10 @@ attempt: a write that proves the caller still holds its lease (``app.db.lease``)
 the transaction commits only under the lease. Callers whose ``fn`` is not idempotent
 must fence it (every job transition does: it names the lease token or the state it
 expects). ``session=`` runs every attempt on the caller's session (the scheduler records
-its session id in its lease, so a successor can end it).
+its session id in its lease, so a successor can end it). ``after_commit(session, key,
+fn)`` asks for ``fn()`` once the transaction has committed (never after an attempt that
+aborts): the audit log chains the entries a transaction wrote that way
+(``app.audit.log.seal``).
 
 Why short transactions even for a single update to a contended document: a process
 killed in the middle of a transaction leaves it open on the server until the
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -56,6 +60,28 @@ UNKNOWN_COMMIT = "UnknownTransactionCommitResult"
 TRANSACTION_TIME_LIMIT_SECONDS = 120.0
 
 
+# Per session, what to run once its current transaction commits (key -> callable).
+_after_commit: weakref.WeakKeyDictionary[ClientSession, dict[str, Callable[[], object]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def after_commit(session: ClientSession, key: str, fn: Callable[[], object]) -> None:
+    """Run ``fn()`` once ``session``'s transaction commits (once per ``key``). Only
+    transactions run by ``run()`` honour it; an attempt that aborts drops it. Its errors
+    are logged, never raised: the transaction's work is already committed."""
+    _after_commit.setdefault(session, {}).setdefault(key, fn)
+
+
+def _run_after_commit(session: ClientSession, what: str) -> None:
+    for key, fn in _after_commit.pop(session, {}).items():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - committed; the callback's owner recovers
+            log.warning("after-commit step failed",
+                        extra={"what": what, "step": key,
+                               "error": f"{exc.__class__.__name__}: {exc}"[:200]})
+
+
 def _commit(session: ClientSession) -> None:
     for attempt in range(5):
         try:
@@ -79,10 +105,13 @@ def _session(db: Database[Doc], given: ClientSession | None) -> Iterator[ClientS
 def run(db: Database[Doc], fn: Callable[[ClientSession], T], *, attempts: int = 6,
         what: str = "transaction", retry_while: Callable[[], bool] | None = None,
         fence: Callable[[ClientSession], object] | None = None,
-        session: ClientSession | None = None, max_commit_time_ms: int = 10_000) -> T:
+        session: ClientSession | None = None, max_commit_time_ms: int = 10_000,
+        stop_on: Callable[[PyMongoError], bool] | None = None) -> T:
     """Run ``fn(session)`` in a transaction (after ``fence(session)``, if given); retry
     transient errors ``attempts`` times, and beyond that while ``retry_while()`` holds.
-    Gives up with ``DatabaseUnavailable``; any other error propagates unchanged."""
+    Gives up with ``DatabaseUnavailable``; any other error, and a transient one for which
+    ``stop_on(error)`` holds (the caller has its own answer to it), propagates
+    unchanged."""
     attempt = -1
     while True:
         attempt += 1
@@ -92,6 +121,7 @@ def run(db: Database[Doc], fn: Callable[[ClientSession], T], *, attempts: int = 
                                           write_concern=MAJORITY,
                                           read_preference=ReadPreference.PRIMARY,
                                           max_commit_time_ms=max_commit_time_ms)
+                _after_commit.pop(current, None)
                 try:
                     if fence is not None:
                         fence(current)
@@ -102,11 +132,13 @@ def run(db: Database[Doc], fn: Callable[[ClientSession], T], *, attempts: int = 
                             current.abort_transaction()
                     raise
                 _commit(current)
+                _run_after_commit(current, what)
                 return result
         except ServerSelectionTimeoutError as exc:
             raise DatabaseUnavailable(f"{what}: database unreachable", retry_after=5) from exc
         except PyMongoError as exc:
-            if not is_transient(exc) or exc.has_error_label(UNKNOWN_COMMIT):
+            if not is_transient(exc) or exc.has_error_label(UNKNOWN_COMMIT) \
+                    or (stop_on is not None and stop_on(exc)):
                 raise
             if attempt >= attempts - 1 and not (retry_while is not None and retry_while()):
                 raise DatabaseUnavailable(f"{what}: gave up after {attempt + 1} attempts: "

@@ -3,10 +3,11 @@
 
 - ``audited_ratio``: ``--writers`` processes (default 8) each make ``--mutations``
   transactions (default 150): read a document, update it, insert an event. The same runs
-  once without audit and once with ``app.audit.record()`` in each transaction (the chain
-  head counter makes concurrent writers conflict; pymongo's ``with_transaction`` retries
-  the loser). Audited mutations/s divided by unaudited mutations/s, plus the retries per
-  audited mutation and the 1-writer ratio (no contention) for comparison.
+  once without audit and once with ``app.audit.record()`` in each transaction (its entry
+  is chained by the seal after each commit; concurrent sealers conflict on the chain
+  head and retry their short transaction). Audited mutations/s divided by unaudited
+  mutations/s, plus the retries per audited mutation (of the mutation's transaction, and the
+  seal's conflicts) and the 1-writer ratio (no contention) for comparison.
 - ``verify_entries_per_s``: a chain of ``--verify-entries`` entries (default 50,000, built
   with ``app.audit.log.build_entry`` exactly as ``record()`` builds them and bulk-inserted)
   walked by ``app.audit.verify.verify_chain`` (what `certautopilot audit verify` runs).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -52,6 +54,18 @@ def writer(uri: str, name: str, worker: int, count: int, audited: bool, hmac: bo
     from app.audit import record, system_actor
     from app.config import load_settings
 
+    seal_retries = 0
+
+    class CountSealRetries(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            nonlocal seal_retries
+            if getattr(record, "event", None) == "audit.seal_conflict":
+                seal_retries += 1
+
+    audit_log = logging.getLogger("app.audit")
+    audit_log.setLevel(logging.DEBUG)
+    audit_log.addHandler(CountSealRetries())
+    audit_log.propagate = False
     db = dbm.get_db(load_settings({"CAP_MONGO_URI": uri, "CAP_MONGO_DB": name}))
     actor = system_actor(f"bench{worker}")
     attempts = 0
@@ -73,13 +87,14 @@ def writer(uri: str, name: str, worker: int, count: int, audited: bool, hmac: bo
                        details={"worker": worker, "i": i})
 
         dbm.transaction(db, fn)
-    results.put((time.perf_counter() - began, attempts))
+    results.put((time.perf_counter() - began, attempts, seal_retries))
     dbm.close_clients()
 
 
 def run_writers(uri: str, name: str, writers: int, count: int, audited: bool,
-                hmac: bool) -> tuple[float, float]:
-    """Mutations per second over all writers, and retries per mutation."""
+                hmac: bool) -> tuple[float, float, float]:
+    """Mutations per second over all writers, and retries per mutation (its transaction's,
+    its seal's)."""
     context = multiprocessing.get_context("spawn")
     start, results = context.Event(), context.Queue()
     procs = [context.Process(target=writer, args=(uri, name, w, count, audited, hmac, start,
@@ -94,8 +109,9 @@ def run_writers(uri: str, name: str, writers: int, count: int, audited: bool,
     for proc in procs:
         proc.join(60)
     total = writers * count
-    attempts = sum(a for _, a in outcomes)
-    return total / elapsed, (attempts - total) / total
+    attempts = sum(a for _, a, _ in outcomes)
+    seal_retries = sum(r for _, _, r in outcomes)
+    return total / elapsed, (attempts - total) / total, seal_retries / total
 
 
 def build_chain(db: Any, entries: int, hmac: bool) -> None:
@@ -158,17 +174,20 @@ def main() -> None:
         for writers, suffix in ((1, "_1_writer"), (args.writers, "")):
             count = args.mutations if writers > 1 else args.mutations * 2
             name, _ = fresh()
-            plain, _ = run_writers(base, name, writers, count, False, args.hmac)
+            plain, _, _ = run_writers(base, name, writers, count, False, args.hmac)
             name, db = fresh()
-            audited, retries = run_writers(base, name, writers, count, True, args.hmac)
+            audited, retries, seal_retries = run_writers(base, name, writers, count, True,
+                                                         args.hmac)
             seqs = [d["seq"] for d in db[dbm.AUDIT].find({}, {"seq": 1}).sort("seq", 1)]
             assert seqs == list(range(1, writers * count + 1)), "seq has a gap"
             log(f"{writers} writer(s): {plain:.1f} mutations/s unaudited, {audited:.1f} "
-                f"audited ({audited / plain:.2f}), {retries:.2f} retries per audited mutation")
+                f"audited ({audited / plain:.2f}), {retries:.2f} retries per audited mutation, "
+                f"{seal_retries:.2f} seal retries")
             figures[f"unaudited_mutations_per_s{suffix}"] = round(plain, 1)
             figures[f"audited_mutations_per_s{suffix}"] = round(audited, 1)
             figures[f"audited_ratio{suffix}"] = round(audited / plain, 3)
             figures[f"retries_per_audited_mutation{suffix}"] = round(retries, 3)
+            figures[f"seal_retries_per_audited_mutation{suffix}"] = round(seal_retries, 3)
 
         from app.audit.verify import verify_chain
 

@@ -3,6 +3,7 @@ scheduler / worker status resources."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
@@ -106,3 +107,14 @@ def test_scheduler_and_workers_status(client, migrated_db) -> None:
     as_admin = client.get(f"{API}/status/workers", headers=admin.headers).json
     assert {w["id"]: w for w in as_admin["workers"]}["w1@h"]["running_jobs"] == [
         "652f00000000000000000001"]
+
+
+def test_a_single_valued_query_parameter_given_twice_is_a_422(client, migrated_db) -> None:
+    admin = make_admin(migrated_db)
+    for url in (f"{API}/status/ca-budgets?ca=&ca=https://ca.example/dir",
+                f"{API}/audit?limit=5&limit=6"):
+        answer = client.get(url, headers=admin.headers)
+        assert answer.status_code == 422, answer.json
+        assert "given more than once" in json.dumps(answer.json)
+    assert client.get(f"{API}/status/ca-budgets?ca=https://ca.example/dir",
+                      headers=admin.headers).status_code == 200

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from app import db as dbm
 from app.audit import record, system_actor
-from app.audit.log import CHAIN_ID, GENESIS_HASH
+from app.audit.log import CHAIN_ID, GENESIS_HASH, seal
+from app.audit.status import audit_metrics
 from app.audit.verify import verify_chain
 
 ACTOR = system_actor("test")
@@ -19,16 +20,31 @@ KEY = "k" * 40
 
 
 def mutate(db: Any, n: int, *, start: int = 0) -> list[int]:
-    """n audited mutations: each inserts a thing and records it, in one transaction."""
+    """n audited mutations: each inserts a thing and records it, in one transaction; the
+    seq each entry got (chained when its transaction committed)."""
     seqs = []
     for i in range(start, start + n):
-        def fn(session: Any, i: int = i) -> int:
+        def fn(session: Any, i: int = i) -> Any:
             db["things"].insert_one({"_id": f"t{i}"}, session=session)
             return record(db, session, actor=ACTOR, action="thing.create",
                           target=f"thing:t{i}", project_id="p1",
                           details={"i": i, "names": ["a.example", "b.example"]})
-        seqs.append(dbm.transaction(db, fn))
+        entry_id = dbm.transaction(db, fn)
+        seqs.append(db[dbm.AUDIT].find_one({"_id": entry_id})["seq"])
+    assert db[dbm.AUDIT_PENDING].count_documents({"refused": {"$exists": False}}) == 0
     return seqs
+
+
+def record_unsealed(db: Any, target: str) -> Any:
+    """An audited mutation whose process dies between its commit and its seal: the
+    transaction commits by hand, so no after-commit seal runs."""
+    with db.client.start_session() as session:
+        session.start_transaction()
+        db["things"].insert_one({"_id": target}, session=session)
+        entry_id = record(db, session, actor=ACTOR, action="thing.create",
+                          target=f"thing:{target}")
+        session.commit_transaction()
+    return entry_id
 
 
 def shift(db: Any, from_seq: int, by: int) -> None:
@@ -86,11 +102,87 @@ def test_an_aborted_mutation_leaves_no_entry_and_no_gap(migrated_db: Any) -> Non
     assert verify_chain(db).intact
 
 
+def test_an_entry_left_pending_is_chained_by_the_next_seal(migrated_db: Any) -> None:
+    db = migrated_db
+    mutate(db, 2)
+    left = [record_unsealed(db, "dead1"), record_unsealed(db, "dead2")]
+    assert db[dbm.AUDIT_PENDING].count_documents({}) == 2
+    assert db[dbm.AUDIT].count_documents({}) == 2
+    result = verify_chain(db)
+    assert result.intact and result.pending == 2 and result.checked == 2
+    metrics = {s.name: s.value for m in audit_metrics(db) for s in m.samples}
+    assert metrics["certautopilot_audit_pending_entries"] == 2
+    assert metrics["certautopilot_audit_oldest_pending_seconds"] >= 0
+    assert "waiting to be chained" in result.notes[-1]
+    # The next audited mutation's seal chains them first (oldest _id first), then its own.
+    assert mutate(db, 1, start=5) == [5]
+    assert [db[dbm.AUDIT].find_one({"_id": i})["seq"] for i in left] == [3, 4]
+    assert seal(db) == 0
+    result = verify_chain(db)
+    assert result.intact and result.checked == 5 and result.pending == 0
+
+
+def test_the_audit_forward_job_seals_what_a_dead_writer_left(migrated_db: Any) -> None:
+    from types import SimpleNamespace
+
+    from app.audit.jobs import forward
+
+    db = migrated_db
+    record_unsealed(db, "dead")
+    ctx = SimpleNamespace(db=db, settings=SimpleNamespace(audit_sinks=[]), lease_seconds=60,
+                          job_id="j1", check_lease=lambda: None)
+    assert forward(ctx) == {"sealed": 1, "sinks": {}}
+    assert db[dbm.AUDIT].find_one({"target": "thing:dead"})["seq"] == 1
+
+
+def test_a_pending_entry_forged_without_the_key_is_refused_and_named(
+        migrated_db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone who can write to the database but does not hold CAP_AUDIT_HMAC_KEY cannot
+    get an entry chained by putting it in audit_pending."""
+    from bson import ObjectId
+
+    db = migrated_db
+    monkeypatch.setenv("CAP_AUDIT_HMAC_KEY", KEY)
+    mutate(db, 2)
+    forged = dict(db[dbm.AUDIT].find_one({"seq": 2}), _id=ObjectId(), target="thing:forged",
+                  mac="0" * 64)
+    for name in ("seq", "prev_hash", "hash"):
+        forged.pop(name)
+    db[dbm.AUDIT_PENDING].insert_one(forged)
+    assert seal(db) == 0
+    assert db[dbm.AUDIT].count_documents({"target": "thing:forged"}) == 0
+    assert "HMAC does not match" in db[dbm.AUDIT_PENDING].find_one()["refused"]
+    assert problem(db) == ("refused", 3)
+    assert mutate(db, 1, start=7) == [3]  # the chain goes on past it
+
+
+def test_overlapping_audited_transactions_do_not_conflict(migrated_db: Any) -> None:
+    """Two mutations whose transactions overlap both commit at their first attempt: only
+    the sealer's short transactions touch the chain head."""
+    from pymongo import ReadPreference
+    from pymongo.read_concern import ReadConcern
+
+    db = migrated_db
+    db["things"].insert_many([{"_id": "a"}, {"_id": "b"}])
+    with db.client.start_session() as one, db.client.start_session() as two:
+        for session, name in ((one, "a"), (two, "b")):
+            session.start_transaction(read_concern=ReadConcern("snapshot"),
+                                      read_preference=ReadPreference.PRIMARY)
+            db["things"].update_one({"_id": name}, {"$set": {"v": 1}}, session=session)
+            record(db, session, actor=ACTOR, action="thing.update", target=f"thing:{name}")
+        one.commit_transaction()
+        two.commit_transaction()
+    assert seal(db) == 2
+    assert sorted(e["target"] for e in db[dbm.AUDIT].find()) == ["thing:a", "thing:b"]
+    assert verify_chain(db).intact
+
+
 def test_record_refuses_to_run_outside_a_transaction(migrated_db: Any) -> None:
     db = migrated_db
     with db.client.start_session() as session, pytest.raises(RuntimeError):
         record(db, session, actor=ACTOR, action="thing.create", target="thing:1")
     assert db[dbm.AUDIT].count_documents({}) == 0
+    assert db[dbm.AUDIT_PENDING].count_documents({}) == 0
 
 
 def test_empty_chain_is_intact(migrated_db: Any) -> None:

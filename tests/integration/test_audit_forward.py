@@ -421,6 +421,8 @@ def test_sink_metrics_are_served_at_metrics(migrated_db: Any, settings: Any, tmp
     client = create_app(settings).test_client()
     body = client.get("/metrics").get_data(as_text=True)
     assert "certautopilot_audit_head_seq 2.0" in body
+    assert "certautopilot_audit_pending_entries 0.0" in body
+    assert "certautopilot_audit_oldest_pending_seconds 0.0" in body
     assert 'certautopilot_audit_sink_lag_entries{sink="f"} 2.0' in body
     forward_all(migrated_db, sinks(f"file://{tmp_path}/audit.jsonl?name=f"))
     body = client.get("/metrics").get_data(as_text=True)
