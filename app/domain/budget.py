@@ -17,7 +17,9 @@ bucket, which lets 2N through a window after a full burst). Taking one is ONE
 conditional update: ``{slots: {$lte: now - W}}`` matches only while a token is free, and
 ``$push`` with ``$sort``/``$slice: -N`` drops the oldest slot for ``now`` in the same
 write, so two workers can never take the same token (no read-modify-write). ``now`` is
-the database server's clock (``app.db.clock``), the one clock every worker shares.
+the database server's clock (``app.db.clock``), the one clock every worker shares, read
+fresh (a round trip) when a token is taken and settled: the process's extrapolated
+estimate may be off by half a round trip, and a token stamped early comes back early.
 
 Buckets (``app.config.ca_budgets``): ``new_orders_per_account``,
 ``new_certificates_per_domain`` (per registered domain, from the public suffix list that
@@ -236,8 +238,10 @@ def take(db: Database[Doc], buckets: list[Bucket]) -> Grant | Refusal:
     come back. A refusal by a later bucket gives back the tokens already taken. After
     the request the tokens were taken for, ``settle`` the grant."""
     coll = _coll(db)
-    now = dbm.server_now(db)
-    now_ms = _ms(now)
+    # Read now, not the process's estimate (``app.db.clock``): an estimate may run ahead
+    # by up to half a round trip, which on a loaded database is long enough for a token
+    # to come back early. A fresh reading was stamped before the request is sent.
+    now_ms = _ms(dbm.server_now(db, fresh=True))
     taken: list[Bucket] = []
     for bucket in buckets:
         _ensure(coll, bucket, now_ms)
@@ -259,7 +263,7 @@ def settle(db: Database[Doc], grant: Grant) -> None:
     varies (a loaded worker, a nonce fetch): stamped at the answer, a token comes back W
     after the CA surely counted it, so the CA never sees more than N in a window."""
     coll = _coll(db)
-    done_ms = _ms(dbm.server_now(db))
+    done_ms = _ms(dbm.server_now(db, fresh=True))  # stamped after the answer (see take)
     if done_ms <= grant.taken_ms:
         return
     for bucket in grant.buckets:

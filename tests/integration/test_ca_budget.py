@@ -4,6 +4,7 @@ window, a spent bucket is drained by the CA's word, buckets are per registered d
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from datetime import timedelta
@@ -12,6 +13,7 @@ import pytest
 
 from app import db as dbm
 from app.config.ca_budgets import Limit
+from app.db import clock
 from app.domain import budget
 
 pytestmark = pytest.mark.integration
@@ -70,6 +72,31 @@ def test_settling_moves_a_token_to_when_its_request_was_answered(migrated_db):
     assert isinstance(refusal, budget.Refusal)
     # The token comes back a window after the answer, not after the take.
     assert refusal.until.timestamp() * 1000 >= grant.taken_ms + 30_600
+
+
+def test_tokens_are_stamped_by_the_servers_clock_not_a_stale_estimate(migrated_db):
+    """A process's clock estimate behind the server's (half a slow round trip at its last
+    sample) must not stamp a token early: it would come back early, and the CA would see
+    one order too many in a window (seen in CI: 11 in 10 s under a 10/10 s budget)."""
+    b = bucket(count=1, window=30.0)
+    key = (os.getpid(), id(migrated_db.client))
+    behind = clock.read_server_time(migrated_db) - timedelta(seconds=5)
+    with clock.CLOCK._lock:
+        clock.CLOCK._samples[key] = (behind, time.monotonic())
+    try:
+        assert dbm.server_now(migrated_db) < behind + timedelta(seconds=1)  # stale indeed
+        grant = budget.take(migrated_db, [b])
+        assert isinstance(grant, budget.Grant)
+        real_ms = clock.read_server_time(migrated_db).timestamp() * 1000
+        assert real_ms - 1000 < grant.taken_ms <= real_ms
+        with clock.CLOCK._lock:
+            clock.CLOCK._samples[key] = (clock.read_server_time(migrated_db)
+                                         - timedelta(seconds=5), time.monotonic())
+        budget.settle(migrated_db, grant)
+        [slot] = migrated_db[dbm.CA_BUDGETS].find_one({"_id": b.key})["slots"]
+        assert slot >= real_ms  # settled at the server's time after the answer
+    finally:
+        clock.CLOCK.reset()
 
 
 def test_a_refusal_gives_back_the_other_buckets_tokens(migrated_db):
