@@ -28,7 +28,7 @@ from typing import Any
 import flask_smorest
 from bson import ObjectId
 from flask import Response, g, request
-from marshmallow import RAISE, Schema, fields, validate
+from marshmallow import RAISE, Schema, ValidationError, fields, pre_load, validate
 from pymongo.collection import Collection
 from webargs.flaskparser import FlaskParser
 
@@ -68,10 +68,23 @@ class Blueprint(flask_smorest.Blueprint):
 
 class StrictQuery(Schema):
     """Query arguments: an unknown one is a 422 (a typo like ?stauts= must not be
-    silently ignored and return everything)."""
+    silently ignored and return everything), and so is a single-valued one given more
+    than once (``?ca=a&ca=b`` must not silently mean ``?ca=a``)."""
 
     class Meta:
         unknown = RAISE
+
+    @pre_load
+    def _one_value_each(self, data: Any, **_: Any) -> Any:
+        raw = getattr(data, "data", data)  # webargs' MultiDictProxy wraps the MultiDict
+        if not hasattr(raw, "getlist"):
+            return data
+        single = {f.data_key or name for name, f in self.fields.items()
+                  if not isinstance(f, fields.List)}
+        repeated = sorted(k for k in raw if k in single and len(raw.getlist(k)) > 1)
+        if repeated:
+            raise ValidationError({k: ["given more than once"] for k in repeated})
+        return data
 
 
 # One position value: d<epoch ms> (a date), i<integer>, o<ObjectId hex>, s<id>, n (null).
@@ -362,7 +375,7 @@ def _hint(shape: tuple[Any, ...]) -> _Hint:
         return hint
 
 
-def _narrow(condition: Doc | None, ops: Doc) -> Doc | None:
+def narrow_range(condition: Doc | None, ops: Doc) -> Doc | None:
     """The range ``condition`` ∧ ``ops`` (both made of $gt/$gte/$lt/$lte) as one operator
     document, or None when it is empty."""
     lower: tuple[Any, bool] | None = None  # (value, inclusive)
@@ -415,7 +428,7 @@ def windowed_paginate(collection: Collection[Doc], query: Doc, *, limit: int,
     base = {k: v for k, v in query.items() if k != first}
     shape = (collection.name, first, tuple(sorted((k, repr(v)) for k, v in base.items())))
     hint = _hint(shape)
-    own_upper = _narrow(own, {})
+    own_upper = narrow_range(own, {})
     upper_value = None
     if own_upper:
         upper_value = own_upper.get("$lt", own_upper.get("$lte"))
@@ -464,7 +477,7 @@ def windowed_paginate(collection: Collection[Doc], query: Doc, *, limit: int,
 
     def fetch(window: Doc, need: int) -> list[Doc]:
         """The first ``need`` documents of the window that come after the cursor."""
-        narrowed = _narrow(own, window)
+        narrowed = narrow_range(own, window)
         if narrowed is None:
             return []  # outside the query's own range on the date
         find = {**base, first: narrowed} if narrowed else dict(base)

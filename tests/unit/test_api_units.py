@@ -189,14 +189,14 @@ def test_openapi_documents_every_operation() -> None:
 
 
 def test_a_list_window_is_the_intersection_of_its_range_and_the_filters() -> None:
-    from app.api.common import _narrow
+    from app.api.common import narrow_range
 
     a, b, c = (datetime(2026, 1, d, tzinfo=UTC) for d in (1, 2, 3))
-    assert _narrow(None, {}) == {}
-    assert _narrow({"$lt": c}, {"$gte": a, "$lt": b}) == {"$gte": a, "$lt": b}
-    assert _narrow({"$lt": b}, {"$gte": a, "$lt": c}) == {"$gte": a, "$lt": b}
-    assert _narrow({"$lte": b}, {"$lt": b}) == {"$lt": b}  # the stricter bound
-    assert _narrow({"$gt": a}, {"$gte": a}) == {"$gt": a}
-    assert _narrow({"$lt": b}, {"$gte": b}) is None  # nothing left: no query
-    assert _narrow({"$lte": b}, {"$gte": b}) == {"$gte": b, "$lte": b}
-    assert _narrow({"$lt": a}, {"$gte": b, "$lt": c}) is None
+    assert narrow_range(None, {}) == {}
+    assert narrow_range({"$lt": c}, {"$gte": a, "$lt": b}) == {"$gte": a, "$lt": b}
+    assert narrow_range({"$lt": b}, {"$gte": a, "$lt": c}) == {"$gte": a, "$lt": b}
+    assert narrow_range({"$lte": b}, {"$lt": b}) == {"$lt": b}  # the stricter bound
+    assert narrow_range({"$gt": a}, {"$gte": a}) == {"$gt": a}
+    assert narrow_range({"$lt": b}, {"$gte": b}) is None  # nothing left: no query
+    assert narrow_range({"$lte": b}, {"$gte": b}) == {"$gte": b, "$lte": b}
+    assert narrow_range({"$lt": a}, {"$gte": b, "$lt": c}) is None

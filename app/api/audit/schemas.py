@@ -23,8 +23,9 @@ class AuditEntrySchema(Schema):
 class AuditQueryArgsSchema(PageArgsSchema):
     project_id = fields.String(validate=validate.Length(max=64),
                                metadata={"description": "Admin: only this project"})
-    since = fields.AwareDateTime(default_timezone=UTC,
-                                 metadata={"description": "Entries at or after this time"})
+    since = fields.AwareDateTime(default_timezone=UTC, metadata={
+        "description": "Entries at or after this time. With since or until (and no "
+                       "target or actor) a page comes in time order, ties by seq"})
     until = fields.AwareDateTime(default_timezone=UTC,
                                  metadata={"description": "Entries before this time"})
     actor = fields.String(validate=validate.Length(min=1, max=200), metadata={
@@ -34,7 +35,8 @@ class AuditQueryArgsSchema(PageArgsSchema):
     target = fields.String(validate=validate.Length(min=1, max=500),
                            metadata={"example": "certificate:crt_0123456789abcdef"})
     order = fields.String(load_default="desc", validate=validate.OneOf(["asc", "desc"]),
-                          metadata={"description": "desc: newest first"})
+                          metadata={"description": "desc: newest first (highest seq, or latest "
+                                                   "time for a time range)"})
 
 
 AuditPageSchema = page_schema(AuditEntrySchema, "AuditPage")
