@@ -1,10 +1,11 @@
 """What the dashboard's pages read: bounded, indexed queries.
 
 Every list is one page of an index walk in the order of that index, read through windows
-on its sort key (``windowed_page``, ``seq_page``) or one selective index range; a page
-never issues a query per row (a page's related rows are fetched with one ``$in``). The
-fleet figures (certificates by state and days left, the queue, the jobs chart, KEK) are
-not computed here but read from the documents ``app.dashboard.snapshot`` keeps.
+on its sort key (``windowed_page``; the audit log through ``app.api.windows.seq_page``)
+or one selective index range; a page never issues a query per row (a page's related
+rows are fetched with one ``$in``). The fleet figures (certificates by state and days
+left, the queue, the jobs chart, KEK) are not computed here but read from the documents
+``app.dashboard.snapshot`` keeps.
 Indexes: m0001, m0002, m0007, m0010, m0012 and m0015.
 """
 
@@ -54,12 +55,19 @@ def project_filter(caller: Principal, requested: str | None = None) -> Doc:
 @dataclass(frozen=True)
 class Window:
     """How a list is read through ``windowed_page``: windows on ``key`` below ``start``
-    (None: no upper bound), never below ``floor``, the first one ``first_span`` seconds."""
+    (None: no upper bound), never below ``floor``, the first one ``first_span`` seconds;
+    the window's clause first (``key_first``) or the filter's equalities."""
 
     key: str = "created_at"
     start: datetime | None = None
     floor: datetime | None = None
     first_span: float = 60.0
+    key_first: bool = True
+
+
+# The jobs' filters lead: their (state|kind|project_id, created_at, _id) indexes, as the
+# API's jobs list.
+JOBS_WINDOW = Window(key_first=False)
 
 
 # The first window of each list: certificates are created over days and months, jobs
@@ -199,18 +207,12 @@ def workers(db: Database[Doc], now: datetime, counts: dict[str, dict[str, int]]
 
 def scheduler(db: Database[Doc], fires: int = 0) -> Doc:
     """The lease and entries (``app.db.schedule``), the standbys, and the last ``fires``
-    fired slots, newest first, read through windows on ``fired_at`` (a day of slots is
-    ~26,000 documents: a sort of all of them is what the embedded server would do)."""
-    from app.db.names import FIRES
+    fired slots, newest first (as ``/status/scheduler``)."""
     from app.db.schedule import standbys, status
 
-    result = status(db)
+    result = status(db, fires=fires)
     lease = result["lease"]
     result["standbys"] = standbys(db, lease["server_time"], lease.get("holder"))
-    if fires:
-        result["recent_fires"] = windowed_page(db[FIRES], {}, limit=fires, cursor=None,
-                                               projection={"_id": 0}, key="fired_at",
-                                               first_span=60.0)["items"]
     return result
 
 
@@ -227,7 +229,7 @@ def kek(db: Database[Doc], settings: Any = None) -> Doc:
     return status(db, keyring)
 
 
-def audit_head(db: Database[Doc], *, sinks: bool = True) -> Doc:
+def audit_head(db: Database[Doc]) -> Doc:
     """The audit chain head (last seq and hash) and each sink's delivery status."""
     from app.audit.log import CHAIN_ID
     from app.audit.status import sink_status
@@ -235,8 +237,7 @@ def audit_head(db: Database[Doc], *, sinks: bool = True) -> Doc:
     head = dbm.retry(lambda: db[dbm.COUNTERS].find_one({"_id": CHAIN_ID}),
                      what="read audit head") or {}
     return {"seq": int(head.get("seq", 0)), "hash": str(head.get("hash", "")),
-            "sinks": dbm.retry(lambda: sink_status(db), what="read audit sinks")
-            if sinks else []}
+            "sinks": dbm.retry(lambda: sink_status(db), what="read audit sinks")}
 
 
 def audit_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, bool]:
@@ -268,116 +269,21 @@ def audit_query(caller: Principal, args: dict[str, str]) -> tuple[Doc, bool]:
 
 # -- bounded work on any server --------------------------------------------------------
 
-_spans: dict[tuple[str, str, tuple[str, ...]], float] = {}
-_LONGEST_SPAN = 50 * 365 * 86400.0  # beyond it, the last window: the rest
+def windowed_page(collection: Collection[Doc], query: Doc, window: Window, *, limit: int,
+                  cursor: str | None, projection: Doc | None = None) -> Doc:
+    """One page, newest first in ``(window.key, _id)`` order (the API's cursor order),
+    read through windows of ``window.key`` inside [floor, start) that grow until the
+    page is full (``app.api.windows.time_page``). A page costs about the documents of
+    its last window, not of the collection."""
+    from app.api.windows import time_page
 
-
-def _position(cursor: str, *types: type) -> list[Any]:
-    """The values of a cursor of this list's shape (a plain position since the API's
-    cursors are; ``app.api.common.decode_cursor``); any other shape is a 400, not a
-    query on values of the wrong type."""
-    from app.api.common import BadRequest, decode_cursor
-
-    values = decode_cursor(cursor)
-    if len(values) != len(types) or not all(
-            isinstance(v, t) and not isinstance(v, bool) for v, t in zip(values, types,
-                                                                         strict=True)):
-        raise BadRequest("invalid cursor: pass the next page's link unchanged",
-                         errors={"query": {"cursor": ["invalid"]}})
-    return values
-
-
-def windowed_page(collection: Collection[Doc], query: Doc, *, limit: int,
-                  cursor: str | None, projection: Doc | None = None,
-                  key: str = "created_at", first_span: float = 60.0,
-                  start: datetime | None = None, floor: datetime | None = None,
-                  growth: float = 4.0, max_windows: int = 14) -> Doc:
-    """One page, newest first, in ``(key, _id)`` order (for ``created_at`` the API's
-    cursor order), read through time windows below ``start`` (default: no upper bound)
-    that grow ×``growth`` until the page is full; the last one reaches down to
-    ``floor`` (default: no lower bound).
-
-    The range on ``key`` leads the filter, so each window is one index range (on a real
-    mongod the planner would also stop a sorted index walk early; the embedded server
-    materialises a sorted walk whole, so the window is what bounds the work there). A
-    page costs about the documents of its last window, not of the collection."""
-    from app.api.common import encode_cursor
-
-    items: list[Doc] = []
-    upper: datetime | None = start  # None: no upper bound (the newest page)
-    if cursor:
-        upper, last_id = _position(cursor, datetime, object)
-        # The sort key first: the clause the embedded server serves from an index.
-        ties = {key: upper, **query, "_id": {"$lt": last_id}}
-        items = dbm.retry(lambda: list(collection.find(ties, projection)
-                                       .sort("_id", -1).limit(limit + 1)),
-                          what=f"list {collection.name}")
-    anchor = upper or datetime.now(UTC)
-    # Start from the span that filled the last page of this list (per process): most
-    # pages then cost one or two windows instead of climbing from a minute each time.
-    shape = (collection.name, key, tuple(sorted(query)))
-    span = max(first_span, _spans.get(shape, first_span) / growth)
-    for window in range(max_windows):
-        if len(items) > limit:
-            break
-        last = window == max_windows - 1 or span > _LONGEST_SPAN
-        lower = floor if last else anchor - timedelta(seconds=span)
-        if floor is not None and lower is not None and lower <= floor:
-            lower, last = floor, True
-        bound: Doc = {}
-        if upper is not None:
-            bound["$lt"] = upper
-        if lower is not None:
-            bound["$gte"] = lower
-        wanted = limit + 1 - len(items)
-
-        def fetch(b: Doc = bound, n: int = wanted) -> list[Doc]:
-            return list(collection.find({key: b, **query} if b else dict(query), projection)
-                        .sort([(key, -1), ("_id", -1)]).limit(n))
-
-        found = dbm.retry(fetch, what=f"list {collection.name}")
-        items.extend(found)
-        if len(items) > limit:
-            _spans[shape] = span
-        if last:
-            break
-        upper = lower
-        span *= growth
-    next_cursor = None
-    if len(items) > limit:
-        items = items[:limit]
-        next_cursor = encode_cursor([items[-1].get(key), items[-1].get("_id")])
-    return {"items": items, "next_cursor": next_cursor}
-
-
-def seq_page(collection: Collection[Doc], query: Doc, *, head: int, limit: int,
-             cursor: str | None, projection: Doc | None = None, first_span: int = 200,
-             growth: int = 4, max_windows: int = 12) -> Doc:
-    """The audit log newest first (cursor: the API's ``seq`` cursor), read through
-    ``seq`` windows below the chain head that grow until the page is full."""
-    from app.api.common import encode_cursor
-
-    upper = head + 1
-    if cursor:
-        (upper,) = _position(cursor, int)
-    items: list[Doc] = []
-    span = first_span
-    for window in range(max_windows):
-        lower = 0 if window == max_windows - 1 else max(0, upper - span)
-        bound = {"$lt": upper, "$gte": lower}
-        wanted = limit + 1 - len(items)
-
-        def fetch(b: Doc = bound, n: int = wanted) -> list[Doc]:
-            return list(collection.find({"seq": b, **query}, projection)
-                        .sort("seq", -1).limit(n))
-
-        found = dbm.retry(fetch, what="list audit")
-        items.extend(found)
-        if len(items) > limit or lower == 0:
-            break
-        upper, span = lower, span * growth
-    next_cursor = None
-    if len(items) > limit:
-        items = items[:limit]
-        next_cursor = encode_cursor([items[-1]["seq"]])
-    return {"items": items, "next_cursor": next_cursor}
+    own: Doc = {}
+    if window.start is not None:
+        own["$lt"] = window.start
+    if window.floor is not None:
+        own["$gte"] = window.floor
+    find = {**query, window.key: own} if own else query
+    return time_page(collection, find, limit=limit, cursor=cursor, descending=True,
+                     projection=projection, key=window.key, tie="_id", tie_type=object,
+                     key_first=window.key_first,
+                     first_span=timedelta(seconds=window.first_span))

@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from app import db as dbm
 from app.api.common import current_db, paginate
+from app.api.windows import seq_page
 from app.dashboard import queries, sessions, snapshot
 from app.db import Doc
 from app.domain import budget, certificates, drift, revocation
@@ -203,11 +204,10 @@ def _list(collection: str, query: Doc, window: queries.Window | None,
     """A page: through windows on the window's key when no clause is selective, else
     one indexed lookup sorted after (newest first, the API's cursor order)."""
     if window is not None:
-        return queries.windowed_page(current_db()[collection], query, limit=PAGE_SIZE,
+        return queries.windowed_page(current_db()[collection], query, window,
+                                     limit=PAGE_SIZE,
                                      cursor=request.args.get("cursor") or None,
-                                     projection=projection, key=window.key,
-                                     start=window.start, floor=window.floor,
-                                     first_span=window.first_span)
+                                     projection=projection)
     return _page(collection, query, projection=projection, descending=True)
 
 
@@ -393,7 +393,7 @@ def job_list() -> str:
 
     filters = _args("state", "kind", "project")
     now = _now()
-    page = _list(dbm.JOBS, queries.job_query(caller(), filters), queries.Window(),
+    page = _list(dbm.JOBS, queries.job_query(caller(), filters), queries.JOBS_WINDOW,
                  projection=JOB_LIST_FIELDS)
     return render_template("jobs.html", page=page, filters=filters, states=STATES,
                            queue=_queue(now),
@@ -468,9 +468,8 @@ def audit() -> str:
     projection = {"_id": 0, "prev_hash": 0}
     cursor = request.args.get("cursor") or None
     if windowed:
-        head = queries.audit_head(current_db(), sinks=False)["seq"]
-        page = queries.seq_page(current_db()[dbm.AUDIT], query, head=head, limit=PAGE_SIZE,
-                                cursor=cursor, projection=projection)
+        page = seq_page(current_db()[dbm.AUDIT], query, limit=PAGE_SIZE, cursor=cursor,
+                        descending=True, projection=projection)
     else:
         page = _page(dbm.AUDIT, query, keys=("seq",), descending=True,
                      projection=projection)

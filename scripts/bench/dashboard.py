@@ -191,12 +191,21 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int,
               "fired_at": now - timedelta(seconds=3.3 * i)} for i in range(26_000)]
     _bulk(db[dbm.FIRES], fires)
     log(f"  {len(fires)} schedule fires")
-    audit = [{"seq": 1_000_000 + i, "time": now - timedelta(seconds=n_audit - i),
+    # Numbered after the entries the seeding wrote, with the chain head moved past them
+    # as sealing leaves it: the log is gap-free from 1 to the head (the audit pages read
+    # seq windows below the head).
+    from app.audit.log import CHAIN_ID
+
+    first = int((db[dbm.COUNTERS].find_one({"_id": CHAIN_ID}) or {}).get("seq", 0)) + 1
+    audit = [{"seq": first + i, "time": now - timedelta(seconds=n_audit - i),
               "actor": {"kind": "token", "id": "tok_bench"}, "action": "certificate.update",
               "target": f"certificate:{certs[i % n_certs]['_id']}",
               "project_id": certs[i % n_certs]["project_id"], "details": {"n": i},
               "request_id": None, "prev_hash": "x", "hash": "y"} for i in range(n_audit)]
     _bulk(db[dbm.AUDIT], audit)
+    db[dbm.COUNTERS].update_one({"_id": CHAIN_ID},
+                                {"$set": {"seq": first + n_audit - 1, "hash": "y"}},
+                                upsert=True)
     log(f"  {n_audit} audit entries")
     _, admin = tokens.create_token(db, project_id=None, scopes=["admin"], actor=actor,
                                    name="bench-admin")

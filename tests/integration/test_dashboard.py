@@ -231,31 +231,14 @@ def test_windowed_pages_walk_everything_newest_first_without_gaps(migrated_db) -
     for query in ({}, {"state": "dead"}):
         seen, cursor = [], None
         while True:
-            page = queries.windowed_page(db["dash_windowed"], query, limit=20, cursor=cursor)
+            page = queries.windowed_page(db["dash_windowed"], query, queries.Window(),
+                                         limit=20, cursor=cursor)
             seen.extend(d["_id"] for d in page["items"])
             cursor = page["next_cursor"]
             if cursor is None:
                 break
         assert seen == [d["_id"] for d in expected
                         if all(d[k] == v for k, v in query.items())]
-
-
-def test_audit_seq_pages_walk_everything_newest_first(migrated_db) -> None:
-    from app.dashboard import queries
-
-    db = migrated_db
-    db["dash_seq"].insert_many([{"seq": i, "p": i % 2} for i in range(1, 1201)])
-    for query, wanted in (({}, list(range(1200, 0, -1))),
-                          ({"p": 1}, list(range(1199, 0, -2)))):
-        seen, cursor = [], None
-        while True:
-            page = queries.seq_page(db["dash_seq"], query, head=1200, limit=70,
-                                    cursor=cursor, first_span=30)
-            seen.extend(d["seq"] for d in page["items"])
-            cursor = page["next_cursor"]
-            if cursor is None:
-                break
-        assert seen == wanted
 
 
 def test_scheduler_standbys_are_shown_apart_from_the_holder(migrated_db) -> None:

@@ -303,3 +303,21 @@ def test_status_cli_shows_holder_term_expiry_and_entries(
     assert {e["name"] for e in data["entries"]} == TIMED | {"test.fast"}
     assert all(e["next_run_at"] for e in data["entries"])
     assert data["recent_fires"]
+
+
+def test_recent_fires_are_the_newest_whatever_window_holds_them(migrated_db) -> None:
+    """``recent_fires`` reads windows below now: the newest fires come first whether the
+    first window holds the whole page, part of it, or none (a paused schedule)."""
+    from app.db.schedule import recent_fires
+
+    db = migrated_db
+    now = dbm.server_now(db)
+    ages = [timedelta(seconds=30), timedelta(minutes=5), timedelta(hours=2),
+            timedelta(hours=3), timedelta(hours=20), timedelta(hours=21)]
+    db[FIRES].insert_many([{"entry": "e", "slot": now - age, "term": 1,
+                            "fired_at": now - age} for age in ages])
+    for limit in (1, 2, 3, 5, 6, 10):
+        got = [now - f["fired_at"] for f in recent_fires(db, limit)]
+        assert got == ages[:limit], limit
+    db[FIRES].delete_many({"fired_at": {"$gte": now - timedelta(hours=6)}})
+    assert [now - f["fired_at"] for f in recent_fires(db, 1)] == [timedelta(hours=20)]
