@@ -57,7 +57,9 @@ from app.ops.layout import (
 Progress = Callable[[int], None]
 INSERT_BATCH_DOCS = 1000
 INSERT_BATCH_BYTES = 8 * 1024 * 1024
-INDEX_BUILDERS = 2
+# One builder beside the loads: on the embedded server two builds at once contended for
+# its lock (benchmark 2026-12-02, 36,000 documents: restore 40.0 s with 2, 28.9 s with 1).
+INDEX_BUILDERS = 1
 # What `migrate`, a started scheduler, worker or api writes into an empty database: a
 # target holding only these still counts as empty (they are rebuilt, not data).
 BOOKKEEPING = frozenset({dbm.MIGRATIONS, dbm.COUNTERS, dbm.LEASES, dbm.SCHEDULE,
@@ -266,7 +268,7 @@ def _metadata(entry: Entry) -> Doc:
 
 
 class _IndexBuilds:
-    """Index builds run on threads beside the loads, so that a server that builds an
+    """Index builds run on a thread beside the loads, so that a server that builds an
     index while it takes writes to other collections (mongod) loads the next collection
     meanwhile. The embedded server does not: its build holds a lock every write takes,
     and it builds each index with its own pass over the documents, so there a restore

@@ -13,11 +13,14 @@ chain and its sealed private key in ``keys``) and ``--audit`` audit entries (def
 - and the same work with ``bson`` + pymongo alone, in the same run, as the floor:
   ``floor_backup_docs_per_s`` (``find()`` + ``bson.encode`` to the same files, no
   snapshot, no hashes) and ``floor_docs_per_s`` (``bson.decode_file_iter`` +
-  ``insert_many`` into a fresh database, no index build, no checks).
+  ``insert_many`` into a fresh database, no index build, no checks), and that load
+  followed by one ``createIndexes`` per collection with the source's indexes
+  (``floor_indexed_docs_per_s``: the restore's work with none of its checks).
 
 Target: backup and restore each at least 50 % of their floor (``backup_ratio``,
-``restore_ratio``). Runs on the embedded server (started here) unless ``CAP_MONGO_URI``
-is set. The last line printed is one JSON object.
+``restore_ratio``; ``restore_ratio_indexed`` is the restore against the indexed floor).
+Runs on the embedded server (started here) unless ``CAP_MONGO_URI`` is set. The last
+line printed is one JSON object.
 
     .venv/bin/python scripts/bench/backup.py [--certificates 10000] [--audit 100000]
 """
@@ -142,6 +145,24 @@ def floor_restore(src: Path, db: Any) -> tuple[int, float]:
     return total, time.perf_counter() - started
 
 
+def copy_indexes(source: Any, db: Any) -> float:
+    """Build on ``db`` the indexes of ``source``'s collections (one ``createIndexes`` per
+    collection, as a plain script would); the seconds it took."""
+    from pymongo import IndexModel
+
+    started = time.perf_counter()
+    for name in source.list_collection_names():
+        models = []
+        for spec in source[name].list_indexes():
+            if spec["name"] == "_id_":
+                continue
+            options = {k: v for k, v in spec.items() if k not in ("key", "v", "ns")}
+            models.append(IndexModel(list(spec["key"].items()), **options))
+        if models:
+            db[name].create_indexes(models)
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--certificates", type=int, default=10_000)
@@ -191,6 +212,10 @@ def main() -> None:
 
         log("floor: bson.decode_file_iter + insert_many")
         floor_r_docs, floor_r_s = floor_restore(floor_dir, database(migrated=False))
+        log("floor with the indexes: bson.decode_file_iter + insert_many + createIndexes")
+        indexed = database(migrated=False)
+        _, floor_i_load_s = floor_restore(floor_dir, indexed)
+        floor_i_s = floor_i_load_s + copy_indexes(source, indexed)
         log("certautopilot restore")
         target = database(migrated=False)
         started = time.perf_counter()
@@ -206,6 +231,7 @@ def main() -> None:
             "restore_docs_per_s": round(docs / restore_s, 1),
             "floor_backup_docs_per_s": round(floor_docs / floor_b_s, 1),
             "floor_docs_per_s": round(floor_r_docs / floor_r_s, 1),
+            "floor_indexed_docs_per_s": round(floor_r_docs / floor_i_s, 1),
             "backup_bytes": sum(int(f["bytes"]) for f in manifest["files"].values()),
             "restore_phases": report.get("phases"),
             "load_average": os.getloadavg(),
@@ -214,6 +240,8 @@ def main() -> None:
                                         / figures["floor_backup_docs_per_s"], 3)
         figures["restore_ratio"] = round(figures["restore_docs_per_s"]
                                          / figures["floor_docs_per_s"], 3)
+        figures["restore_ratio_indexed"] = round(figures["restore_docs_per_s"]
+                                                 / figures["floor_indexed_docs_per_s"], 3)
         print(json.dumps(figures))
     finally:
         if proc is None:  # an external server keeps nothing of ours; ours is just removed
