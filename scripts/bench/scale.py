@@ -24,7 +24,9 @@ size the script measures:
   ``--requests`` (200) sequential requests each, at most ``--budget`` seconds per series;
 - a due renewal from claim to completion against Pebble (``--renewals`` jobs, 20, run
   in-process through ``app.jobs.runner.run_job``), p50/p95 of the job's run time;
-- ``GET /api/v1/audit`` by target and by a one-day time range: p50/p99;
+- ``GET /api/v1/audit`` by target, by a one-day time range and the newest page of the
+  whole log: p50/p99; and, in the same run, the one sorted ``seq`` range the API asked
+  for before it read through windows (straight from pymongo, p50);
 - the size of each per-event collection (jobs, schedule_fires, orders, audit, challenges,
   api_idempotency, api_rate_limits).
 
@@ -378,6 +380,17 @@ def timed_requests(session: Any, url: str, headers: dict[str, str], count: int,
             "p99_ms": ms(pct(latencies, 0.99)), "errors": errors, "items": items}
 
 
+def direct_p50(collection: Any, query: Doc, sort: list[tuple[str, int]],
+               count: int = 10) -> float | None:
+    """p50 (ms) of one 51-document page of ``query`` in ``sort`` order, through pymongo."""
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        list(collection.find(query).sort(sort).limit(51))
+        latencies.append(time.perf_counter() - started)
+    return ms(pct(latencies, 0.5))
+
+
 def cursor_keys(session: Any, base: str, path: str, headers: dict[str, str]) -> list[str]:
     """The sort keys a list pages on (``app/api/certificates``: soonest expiry first with
     ``expiring_before``, else creation order), after checking it pages at all."""
@@ -668,11 +681,22 @@ class Bench:
                                    self.args.requests, self.args.budget)
         by_time = timed_requests(session, f"{base}?since={since}&until={until}&limit=50",
                                  headers, self.args.requests, self.args.budget)
-        out = {"target": by_target, "time": by_time,
+        # The newest page of the whole log (an admin's first look), read through seq
+        # windows below the chain head.
+        by_all = timed_requests(session, f"{base}?limit=50", headers, self.args.requests,
+                                self.args.budget)
+        # What the API asked of the database before it read through windows (one sorted
+        # range on seq): the same pages, straight from pymongo, in the same run.
+        day_range = {"time": {"$gte": day, "$lt": day + DAY}}
+        before = {name: direct_p50(self.db[dbm.AUDIT], query, [("seq", -1)])
+                  for name, query in (("time", day_range), ("all", {}))}
+        out = {"target": by_target, "time": by_time, "all": by_all, "before": before,
                "target_explain": explain(self.db, dbm.AUDIT, {"target": target},
                                          {"seq": -1}, 51),
+               # The first time window the API reads (an hour below the range's end).
                "time_explain": explain(self.db, dbm.AUDIT, {"time": {
-                   "$gte": day, "$lt": day + DAY}}, {"seq": -1}, 51)}
+                   "$gte": day + DAY - timedelta(hours=1), "$lt": day + DAY}},
+                   {"time": -1, "seq": -1}, 51)}
         log(f"audit: {out}")
         return out
 
@@ -709,6 +733,9 @@ def figures(row: Doc) -> dict[str, float | None]:
         "renewal_job_p50_s": row["renewal_job_p50_s"],
         "audit_target_p99_ms": row["audit"]["target"]["p99_ms"],
         "audit_time_p99_ms": row["audit"]["time"]["p99_ms"],
+        "audit_all_p99_ms": row["audit"]["all"]["p99_ms"],
+        "audit_time_seq_sorted_before_p50_ms": row["audit"]["before"]["time"],
+        "audit_all_seq_sorted_before_p50_ms": row["audit"]["before"]["all"],
     }
     for name in ("project", "status", "expiring"):
         for page in ("first", "deep"):
