@@ -208,7 +208,9 @@ def test_revoke_stops_renewals_and_a_new_issuance_restores(env, pebble):
     before = pebble.log().count("POST /revoke-cert")
     revoked = revocation.revoke_certificate(db, cert["_id"], ACTOR, reason_code=4, settings=s)
     assert revoked["status"] == "revoked" and revoked["next_renewal_at"] is None
-    assert pebble.log().count("POST /revoke-cert") == before + 1
+    # One revocation request; Pebble rejects some nonces on purpose, and the acme package
+    # then sends the same request once more.
+    assert pebble.log().count("POST /revoke-cert") - before in (1, 2)
     with pytest.raises(Conflict, match="already revoked"):
         revocation.revoke_certificate(db, cert["_id"], ACTOR, settings=s)
     # the scan leaves it alone; a scheduled renewal job is skipped; a manual one reissues
