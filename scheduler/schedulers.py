@@ -375,7 +375,11 @@ class MongoLeaseScheduler(Scheduler):
                 {"next_run_at": {"$lte": now}, "_id": {"$nin": sorted(self._bad_entries)}}
             ).sort("next_run_at", 1).limit(self.max_fires_per_tick))
             for doc in due:
-                if not self.lease.held() or self._suspended:
+                # Renew when it is due, not only once the lease has run out: on a slow
+                # database one fire can take seconds, and a leader that fires on until
+                # its lease lapses hands it to the standby (seen in the HA drills).
+                if not self.lease.held() or self._suspended or \
+                        time.monotonic() >= self._next_renew:
                     return 0.0  # renew (or step down) first
                 self._fire(doc, now)
                 if self.lease.term is None:

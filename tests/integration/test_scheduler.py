@@ -121,6 +121,36 @@ def test_renew_on_tick_extends_the_lease_under_the_same_term(migrated_db, make_s
     assert second["renewed_at"] > first["renewed_at"]
 
 
+def test_a_leader_with_slow_fires_renews_between_them_when_renewal_is_due(
+        migrated_db, make_scheduler) -> None:
+    """Many due entries on a slow database: the leader stops firing to renew when its
+    renewal is due (not once the lease has run out), then fires the rest."""
+    db = migrated_db
+    leader = make_scheduler(extra=(), lease=3.0, renew=0.5)
+    leader.tick()
+    real_fire = leader._fire
+
+    def slow_fire(doc, now):
+        time.sleep(0.3)
+        real_fire(doc, now)
+
+    leader._fire = slow_fire
+    db[dbm.SCHEDULE].update_many({}, {"$set": {
+        "next_run_at": dbm.server_now(db) - timedelta(milliseconds=1)}})
+    entries = set(db[dbm.SCHEDULE].distinct("_id"))
+    due, mark = len(entries), dbm.server_now(db)
+    time.sleep(0.5)  # the renewal is due before the first fire
+    renewed = lease_doc(db)["renewed_at"]
+    fired_before = db[FIRES].count_documents({})
+    assert leader.tick() == 0.0  # renewed, fired until the next renewal fell due
+    after_one = db[FIRES].count_documents({}) - fired_before
+    assert 1 <= after_one <= 2 < due
+    assert lease_doc(db)["renewed_at"] > renewed
+    tick_for(leader, 0.3 * due + 2)
+    assert {f["entry"] for f in db[FIRES].find({"fired_at": {"$gt": mark}})} == entries
+    assert lease_doc(db)["term"] == 1  # never lost
+
+
 def test_release_on_close_lets_the_standby_take_over_at_once(migrated_db, make_scheduler) -> None:
     db = migrated_db
     a, b = make_scheduler(), make_scheduler()
