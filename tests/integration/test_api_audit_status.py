@@ -109,6 +109,37 @@ def test_scheduler_and_workers_status(client, migrated_db) -> None:
         "652f00000000000000000001"]
 
 
+def test_worker_status_counts_active_jobs_now_and_finished_ones_from_the_snapshot(
+        client, migrated_db) -> None:
+    """Queued and running jobs are counted at the request; the finished states (a week
+    of every renewal and slot) come from the metrics snapshot, with when it counted."""
+    from app import metrics_snapshot
+
+    reader = make_token(migrated_db, make_project(migrated_db, "alpha"), ["read"])
+    now = dbm.server_now(migrated_db)
+    migrated_db[dbm.JOBS].insert_many(
+        [{"kind": "k", "state": state, "created_at": now, "run_after": now}
+         for state in ["queued"] * 2 + ["running"] + ["succeeded"] * 3 + ["dead"]])
+
+    def status():
+        answer = client.get(f"{API}/status/workers", headers=reader.headers)
+        assert answer.status_code == 200, answer.json
+        return answer.json
+
+    before = status()
+    assert before["queue"] == {"queued": 2, "running": 1}
+    assert before["finished_counted_at"] is None
+    metrics_snapshot.refresh(migrated_db)
+    migrated_db[dbm.JOBS].insert_one({"kind": "k", "state": "queued", "created_at": now,
+                                      "run_after": now})
+    migrated_db[dbm.JOBS].insert_one({"kind": "k", "state": "succeeded",
+                                      "created_at": now, "run_after": now})
+    after = status()
+    # the new queued job at once; the new succeeded one at the snapshot's next refresh
+    assert after["queue"] == {"queued": 3, "running": 1, "succeeded": 3, "dead": 1}
+    assert after["finished_counted_at"] is not None
+
+
 def test_a_single_valued_query_parameter_given_twice_is_a_422(client, migrated_db) -> None:
     admin = make_admin(migrated_db)
     for url in (f"{API}/status/ca-budgets?ca=&ca=https://ca.example/dir",

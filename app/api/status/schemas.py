@@ -66,7 +66,12 @@ class WorkersStatusSchema(Schema):
     alive = fields.Integer(required=True)
     workers = fields.List(fields.Nested(WorkerSchema), required=True)
     queue = fields.Dict(keys=fields.String(), values=fields.Integer(), required=True,
-                        metadata={"description": "Jobs by state"})
+                        metadata={"description": "Jobs by state: queued and running "
+                                                 "counted now; succeeded, dead and "
+                                                 "cancelled as of finished_counted_at"})
+    finished_counted_at = fields.DateTime(required=True, allow_none=True, metadata={
+        "description": "When the finished states were counted (the metrics snapshot, "
+                       "refreshed every minute); null before its first refresh"})
 
 
 class CaBudgetSchema(Schema):
