@@ -212,6 +212,12 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int,
     _, project_token = tokens.create_token(db, project_id=project_ids[0], scopes=["read"],
                                            actor=actor, name="bench-project")
     dead_job = next(j["_id"] for j in jobs if j["state"] == "dead")
+    # The fleet-metrics snapshot, as the scheduler's metrics.snapshot job builds it every
+    # minute: /api/v1/status/workers takes its finished-job counts from it.
+    from app import metrics_snapshot
+
+    built = metrics_snapshot.refresh(db)
+    log(f"  metrics snapshot built in {built['build_seconds']} s")
     dbm.close_clients()
     return {"admin": admin, "project": project_token, "cert": certs[0]["_id"],
             "job": dead_job, "kind": kinds[0]}
