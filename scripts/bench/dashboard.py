@@ -81,6 +81,7 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int,
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from app import db as dbm
+    from app import metrics_snapshot
     from app.audit import system_actor
     from app.config import load_settings
     from app.domain import accounts, projects, tokens
@@ -214,8 +215,6 @@ def seed(uri: str, name: str, n_certs: int, n_jobs: int, n_audit: int,
     dead_job = next(j["_id"] for j in jobs if j["state"] == "dead")
     # The fleet-metrics snapshot, as the scheduler's metrics.snapshot job builds it every
     # minute: /api/v1/status/workers takes its finished-job counts from it.
-    from app import metrics_snapshot
-
     built = metrics_snapshot.refresh(db)
     log(f"  metrics snapshot built in {built['build_seconds']} s")
     dbm.close_clients()
