@@ -27,7 +27,10 @@ replica), its lease lapses within ``LEASE_SECONDS`` and the waiting request take
 key over and runs. Only a first request still running after the wait gets the 409 with
 ``Retry-After``. A process that died after the mutation committed and before storing
 the answer makes the takeover run the view again (job dedupe keys and unique names in
-the domain keep that from creating twice; the answer may then be a 409 conflict).
+the domain keep that from creating twice; the answer may then be a 409 conflict). A
+create whose object records the reservation it was made under (``current_key()``, as
+projects do) answers such a takeover with the object the dead request created, as the
+first answer would have.
 """
 
 from __future__ import annotations
@@ -206,6 +209,14 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
             raise Conflict(f"a request with this {HEADER} is still running; retry shortly",
                            retry_after=1)
         time.sleep(POLL_SECONDS)  # the first request is running: wait for its answer
+
+
+def current_key() -> str | None:
+    """The reservation this request runs under (None without an ``Idempotency-Key``): a
+    create stores it on its object, so a takeover after its process died finds the
+    object that request committed instead of failing on its unique name."""
+    value = g.get("idempotency_id")
+    return value if isinstance(value, str) else None
 
 
 def _running(keeper: _Keeper, db: Database[dict[str, Any]], record_id: str) -> None:

@@ -57,8 +57,11 @@ def validate_description(description: Any) -> str:
 
 
 def create_project(db: Database[Doc], *, name: str, actor: Actor,
-                   description: str | None = None) -> Doc:
-    """Create a project; a taken name is a Conflict."""
+                   description: str | None = None, request_key: str | None = None) -> Doc:
+    """Create a project; a taken name is a Conflict, except for the project this
+    ``request_key`` (an API request's idempotency reservation) already created: a retry
+    that took over the key of a request whose process died after its commit gets that
+    project, as the first answer would have said."""
     name = validate_name(name)
     doc: Doc = {
         "_id": new_project_id(),
@@ -68,6 +71,8 @@ def create_project(db: Database[Doc], *, name: str, actor: Actor,
         "updated_at": now_ms(),
         "created_by": actor.as_doc(),
     }
+    if request_key is not None:
+        doc["request_key"] = request_key
 
     def write(session: ClientSession) -> Doc:
         db[dbm.PROJECTS].insert_one(doc, session=session)
@@ -79,6 +84,11 @@ def create_project(db: Database[Doc], *, name: str, actor: Actor,
     try:
         return dbm.transaction(db, write, what="create project")
     except DuplicateKeyError:
+        if request_key is not None:
+            made = dbm.retry(lambda: db[dbm.PROJECTS].find_one(
+                {"name": name, "request_key": request_key}), what="read project")
+            if made is not None:
+                return made
         raise Conflict(f"a project named {name!r} already exists",
                        errors={"name": ["already exists"]}) from None
 

@@ -65,8 +65,8 @@ def test_same_key_while_the_first_is_running_is_409_and_a_stale_one_is_retaken(
     monkeypatch.setattr(idempotency, "WAIT_SECONDS", 0.5)
     admin = make_admin(migrated_db)
     headers = {**admin.headers, "Idempotency-Key": "slow"}
-    assert client.post(f"{API}/projects", json={"name": "one"}, headers=headers).status_code \
-        == 201
+    first = client.post(f"{API}/projects", json={"name": "one"}, headers=headers)
+    assert first.status_code == 201
     record = migrated_db[IDEMPOTENCY].find_one({})
     # Put the record back in the state of a first request still running.
     migrated_db[IDEMPOTENCY].update_one({"_id": record["_id"]}, {"$set": {
@@ -77,8 +77,16 @@ def test_same_key_while_the_first_is_running_is_409_and_a_stale_one_is_retaken(
     migrated_db[IDEMPOTENCY].update_one({"_id": record["_id"]}, {"$set": {
         "lease_until": datetime.now(UTC) - timedelta(seconds=1)}})
     retaken = client.post(f"{API}/projects", json={"name": "one"}, headers=headers)
-    assert retaken.status_code == 409  # it runs again: the project exists → Conflict
+    # It runs again; the project exists, made under this key (the dead request committed
+    # before storing its answer): the answer is that project, not a name conflict.
+    assert retaken.status_code == 201 and retaken.json == first.json
+    assert "Idempotent-Replayed" not in retaken.headers
+    assert migrated_db[dbm.PROJECTS].count_documents({"name": "one"}) == 1
     assert migrated_db[IDEMPOTENCY].find_one({})["state"] == "done"
+    # Another key naming the same project is still a conflict.
+    other = client.post(f"{API}/projects", json={"name": "one"},
+                        headers={**admin.headers, "Idempotency-Key": "other"})
+    assert other.status_code == 409 and other.json["code"] == "conflict"
 
 
 def test_a_retry_waits_for_the_running_first_request_and_replays_its_answer(

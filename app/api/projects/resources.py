@@ -5,6 +5,7 @@ from typing import Any
 from flask.views import MethodView
 
 from app import db as dbm
+from app.api import idempotency
 from app.api.auth import ADMIN, READ, WRITE, scope
 from app.api.common import API_PREFIX, Blueprint, current_db, ensure_visible, paginate, principal
 from app.api.projects.schemas import (
@@ -42,7 +43,8 @@ class Projects(MethodView):
         """Create a project (admin)."""
         return projects.create_project(current_db(), name=data["name"],
                                        description=data.get("description"),
-                                       actor=principal().actor)
+                                       actor=principal().actor,
+                                       request_key=idempotency.current_key())
 
 
 @blp.route("/<string:project_id>")
