@@ -11,6 +11,8 @@ import subprocess
 import sys
 import uuid
 
+import pytest
+
 from app import db as dbm
 from app.config import load_settings
 from app.keys import canary, envelope, load_keyring, open_private_key, seal_private_key
@@ -59,6 +61,7 @@ def _load_keys(db, ring) -> dict[str, str]:
     return digests
 
 
+@pytest.mark.timeout(900)  # its own waits (180 s + 300 s) decide, not the 300 s default
 def test_rotation_of_10000_keys_survives_a_worker_kill9(migrated_db, cap_env, kek_dir,
                                                         procs) -> None:
     db = migrated_db
