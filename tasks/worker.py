@@ -120,7 +120,7 @@ def _worker_ready(sender: Any = None, **_: Any) -> None:
         node=str(getattr(sender, "hostname", None) or runner.worker_identity()),
         pool=pool.rsplit(".", 1)[-1], concurrency=int(getattr(controller, "concurrency", 0)
                                                       or 0),
-        running=_running_job_ids).start()
+        running=_running_job_ids, owners=lambda: _lease_owners(controller)).start()
     # No leader enqueues alerts.evaluate while there is none: workers watch for that.
     from app.ops.alerts.watchdog import LeaderWatch
 
@@ -137,6 +137,18 @@ def _stop_consuming() -> None:
         _consumer.cancel_task_queue(broker.QUEUE)
     except Exception as exc:  # noqa: BLE001 - the worker then defers what it still gets
         log.warning("could not stop consuming", extra={"error": str(exc)[:200]})
+
+
+def _lease_owners(controller: Any) -> list[str]:
+    """The job-lease owners of this worker (``runner.worker_identity()`` of the main
+    process and of each pool process): what a peer takes back if this worker is lost."""
+    pids = {os.getpid(), *_job_pool_pids}
+    try:
+        info = getattr(getattr(controller, "pool", None), "info", None) or {}
+        pids.update(int(pid) for pid in info.get("processes") or () if pid)
+    except Exception:  # noqa: BLE001 - a pool between states: the pids seen so far
+        pass
+    return [runner.worker_identity(pid) for pid in sorted(pids)]
 
 
 def _job_running_pool_pids() -> set[int]:

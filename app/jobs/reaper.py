@@ -18,7 +18,7 @@ is a no-op.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pymongo.database import Database
 
@@ -44,38 +44,15 @@ def reap(db: Database[Doc], *, settings: Settings | None = None,
     counts = {"requeued": 0, "dead": 0, "republished": 0, "stale": 0}
 
     lapsed = list(jobs.find({"state": lifecycle.RUNNING, **JOB_LEASE.lapsed(now)},
-                            {"attempts": 1, "max_attempts": 1, "lease": 1, "kind": 1})
-                  .limit(limit))
+                            _JOB_FIELDS).limit(limit))
     for job in lapsed:
         lease = job.get("lease") or {}
         fence = {"_id": job["_id"], "state": lifecycle.RUNNING,
                  **JOB_LEASE.owned(lease.get("token")), **JOB_LEASE.lapsed(now)}
-        attempts = int(job.get("attempts") or 0)
-        limit_attempts = int(job.get("max_attempts") or settings.job_max_attempts)
-        if attempts >= limit_attempts:
-            error = (f"attempt {attempts} of {limit_attempts}: the lease held by "
-                     f"{lease.get('owner')} lapsed (the worker stopped or lost the "
-                     "database) and no attempts are left")
-            if _write(db, fence, {
-                    "$set": {"state": lifecycle.DEAD, "finished_at": now, "updated_at": now,
-                             "last_error": error, "expire_at": now + lifecycle.DEAD_RETENTION},
-                    "$push": {"history": lifecycle._history(now, "dead", error=error)}}):
-                counts["dead"] += 1
-                log.error("job dead: its lease lapsed on the last attempt",
-                          extra={"job_id": job["_id"], "kind": job.get("kind"),
-                                 "event": "job.dead"})
-            continue
-        if _write(db, fence, {
-                "$set": {"state": lifecycle.QUEUED, "lease": None, "run_after": now,
-                         "wake_at": now, "updated_at": now,
-                         "last_error": f"the lease held by {lease.get('owner')} lapsed"},
-                "$push": {"history": lifecycle._history(now, "requeued", reason="lease lapsed",
-                                                    previous_owner=lease.get("owner"))}}):
-            counts["requeued"] += 1
-            log.warning("requeued a job whose lease lapsed",
-                        extra={"job_id": job["_id"], "kind": job.get("kind"),
-                               "previous_owner": lease.get("owner"), "event": "job.requeued"})
-            broker.publish_wakeup(job["_id"], settings=settings)
+        outcome = _take_back(db, job, fence, now, settings, reason="lease lapsed",
+                             why="lapsed (the worker stopped or lost the database)")
+        if outcome:
+            counts[outcome] += 1
 
     cutoff = now - timedelta(seconds=settings.reaper_republish_seconds)
     stale = list(jobs.find({"state": lifecycle.QUEUED, "wake_at": {"$lte": cutoff}},
@@ -96,6 +73,97 @@ def reap(db: Database[Doc], *, settings: Settings | None = None,
             log.info("re-published wake-ups of queued jobs nobody claimed",
                      extra={"count": counts["republished"], "stale": len(stale),
                             "broker_backlog": backlog, "event": "jobs.republished"})
+    return counts
+
+
+_JOB_FIELDS = {"attempts": 1, "max_attempts": 1, "lease": 1, "kind": 1}
+
+
+def _take_back(db: Database[Doc], job: Doc, fence: Doc, now: datetime, settings: Settings,
+               *, reason: str, why: str) -> str | None:
+    """Requeue a running job its holder lost (or end it ``dead`` on its last attempt),
+    fenced by ``fence``; returns "requeued", "dead" or None (the fence did not match)."""
+    lease = job.get("lease") or {}
+    attempts = int(job.get("attempts") or 0)
+    limit_attempts = int(job.get("max_attempts") or settings.job_max_attempts)
+    if attempts >= limit_attempts:
+        error = (f"attempt {attempts} of {limit_attempts}: the lease held by "
+                 f"{lease.get('owner')} {why} and no attempts are left")
+        if not _write(db, fence, {
+                "$set": {"state": lifecycle.DEAD, "finished_at": now, "updated_at": now,
+                         "last_error": error, "expire_at": now + lifecycle.DEAD_RETENTION},
+                "$push": {"history": lifecycle._history(now, "dead", error=error)}}):
+            return None
+        log.error("job dead: its holder was lost on the last attempt",
+                  extra={"job_id": job["_id"], "kind": job.get("kind"), "reason": reason,
+                         "event": "job.dead"})
+        return "dead"
+    if not _write(db, fence, {
+            "$set": {"state": lifecycle.QUEUED, "lease": None, "run_after": now,
+                     "wake_at": now, "updated_at": now,
+                     "last_error": f"the lease held by {lease.get('owner')} {why}"},
+            "$push": {"history": lifecycle._history(now, "requeued", reason=reason,
+                                                previous_owner=lease.get("owner"))}}):
+        return None
+    log.warning("requeued a job whose holder was lost",
+                extra={"job_id": job["_id"], "kind": job.get("kind"), "reason": reason,
+                       "previous_owner": lease.get("owner"), "event": "job.requeued"})
+    broker.publish_wakeup(job["_id"], settings=settings)
+    return "requeued"
+
+
+def release_orphans(db: Database[Doc], *, dead_after: float,
+                    settings: Settings | None = None) -> dict[str, int]:
+    """Take back the running jobs of workers whose heartbeat stopped ``dead_after``
+    seconds ago, without waiting for their job leases (60 s by default) to lapse.
+
+    A worker's heartbeat lists the lease owners of its processes (``owners``: host:pid of
+    the worker and of its pool processes). A worker not seen for ``dead_after`` (three
+    missed beats) while still ``running`` or ``draining`` is marked ``lost`` and every
+    running job held by one of its owners goes back to the queue, fenced on the job's
+    lease token (as lapsed leases are). An owner that a worker seen since also lists (a
+    restarted container reuses host and pids) is left to the lease.
+
+    Only a caller whose own heartbeats have reached the database for ``dead_after``
+    calls this (``WorkerHeartbeat``): after a database outage every heartbeat is old,
+    and the others must have had the time to beat again. Should the worker still be
+    alive (paused, cut off from the database), its lease is gone: the fence refuses its
+    completion and its effects, as for a lapsed lease, and its next beat marks it
+    ``running`` again. Returns counts: lost (workers), requeued, dead."""
+    settings = settings or load_settings()
+    primary = dbm.primary(db)
+    now = server_now(db)
+    cutoff = now - timedelta(seconds=dead_after)
+    counts = {"lost": 0, "requeued": 0, "dead": 0}
+    rows = list(primary[dbm.WORKERS].find({}, {"state": 1, "last_seen": 1, "owners": 1}))
+    alive = {o for w in rows if w.get("last_seen") and w["last_seen"] >= cutoff
+             for o in w.get("owners") or ()}
+    for worker in rows:
+        if worker.get("state") not in ("running", "draining") or not worker.get("last_seen") \
+                or worker["last_seen"] >= cutoff:
+            continue
+        owners = sorted(set(worker.get("owners") or ()) - alive)
+        marked = primary[dbm.WORKERS].update_one(
+            {"_id": worker["_id"], "last_seen": worker["last_seen"]},
+            {"$set": {"state": "lost", "lost_at": now}})
+        if marked.modified_count != 1:
+            continue  # it beat again meanwhile, or another reaper got there first
+        counts["lost"] += 1
+        held = list(primary[dbm.JOBS].find(
+            {"state": lifecycle.RUNNING, "lease.owner": {"$in": owners}}, _JOB_FIELDS))
+        log.warning("worker lost: no heartbeat for %.0f s; taking back its %d running "
+                    "job(s)", (now - worker["last_seen"]).total_seconds(), len(held),
+                    extra={"worker": worker["_id"], "owners": owners,
+                           "event": "worker.lost"})
+        for job in held:
+            lease = job.get("lease") or {}
+            fence = {"_id": job["_id"], "state": lifecycle.RUNNING,
+                     **JOB_LEASE.owned(lease.get("token"), lease.get("owner"))}
+            outcome = _take_back(db, job, fence, now, settings, reason="worker lost",
+                                 why=f"belongs to worker {worker['_id']}, whose heartbeat "
+                                     "stopped")
+            if outcome:
+                counts[outcome] += 1
     return counts
 
 

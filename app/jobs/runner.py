@@ -46,8 +46,9 @@ _draining = threading.Event()
 _drain_timer: threading.Timer | None = None
 
 
-def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_identity(pid: int | None = None) -> str:
+    """The owner name of the job leases a process takes (this one, or ``pid`` here)."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 def running_jobs() -> list[str]:

@@ -82,6 +82,32 @@ def test_kill_9_mid_handler_a_peer_completes_and_the_dead_token_cannot(jdb, jenv
     assert job(jdb, item["_id"])["result"] == {"slept": 0.2}
 
 
+def test_kill_9_of_a_worker_a_peer_takes_its_job_back_before_the_job_lease_lapses(
+        jdb, jenv, procs):
+    """The default 60 s job lease: the peer sees the dead worker miss three heartbeats
+    (5 s each) and requeues its job long before the lease would lapse."""
+    env = {**jenv, "CAP_JOB_LEASE_SECONDS": "60", "CAP_REAPER_REPUBLISH_SECONDS": "30"}
+    victim = procs.worker(env, name="victim", concurrency=1)
+    wait_ready(jdb, 1)
+    item = jobs.enqueue(jdb, "test.sleep", {"seconds": 300, "then_seconds": 0.2})
+    wait_for(lambda: jdb[kinds.MARKERS].find_one({"job_id": item["_id"]}),
+             message="handler started")
+    procs.worker(env, name="peer", concurrency=1)
+    wait_ready(jdb, 2)
+    claimed = job(jdb, item["_id"])["lease"]
+    victim.kill9()
+    killed_at = time.monotonic()
+    done = wait_state(jdb, item["_id"], "succeeded", timeout=55)
+    taken_back_in = time.monotonic() - killed_at
+    requeued = [h for h in done["history"] if h["event"] == "requeued"]
+    assert [h["reason"] for h in requeued] == ["worker lost"]
+    assert requeued[0]["previous_owner"] == claimed["owner"]
+    assert taken_back_in < 55  # the lease (60 s) had not lapsed
+    assert jdb[dbm.WORKERS].find_one({"state": "lost"}) is not None
+    rows = list(jdb[kinds.LEDGER].find({"job_id": item["_id"]}))
+    assert len(rows) == 1 and rows[0]["attempt"] == 2
+
+
 def test_a_paused_worker_past_its_lease_is_refused_and_the_effect_happens_once(jdb, jenv,
                                                                                procs):
     start_workers(procs, jenv, 2)

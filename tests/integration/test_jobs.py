@@ -23,6 +23,7 @@ from app.db.lease import new_token
 from app.jobs import broker, lifecycle, runner
 from app.jobs.context import JobContext, LeaseKeeper
 from app.jobs.metrics import QueueDepthCollector
+from app.jobs.reaper import release_orphans
 from tests.helpers import wait_for
 from tests.helpers.jobs import broker_messages
 
@@ -445,6 +446,74 @@ def test_reaper_requeues_lapsed_jobs_and_kills_exhausted_ones(jdb, jsettings):
     assert _job(jdb, spent["_id"])["state"] == "dead"
     assert [m["args"] for m in broker_messages(jdb.client, jsettings.broker_db)] == \
         [[lapsed["_id"]]]
+
+
+def _worker_doc(db, name, owners, seen_ago, state="running"):
+    seen = server_now(db) - timedelta(seconds=seen_ago)
+    db[dbm.WORKERS].insert_one({"_id": name, "state": state, "owners": owners,
+                                "last_seen": seen, "running_jobs": []})
+
+
+def test_the_jobs_of_a_worker_whose_heartbeat_stopped_are_taken_back_before_their_lease(
+        jdb, jsettings):
+    """kill -9 of a worker: a peer sees three beats missed and requeues what it held,
+    without waiting for the 60 s job lease; owners a live worker also lists (a restarted
+    container reusing host and pids) and live workers' jobs are left alone."""
+    held = {owner: jobs.enqueue(jdb, "test.noop", {}) for owner in
+            ("h:10", "h:11", "h:20", "h:30")}
+    spent = jobs.enqueue(jdb, "test.noop", {})
+    for owner, job in held.items():
+        jobs.claim(jdb, job["_id"], owner, lease_seconds=60)
+    jobs.claim(jdb, spent["_id"], "h:11", lease_seconds=60)
+    jdb[dbm.JOBS].update_one({"_id": spent["_id"]}, {"$set": {"attempts": 5}})
+    _worker_doc(jdb, "dead", ["h:10", "h:11"], seen_ago=40)
+    _worker_doc(jdb, "live", ["h:20", "h:30"], seen_ago=1)
+    _worker_doc(jdb, "old-incarnation", ["h:30"], seen_ago=40)
+    _worker_doc(jdb, "stopped", ["h:40"], seen_ago=40, state="stopped")
+    jdb.client[jsettings.broker_db][dbm.MESSAGES_COLLECTION].delete_many({})
+
+    counts = release_orphans(jdb, dead_after=15)
+    assert counts == {"lost": 2, "requeued": 2, "dead": 1}
+    for owner in ("h:10", "h:11"):
+        job = _job(jdb, held[owner]["_id"])
+        assert job["state"] == "queued" and job["lease"] is None
+        assert job["history"][-1]["event"] == "requeued"
+        assert job["history"][-1]["reason"] == "worker lost"
+        assert job["history"][-1]["previous_owner"] == owner
+        assert "heartbeat stopped" in job["last_error"]
+    assert _job(jdb, spent["_id"])["state"] == "dead"
+    for owner in ("h:20", "h:30"):
+        assert _job(jdb, held[owner]["_id"])["state"] == "running"
+    states = {w["_id"]: w["state"] for w in jdb[dbm.WORKERS].find()}
+    assert states == {"dead": "lost", "live": "running", "old-incarnation": "lost",
+                      "stopped": "stopped"}
+    assert sorted(m["args"][0] for m in broker_messages(jdb.client, jsettings.broker_db)) \
+        == sorted([held["h:10"]["_id"], held["h:11"]["_id"]])
+    # Once marked lost, a worker is not looked at again.
+    assert release_orphans(jdb, dead_after=15) == \
+        {"lost": 0, "requeued": 0, "dead": 0}
+
+
+def test_a_heartbeat_takes_back_lost_workers_jobs_only_after_beating_for_three_beats(
+        jdb, jsettings):
+    """After a database outage every heartbeat is old: a worker that has just reached the
+    database again must not declare its peers lost before they could beat."""
+    from app.jobs.workers import WorkerHeartbeat
+
+    job = jobs.enqueue(jdb, "test.noop", {})
+    jobs.claim(jdb, job["_id"], "h:10", lease_seconds=60)
+    _worker_doc(jdb, "peer", ["h:10"], seen_ago=40)
+    beat = WorkerHeartbeat(lambda: jdb, jsettings, node="me", pool="solo", concurrency=1,
+                           running=list, interval=5)
+    assert beat.dead_after == 15
+    beat.beat()
+    beat._beating_since = time.monotonic() - 10  # back for 10 s: too soon
+    beat._release_orphans()
+    assert _job(jdb, job["_id"])["state"] == "running"
+    beat._beating_since = time.monotonic() - 16
+    beat._release_orphans()
+    assert _job(jdb, job["_id"])["state"] == "queued"
+    assert jdb[dbm.WORKERS].find_one({"_id": "me"})["owners"] == [runner.worker_identity()]
 
 
 def test_reaper_republishes_lost_wakeups_but_not_those_still_in_the_broker(jdb, jsettings):
