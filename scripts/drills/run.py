@@ -50,7 +50,7 @@ import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -86,6 +86,7 @@ class Ctx:
     ids: list[str]
     probe: Probe
     quick: bool
+    profile_ms: int | None = None
     observed_jobs: set[Any] = field(default_factory=set)
     stop_monitor: threading.Event = field(default_factory=threading.Event)
 
@@ -123,6 +124,8 @@ class Ctx:
     # --- drill skeleton ---------------------------------------------------------------
 
     def begin(self) -> Baseline:
+        if self.profile_ms is not None:  # (again: the database restarts in one drill)
+            self.db.command("profile", 1, slowms=self.profile_ms)
         return Baseline(time.time(), self.issue_counts(), self.pebble_orders(),
                         self.probe.snapshot(), self.renewal_job_ids())
 
@@ -168,7 +171,15 @@ class Ctx:
         found = dbm.primary(self.db)[dbm.PROJECTS].count_documents(
             {"_id": {"$in": acknowledged}})
         verify_rc, verify_out = self.stack.cli("audit", "verify")
+        # Health is a moment's view: a leader that just lost its lease (a slow fire) is
+        # replaced within the promised promotion time, so health gets that long (30 s) to
+        # turn green; how long it took is reported.
+        health_started = time.monotonic()
         health_rc, health_out = self.stack.cli("health")
+        while health_rc and time.monotonic() - health_started < PROMOTION_S:
+            time.sleep(2)
+            health_rc, health_out = self.stack.cli("health")
+        health_after = round(time.monotonic() - health_started, 1)
         if verify_rc or health_rc:
             log(f"audit verify ({verify_rc}): {verify_out[-600:]}")
             log(f"health ({health_rc}): {health_out[-600:]}")
@@ -186,11 +197,27 @@ class Ctx:
             **extra,
             "audit_verify_ok": verify_rc == 0,
             "health_ok": health_rc == 0,
+            "health_green_after_s": health_after if health_rc == 0 else None,
             "duration_s": round(time.time() - base.started, 1),
         }
         if failed:
             result["failed_job_ids"] = [str(j) for j in failed[:10]]
+        if self.profile_ms is not None:
+            result["slow_ops"] = self.slow_ops(base)
         return result
+
+    def slow_ops(self, base: Baseline, top: int = 8) -> list[dict[str, Any]]:
+        """The database commands slower than ``--profile-slow-ms`` during the drill, by
+        shape (command, collection, filter keys or pipeline stages), most time first."""
+        since = datetime.fromtimestamp(base.started, UTC)
+        totals: dict[str, list[int]] = {}
+        for entry in self.db["system.profile"].find({"ts": {"$gte": since}},
+                                                    {"command": 1, "millis": 1}):
+            shape = op_shape(entry.get("command") or {})
+            totals.setdefault(shape, []).append(int(entry.get("millis") or 0))
+        ranked = sorted(totals.items(), key=lambda kv: -sum(kv[1]))[:top]
+        return [{"op": shape, "count": len(ms), "total_s": round(sum(ms) / 1000, 1),
+                 "max_ms": max(ms)} for shape, ms in ranked]
 
     def restart_dead_roles(self) -> list[str]:
         """What a supervisor does between drills: replace a role process that died."""
@@ -207,6 +234,25 @@ class Ctx:
                     group[index] = start()
                     restarted.append(proc.name)
         return restarted
+
+
+def op_shape(command: dict[str, Any]) -> str:
+    """``find certificates {_id,state}``: a profiled command without its values."""
+    if not command:
+        return "?"
+    name = next(iter(command))
+    target = command.get(name)
+    shape: Any = ""
+    if name == "find":
+        shape = sorted(command.get("filter") or {})
+    elif name == "aggregate":
+        shape = [next(iter(stage)) for stage in command.get("pipeline") or [] if stage]
+    elif name in ("update", "delete"):
+        ops = command.get("updates") or command.get("deletes") or [{}]
+        shape = sorted(ops[0].get("q") or {})
+    elif name in ("findAndModify", "findandmodify", "count"):
+        shape = sorted(command.get("query") or {})
+    return f"{name} {target if isinstance(target, str) else ''} {shape or ''}".strip()
 
 
 # --- the drills ---------------------------------------------------------------------------
@@ -503,6 +549,9 @@ def main() -> int:
                         help="20 certificates, shorter leases and waits (the CI test)")
     parser.add_argument("--rate", type=float, default=None,
                         help="probe dispatches per second (default 10; --quick 5)")
+    parser.add_argument("--profile-slow-ms", type=int, default=None,
+                        help="profile database commands slower than this (ms) and report "
+                             "the slowest shapes per drill (slow_ops)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where logs and data go (default: a new temporary directory)")
     args = parser.parse_args()
@@ -521,7 +570,7 @@ def main() -> int:
         stack.start()
         ids, admin_token = setup(stack, count)
         probe = Probe(stack.api_url(), admin_token, ids, rate)
-        ctx = Ctx(stack, ids, probe, args.quick)
+        ctx = Ctx(stack, ids, probe, args.quick, profile_ms=args.profile_slow_ms)
         monitor = threading.Thread(target=ctx.monitor, daemon=True)
         monitor.start()
         probe.start()
