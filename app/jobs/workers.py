@@ -2,11 +2,11 @@
 
 ``{_id: node name, host, pid, version, pool, concurrency, state (running | draining |
 stopped | lost), running_jobs: [job ids], owners: [the lease owners of its processes,
-host:pid], started_at, last_seen, expires_at}``. A worker not seen for three beats is
-marked ``lost`` by a peer, which takes back its running jobs at once
+host:pid], started_at, last_seen, expires_at}``. A worker not seen for 20 s (at least three
+beats) is marked ``lost`` by a peer, which takes back its running jobs at once
 (``reaper.release_orphans``) instead of waiting for their leases to lapse. ``last_seen`` is
 the server's clock; a TTL index on ``expires_at`` (m0002) drops a worker's document a
-day after it was last seen. The same thread runs the reaper now and then, so lost
+day after it was last seen. A second thread runs the reaper now and then, so lost
 wake-ups and lapsed leases are recovered even while no scheduler is running.
 """
 
@@ -18,6 +18,7 @@ import random
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
 from importlib import metadata
@@ -33,6 +34,7 @@ from app.jobs.runner import worker_identity
 
 log = logging.getLogger("certautopilot.jobs.workers")
 FORGET_AFTER = timedelta(days=1)
+LOST_AFTER_MIN = 20.0  # seconds without a heartbeat before a peer calls a worker lost
 
 
 def app_version() -> str:
@@ -56,19 +58,27 @@ class WorkerHeartbeat:
         self.running = running
         self.owners = owners or (lambda: [worker_identity()])
         self.interval = interval or max(1.0, min(5.0, settings.job_lease_seconds / 3))
-        # A peer not seen for three beats is lost (reaper.release_orphans).
-        self.dead_after = 3 * self.interval
+        # A peer not seen for this long is lost (reaper.release_orphans): several missed
+        # beats, and never less than LOST_AFTER_MIN (so with short job leases the lease
+        # decides first, as before).
+        self.dead_after = max(3 * self.interval, LOST_AFTER_MIN)
         self._beating_since: float | None = None
+        self._beats: deque[float] = deque(maxlen=256)  # monotonic times of good beats
         self.reap_every = reap_every if reap_every is not None \
             else settings.reaper_republish_seconds
         self.state = "running"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="worker-heartbeat",
                                         daemon=True)
-        self._next_reap = time.monotonic() + self.reap_every * random.uniform(0.5, 1.0)
+        # Reaper passes in their own thread: a slow pass must not delay the beats that
+        # tell peers this worker is alive.
+        self._reaper = threading.Thread(target=self._reap_loop, name="worker-reaper",
+                                        daemon=True)
 
     def start(self) -> WorkerHeartbeat:
         self._thread.start()
+        if self.reap_every > 0:
+            self._reaper.start()
         return self
 
     def beat(self) -> None:
@@ -88,16 +98,20 @@ class WorkerHeartbeat:
             try:
                 self.beat()
                 probes.record(self.settings, "worker", ok=True, detail=self.state)
+                self._beats.append(time.monotonic())
                 if self._beating_since is None:
-                    self._beating_since = time.monotonic()
+                    self._beating_since = self._beats[-1]
             except Exception as exc:  # noqa: BLE001 - next beat retries
                 self._beating_since = None
                 log.warning("worker heartbeat failed", extra={"error": str(exc)[:200]})
                 probes.record(self.settings, "worker", ok=False, detail=self.state, error=exc)
             self._release_orphans()
-            if self.reap_every > 0 and time.monotonic() >= self._next_reap \
-                    and self.state == "running":
-                self._next_reap = time.monotonic() + self.reap_every * random.uniform(0.8, 1.2)
+            self._stop.wait(self.interval)
+
+    def _reap_loop(self) -> None:
+        self._stop.wait(self.reap_every * random.uniform(0.5, 1.0))
+        while not self._stop.is_set():
+            if self.state == "running":
                 try:
                     from app.jobs.reaper import reap
 
@@ -106,15 +120,27 @@ class WorkerHeartbeat:
                         log.info("reaper pass", extra=counts)
                 except Exception as exc:  # noqa: BLE001
                     log.warning("reaper pass failed", extra={"error": str(exc)[:200]})
-            self._stop.wait(self.interval)
+            self._stop.wait(self.reap_every * random.uniform(0.8, 1.2))
+
+    def own_beats_on_time(self, now: float | None = None) -> bool:
+        """Whether this worker's own beats have reached the database without a failure
+        for ``dead_after`` and never more than ``dead_after / 2`` apart: only then can a
+        peer's silence be told from a slow or absent database (after an outage every
+        heartbeat is old; under a saturated one every beat is late)."""
+        now = time.monotonic() if now is None else now
+        since = self._beating_since
+        if since is None or now - since < self.dead_after:
+            return False
+        start = now - self.dead_after
+        times = [t for t in self._beats if t >= since]
+        previous = max([t for t in times if t <= start], default=since)
+        points = [previous, *(t for t in times if t > start), now]
+        return all(b - a < self.dead_after / 2 for a, b in zip(points, points[1:], strict=False))
 
     def _release_orphans(self) -> None:
-        """Take back the jobs of peers whose heartbeat stopped, once this worker's own
-        beats have reached the database for as long as a peer's may be missed (after an
-        outage every heartbeat is old: the others must have had the time to beat)."""
-        since = self._beating_since
-        if since is None or time.monotonic() - since < self.dead_after \
-                or self.state != "running":
+        """Take back the jobs of peers whose heartbeat stopped, while this worker's own
+        beats are on time (``own_beats_on_time``)."""
+        if self.state != "running" or not self.own_beats_on_time():
             return
         try:
             from app.jobs.reaper import release_orphans
@@ -133,8 +159,9 @@ class WorkerHeartbeat:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        for thread in (self._thread, self._reaper):
+            if thread.is_alive():
+                thread.join(timeout=5)
         self.state = "stopped"
         self._beat_quietly()
 

@@ -494,10 +494,11 @@ def test_the_jobs_of_a_worker_whose_heartbeat_stopped_are_taken_back_before_thei
         {"lost": 0, "requeued": 0, "dead": 0}
 
 
-def test_a_heartbeat_takes_back_lost_workers_jobs_only_after_beating_for_three_beats(
+def test_a_heartbeat_takes_back_lost_workers_jobs_only_while_its_own_beats_are_on_time(
         jdb, jsettings):
-    """After a database outage every heartbeat is old: a worker that has just reached the
-    database again must not declare its peers lost before they could beat."""
+    """After a database outage every heartbeat is old, and on a saturated database every
+    beat is late: a worker calls a peer lost only when its own beats have reached the
+    database for ``dead_after`` without failing, never ``dead_after / 2`` apart."""
     from app.jobs.workers import WorkerHeartbeat
 
     job = jobs.enqueue(jdb, "test.noop", {})
@@ -505,15 +506,32 @@ def test_a_heartbeat_takes_back_lost_workers_jobs_only_after_beating_for_three_b
     _worker_doc(jdb, "peer", ["h:10"], seen_ago=40)
     beat = WorkerHeartbeat(lambda: jdb, jsettings, node="me", pool="solo", concurrency=1,
                            running=list, interval=5)
-    assert beat.dead_after == 15
+    assert beat.dead_after == 20  # three beats (15 s), but never under 20 s
     beat.beat()
-    beat._beating_since = time.monotonic() - 10  # back for 10 s: too soon
+    now = time.monotonic()
+    # Back for 10 s only: too soon.
+    beat._beating_since = now - 10
+    beat._beats.extend([now - 10, now - 5, now])
+    assert not beat.own_beats_on_time(now)
     beat._release_orphans()
     assert _job(jdb, job["_id"])["state"] == "running"
-    beat._beating_since = time.monotonic() - 16
+    # Beating for 25 s, but 12 s between two beats (a saturated database): not on time.
+    beat._beats.clear()
+    beat._beating_since = now - 25
+    beat._beats.extend([now - 25, now - 20, now - 15, now - 3, now])
+    assert not beat.own_beats_on_time(now)
+    beat._release_orphans()
+    assert _job(jdb, job["_id"])["state"] == "running"
+    # Every 5 s for 25 s: the peer's 40 s of silence means it is gone.
+    beat._beats.clear()
+    beat._beats.extend([now - 25, now - 20, now - 15, now - 10, now - 5, now])
+    assert beat.own_beats_on_time(now)
     beat._release_orphans()
     assert _job(jdb, job["_id"])["state"] == "queued"
     assert jdb[dbm.WORKERS].find_one({"_id": "me"})["owners"] == [runner.worker_identity()]
+    # Short job leases (3 s in these tests): the lease decides first, as before.
+    assert WorkerHeartbeat(lambda: jdb, jsettings, node="x", pool="solo", concurrency=1,
+                           running=list).dead_after == 20
 
 
 def test_reaper_republishes_lost_wakeups_but_not_those_still_in_the_broker(jdb, jsettings):
