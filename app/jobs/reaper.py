@@ -118,15 +118,15 @@ def release_orphans(db: Database[Doc], *, dead_after: float,
     seconds ago, without waiting for their job leases (60 s by default) to lapse.
 
     A worker's heartbeat lists the lease owners of its processes (``owners``: host:pid of
-    the worker and of its pool processes). A worker not seen for ``dead_after`` (three
+    the worker and of its pool processes). A worker not seen for ``dead_after`` (several
     missed beats) while still ``running`` or ``draining`` is marked ``lost`` and every
     running job held by one of its owners goes back to the queue, fenced on the job's
     lease token (as lapsed leases are). An owner that a worker seen since also lists (a
     restarted container reuses host and pids) is left to the lease.
 
-    Only a caller whose own heartbeats have reached the database for ``dead_after``
-    calls this (``WorkerHeartbeat``): after a database outage every heartbeat is old,
-    and the others must have had the time to beat again. Should the worker still be
+    Only a caller whose own heartbeats are on time calls this
+    (``WorkerHeartbeat.own_beats_on_time``): after a database outage every heartbeat is
+    old, and on a saturated database every beat is late. Should the worker still be
     alive (paused, cut off from the database), its lease is gone: the fence refuses its
     completion and its effects, as for a lapsed lease, and its next beat marks it
     ``running`` again. Returns counts: lost (workers), requeued, dead."""
@@ -150,7 +150,8 @@ def release_orphans(db: Database[Doc], *, dead_after: float,
             continue  # it beat again meanwhile, or another reaper got there first
         counts["lost"] += 1
         held = list(primary[dbm.JOBS].find(
-            {"state": lifecycle.RUNNING, "lease.owner": {"$in": owners}}, _JOB_FIELDS))
+            {"state": lifecycle.RUNNING, "lease.owner": {"$in": owners}}, _JOB_FIELDS)) \
+            if owners else []
         log.warning("worker lost: no heartbeat for %.0f s; taking back its %d running "
                     "job(s)", (now - worker["last_seen"]).total_seconds(), len(held),
                     extra={"worker": worker["_id"], "owners": owners,

@@ -62,8 +62,8 @@ class WorkerHeartbeat:
         # beats, and never less than LOST_AFTER_MIN (so with short job leases the lease
         # decides first, as before).
         self.dead_after = max(3 * self.interval, LOST_AFTER_MIN)
-        self._beating_since: float | None = None
-        self._beats: deque[float] = deque(maxlen=256)  # monotonic times of good beats
+        # Monotonic times of the good beats since the last failed one.
+        self._beats: deque[float] = deque(maxlen=256)
         self.reap_every = reap_every if reap_every is not None \
             else settings.reaper_republish_seconds
         self.state = "running"
@@ -99,10 +99,8 @@ class WorkerHeartbeat:
                 self.beat()
                 probes.record(self.settings, "worker", ok=True, detail=self.state)
                 self._beats.append(time.monotonic())
-                if self._beating_since is None:
-                    self._beating_since = self._beats[-1]
             except Exception as exc:  # noqa: BLE001 - next beat retries
-                self._beating_since = None
+                self._beats.clear()
                 log.warning("worker heartbeat failed", extra={"error": str(exc)[:200]})
                 probes.record(self.settings, "worker", ok=False, detail=self.state, error=exc)
             self._release_orphans()
@@ -128,12 +126,11 @@ class WorkerHeartbeat:
         peer's silence be told from a slow or absent database (after an outage every
         heartbeat is old; under a saturated one every beat is late)."""
         now = time.monotonic() if now is None else now
-        since = self._beating_since
-        if since is None or now - since < self.dead_after:
+        times = list(self._beats)
+        if not times or now - times[0] < self.dead_after:
             return False
         start = now - self.dead_after
-        times = [t for t in self._beats if t >= since]
-        previous = max([t for t in times if t <= start], default=since)
+        previous = max(t for t in times if t <= start)
         points = [previous, *(t for t in times if t > start), now]
         return all(b - a < self.dead_after / 2 for a, b in zip(points, points[1:], strict=False))
 

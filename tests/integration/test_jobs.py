@@ -510,14 +510,12 @@ def test_a_heartbeat_takes_back_lost_workers_jobs_only_while_its_own_beats_are_o
     beat.beat()
     now = time.monotonic()
     # Back for 10 s only: too soon.
-    beat._beating_since = now - 10
     beat._beats.extend([now - 10, now - 5, now])
     assert not beat.own_beats_on_time(now)
     beat._release_orphans()
     assert _job(jdb, job["_id"])["state"] == "running"
     # Beating for 25 s, but 12 s between two beats (a saturated database): not on time.
     beat._beats.clear()
-    beat._beating_since = now - 25
     beat._beats.extend([now - 25, now - 20, now - 15, now - 3, now])
     assert not beat.own_beats_on_time(now)
     beat._release_orphans()
