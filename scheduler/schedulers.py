@@ -13,7 +13,10 @@ Run two: ``celery -A tasks beat -S scheduler.MongoLeaseScheduler``. Each ``tick(
    ``next_run_at``/``last_run_at`` from the value it read (compare-and-set), enqueues the
    job with dedupe key ``"<entry>@<slot>"`` and records the slot in ``schedule_fires``
    (unique per entry and slot). A deposed leader's transaction is refused before any of
-   that; after commit the job's wake-up message is published.
+   that; after commit the job's wake-up message is published. While the entry's previous
+   job is still queued (due, unclaimed), the slot joins it instead (the fire is recorded
+   with ``coalesced: true`` and that job's id): timed work is a sweep of what is due, so a
+   busy fleet keeps one waiting job per entry rather than a backlog of identical ones.
 
 When the lease cannot be renewed (database unreachable, step-down, failpoint) the leader
 stops enqueuing at once and logs it; it resumes only after proving the lease again.
@@ -42,7 +45,7 @@ from app.db import Doc, txn
 from app.db.names import FIRES
 from app.db.schedule import SLOT_JOB_TTL_SECONDS, note_standby
 from app.errors import DatabaseUnavailable
-from app.jobs import enqueue, publish_wakeup
+from app.jobs import enqueue, publish_wakeup, waiting_job
 from scheduler.entries import EntryDefinition, EntryError, slot_key, static_entries
 from scheduler.lease import Deposed, Lease, LeaseConfig, process_identity
 
@@ -418,23 +421,31 @@ class MongoLeaseScheduler(Scheduler):
             if result.matched_count != 1:
                 raise SlotTaken(key)
 
-        def body(session: ClientSession, at: datetime) -> Doc:
+        def body(session: ClientSession, at: datetime) -> tuple[Doc, bool]:
             advance(session, at)
-            # A slot's job expires a day after the slot (TTL, m0010), finished or not.
-            job = enqueue(self.db, entry.kind, dict(entry.payload), dedupe_key=key,
-                          session=session, publish=False,
-                          expire_at=slot + timedelta(seconds=SLOT_JOB_TTL_SECONDS))
+            # The entry's last job still waits for a worker: it will do this slot's work
+            # (it starts after the slot anyway), so the slot joins it instead of queuing a
+            # second job behind it. A busy fleet thus holds one queued job per entry, not
+            # one per slot (the HA drills backed up on them).
+            job = waiting_job(self.db, doc.get("last_job_id"), at, session=session)
+            coalesced = job is not None
+            if job is None:
+                # A slot's job expires a day after the slot (TTL, m0010), finished or not.
+                job = enqueue(self.db, entry.kind, dict(entry.payload), dedupe_key=key,
+                              session=session, publish=False,
+                              expire_at=slot + timedelta(seconds=SLOT_JOB_TTL_SECONDS))
+                self.db[dbm.SCHEDULE].update_one({"_id": entry.name},
+                                                 {"$set": {"last_job_id": job["_id"]}},
+                                                 session=session)
             self.db[FIRES].insert_one({
                 "entry": entry.name, "slot": slot, "dedupe_key": key, "kind": entry.kind,
                 "term": term, "holder": holder, "job_id": job["_id"], "fired_at": at,
+                **({"coalesced": True} if coalesced else {}),
             }, session=session)
-            self.db[dbm.SCHEDULE].update_one({"_id": entry.name},
-                                             {"$set": {"last_job_id": job["_id"]}},
-                                             session=session)
-            return job
+            return job, coalesced
 
         try:
-            job = self._fenced(body, f"fire {key}")
+            job, coalesced = self._fenced(body, f"fire {key}")
         except Deposed as exc:
             self._step_down(f"refused to enqueue {key}: {exc.reason}")
             return
@@ -449,6 +460,12 @@ class MongoLeaseScheduler(Scheduler):
             except (Deposed, SlotTaken):
                 pass
             log.warning("slot was already fired; advanced past it", extra={"dedupe_key": key})
+            return
+        if coalesced:
+            log.info("%s joined job %s, still queued (term %s)", key, job["_id"], term,
+                     extra={"entry": entry.name, "kind": entry.kind, "slot": slot,
+                            "job_id": job["_id"], "term": term, "dedupe_key": key,
+                            "coalesced": True})
             return
         log.info("enqueued %s (job %s, term %s)", key, job["_id"], term, extra={
             "entry": entry.name, "kind": entry.kind, "slot": slot, "job_id": job["_id"],

@@ -61,4 +61,5 @@ def status_command(obj: CliContext, as_json: bool, fires: int) -> None:
                        f"{row['total_run_count']:>6}  {_when(row['last_run_at'])}")
     for fire in result.get("recent_fires", []):
         click.echo(f"fired {fire['entry']} slot {_when(fire['slot'])} term {fire['term']} "
-                   f"by {fire['holder']} -> job {fire['job_id']}")
+                   f"by {fire['holder']} -> "
+                   f"{'joined queued job' if fire.get('coalesced') else 'job'} {fire['job_id']}")

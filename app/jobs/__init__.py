@@ -23,6 +23,7 @@ only wakes a worker. Public API::
     get_job / list_jobs / retry_dead / cancel / cancel_queued         # app.jobs.actions
     queue_depth(db)                                                  # app.jobs.stats
     running_under_live_lease(db, kind, exclude_id=...)               # app.jobs.stats
+    waiting_job(db, job_id, now, session=...)                        # app.jobs.stats
     reap(db)                                                         # app.jobs.reaper
 
 The application's job kinds are listed in ``app.handlers`` (nothing registers by import).
@@ -57,7 +58,7 @@ from app.jobs.lifecycle import (
 )
 from app.jobs.reaper import reap
 from app.jobs.registry import load_modules, register_handler
-from app.jobs.stats import queue_depth, running_under_live_lease
+from app.jobs.stats import queue_depth, running_under_live_lease, waiting_job
 
 __all__ = [
     "ACTIVE_STATES", "STATES", "InvalidJob", "JobContext", "JobNotFound",
@@ -68,4 +69,5 @@ __all__ = [
     "get_job", "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "publish_wakeups",
     "queue_depth", "reap",
     "register_handler", "release", "retry_dead", "retry_later", "running_under_live_lease",
+    "waiting_job",
 ]

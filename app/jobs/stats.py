@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from pymongo.client_session import ClientSession
 from pymongo.database import Database
 
 from app.db import Doc
@@ -57,3 +58,14 @@ def running_under_live_lease(db: Database[Doc], kind: str, *, exclude_id: str | 
     if exclude_id is not None:
         query["_id"] = {"$ne": exclude_id}
     return _jobs(db).count_documents(query, limit=1) > 0
+
+
+def waiting_job(db: Database[Doc], job_id: object, now: datetime, *,
+                session: ClientSession | None = None) -> Doc | None:
+    """The job ``job_id`` if it is queued and due by ``now`` but no worker has claimed it
+    yet, else None. The scheduler coalesces a timed entry's next slot into it: that job's
+    work starts after the slot's time anyway, so a second job would only repeat it."""
+    if job_id is None:
+        return None
+    return _jobs(db).find_one({"_id": job_id, "state": QUEUED, "run_after": {"$lte": now}},
+                              {"_id": 1, "dedupe_key": 1}, session=session)

@@ -301,6 +301,48 @@ def test_a_slot_is_enqueued_once_even_if_fired_twice(migrated_db, make_scheduler
     assert db[dbm.SCHEDULE].find_one({"_id": "hourly"})["next_run_at"] > doc["last_run_at"]
 
 
+def test_a_slot_joins_the_entrys_job_while_it_still_waits_for_a_worker(
+        migrated_db, make_scheduler, cap_env) -> None:
+    from app.cli import cli
+
+    db = migrated_db
+    leader = make_scheduler(extra=({"name": "sweep", "every_seconds": 0.3, "kind": "k"},))
+
+    def next_fire() -> dict:
+        count = len(fires(db, "sweep"))
+        deadline = time.monotonic() + 10
+        while len(fires(db, "sweep")) == count and time.monotonic() < deadline:
+            time.sleep(min(leader.tick(), 0.1))
+        return fires(db, "sweep")[-1]
+
+    first = next_fire()
+    job_a = first["job_id"]
+    assert "coalesced" not in first
+    # No worker has claimed it: the next slots join it, no second job is queued.
+    for _ in range(2):
+        joined = next_fire()
+        assert joined["coalesced"] is True and joined["job_id"] == job_a
+        assert joined["dedupe_key"] == slot_key("sweep", joined["slot"])
+    assert db[dbm.JOBS].count_documents({"kind": "k"}) == 1
+    entry = db[dbm.SCHEDULE].find_one({"_id": "sweep"})
+    assert entry["last_job_id"] == job_a and entry["total_run_count"] == 3
+    # Once a worker runs it, a slot needs a job of its own (the running one may have
+    # read what was due before the slot).
+    db[dbm.JOBS].update_one({"_id": job_a}, {"$set": {"state": "running"}})
+    job_b = next_fire()
+    assert "coalesced" not in job_b and job_b["job_id"] != job_a
+    # A job put off to later (a retry's backoff) does not take the next slots either.
+    db[dbm.JOBS].update_one({"_id": job_b["job_id"]}, {"$set": {
+        "run_after": dbm.server_now(db) + timedelta(minutes=5)}})
+    job_c = next_fire()
+    assert "coalesced" not in job_c and job_c["job_id"] not in (job_a, job_b["job_id"])
+    assert db[dbm.JOBS].count_documents({"kind": "k"}) == 3
+    # Operators see it: the status CLI names the joined job.
+    result = CliRunner().invoke(cli, ["scheduler", "status", "--fires", "50"])
+    assert result.exit_code == 0, result.output
+    assert f"joined queued job {job_a}" in result.output
+
+
 def test_beat_schedule_items_run_as_jobs(migrated_db, make_scheduler) -> None:
     db = migrated_db
     leader = make_scheduler(extra=(), beat_schedule={

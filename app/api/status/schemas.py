@@ -36,6 +36,10 @@ class FireSchema(Schema):
     term = fields.Integer(allow_none=True)
     holder = fields.String(allow_none=True)
     job_id = fields.String(allow_none=True)
+    coalesced = fields.Boolean(
+        load_default=False, dump_default=False,
+        metadata={"description": "the slot joined the entry's previous job, still queued, "
+                                 "instead of enqueuing another"})
     fired_at = fields.DateTime(allow_none=True)
 
 
