@@ -29,8 +29,8 @@ key over and runs. Only a first request still running after the wait gets the 40
 the answer makes the takeover run the view again (job dedupe keys and unique names in
 the domain keep that from creating twice; the answer may then be a 409 conflict). A
 create whose object records the reservation it was made under (``current_key()``, as
-projects do) answers such a takeover with the object the dead request created, as the
-first answer would have.
+projects and certificates do) answers such a takeover (``taken_over()``) with the object
+the dead request created, as the first answer would have.
 """
 
 from __future__ import annotations
@@ -204,6 +204,7 @@ def begin(db: Database[dict[str, Any]], token_id: str) -> Response | None:
                 log.info("took over an idempotency key whose first request's process "
                          "stopped", extra={"previous_owner": doc.get("owner")})
                 _running(keeper, db, record_id)
+                g.idempotency_taken_over = True
                 return None
         if time.monotonic() >= deadline:
             raise Conflict(f"a request with this {HEADER} is still running; retry shortly",
@@ -217,6 +218,13 @@ def current_key() -> str | None:
     object that request committed instead of failing on its unique name."""
     value = g.get("idempotency_id")
     return value if isinstance(value, str) else None
+
+
+def taken_over() -> bool:
+    """Whether this request took its key over from a first request whose process died
+    (which may have committed its create before it could store the answer): a create
+    that records ``current_key()`` on its object then looks for that object first."""
+    return bool(g.get("idempotency_taken_over"))
 
 
 def _running(keeper: _Keeper, db: Database[dict[str, Any]], record_id: str) -> None:

@@ -84,9 +84,11 @@ def public_view(doc: Doc) -> Doc:
 
 
 def create_certificate(db: Database[Doc], project_id: str, spec: Any, actor: audit.Actor, *,
-                       settings: Settings | None = None) -> Doc:
+                       settings: Settings | None = None, request_key: str | None = None
+                       ) -> Doc:
     """Validate and store a managed certificate; it is due for issuance at once (the
-    renewal scan or ``request_issuance`` enqueues it)."""
+    renewal scan or ``request_issuance`` enqueues it). ``request_key`` (an API request's
+    idempotency reservation) is stored on it for ``made_under``."""
     fields = validate_spec(spec)
     _require_project(db, project_id)
     account = _resolve_account(db, project_id, fields["account_id"])
@@ -104,6 +106,8 @@ def create_certificate(db: Database[Doc], project_id: str, spec: Any, actor: aud
         "fullchain_pem": None, "order_id": None, "issued_at": None, "ari_cert_id": None,
         "ari": None, "failure": None, "issue_count": 0,
     }
+    if request_key is not None:
+        doc["request_key"] = request_key
 
     def insert(session: ClientSession) -> None:
         db[dbm.CERTIFICATES].insert_one(doc, session=session)
@@ -116,6 +120,16 @@ def create_certificate(db: Database[Doc], project_id: str, spec: Any, actor: aud
 
     dbm.transaction(db, insert, what="create certificate")
     return doc
+
+
+def made_under(db: Database[Doc], project_id: str, spec: Any, request_key: str) -> Doc | None:
+    """The certificate of ``project_id`` for ``spec``'s names that a request with this
+    idempotency reservation already created (a retry that took over the key of a request
+    whose process died after its commit), or None. One read on the project-names index."""
+    fields = validate_spec(spec)
+    return dbm.retry(lambda: dbm.primary(db)[dbm.CERTIFICATES].find_one({
+        "project_id": project_id, "names": fields["names"][0], "request_key": request_key,
+        "deleted_at": None}), what="read certificate")
 
 
 def get_certificate(db: Database[Doc], certificate_id: str, *, project_id: str | None = None,

@@ -262,3 +262,37 @@ def test_ipv6_addresses_and_absolute_names_are_taken_as_the_cli_takes_them(
         "names": ["2001:db8::2"], "issue": False,
         "challenge": {"type": "tls-alpn-01"}})
     assert refused.status_code in (400, 422) and "names" in str(refused.json)
+
+
+def test_a_create_retried_after_its_first_requests_process_died_answers_with_that_certificate(
+        client, migrated_db, world) -> None:
+    """kill -9 of the api after the create committed, before the answer was stored: the
+    retry takes the key over and gets the certificate the dead request made, not a second
+    certificate (nor a second first issuance)."""
+    from app.api.idempotency import IDEMPOTENCY
+
+    a = world["alpha"]
+    headers = {**a["rw"].headers, "Idempotency-Key": "cert-owner-died"}
+    body = {"names": ["Died.Example.com"], "issue": True}
+    first = client.post(f"{API}/certificates", headers=headers, json=body)
+    assert first.status_code == 201, first.json
+    record = migrated_db[IDEMPOTENCY].find_one({})
+    # The state the dead process left: committed, its answer not stored, lease lapsed.
+    migrated_db[IDEMPOTENCY].update_one({"_id": record["_id"]}, {
+        "$set": {"state": "running", "owner": "vm:1:dead",
+                 "lease_until": dbm.server_now(migrated_db) - dt.timedelta(seconds=1)},
+        "$unset": {"status": "", "body": "", "headers": ""}})
+    retry = client.post(f"{API}/certificates", headers=headers, json=body)
+    assert retry.status_code == 201 and "Idempotent-Replayed" not in retry.headers
+    assert retry.json["id"] == first.json["id"]
+    assert retry.headers["ETag"] == first.headers["ETag"]
+    assert migrated_db[dbm.CERTIFICATES].count_documents({"project_id": a["project"]}) == 1
+    assert migrated_db[dbm.JOBS].count_documents(
+        {"payload.certificate_id": first.json["id"]}) == 1
+    assert migrated_db[IDEMPOTENCY].find_one({})["state"] == "done"
+    # Without a takeover the key is not looked up: another key makes another certificate.
+    other = client.post(f"{API}/certificates", json=body,
+                        headers={**a["rw"].headers, "Idempotency-Key": "another"})
+    assert other.status_code == 201 and other.json["id"] != first.json["id"]
+    # The stored reservation is not part of the answer.
+    assert "request_key" not in first.json and "request_key" not in other.json

@@ -15,6 +15,7 @@ from flask import Response
 from flask.views import MethodView
 
 from app import db as dbm
+from app.api import idempotency
 from app.api.auth import KEYS_EXPORT, READ, WRITE, scope
 from app.api.certificates.schemas import (
     CertificateCreateSchema,
@@ -121,8 +122,18 @@ class Certificates(MethodView):
         caller = principal()
         db = current_db()
         _merge_endpoints(data)
+        key = idempotency.current_key()
+        if key is not None and idempotency.taken_over():
+            # The first request with this key died after its commit, maybe: answer with
+            # what it created. Its first issuance was enqueued then, or the renewal scan
+            # enqueues it (the certificate is due at creation); a second would order twice.
+            made = certificates.made_under(db, project_id, data, key)
+            if made is not None:
+                made = _with_endpoints(made)
+                return made, {"ETag": _etag(made)}
         try:
-            doc = certificates.create_certificate(db, project_id, data, caller.actor)
+            doc = certificates.create_certificate(db, project_id, data, caller.actor,
+                                                  request_key=key)
         except ValidationFailed as exc:
             # The schema states every rule on the request itself; what is left depends
             # on the project's accounts.
