@@ -427,7 +427,8 @@ class MongoLeaseScheduler(Scheduler):
             # (it starts after the slot anyway), so the slot joins it instead of queuing a
             # second job behind it. A busy fleet thus holds one queued job per entry, not
             # one per slot (the HA drills backed up on them).
-            job = waiting_job(self.db, doc.get("last_job_id"), at, session=session)
+            job = waiting_job(self.db, doc.get("last_job_id"), at, kind=entry.kind,
+                              payload=dict(entry.payload), session=session)
             coalesced = job is not None
             if job is None:
                 # A slot's job expires a day after the slot (TTL, m0010), finished or not.

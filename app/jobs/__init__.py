@@ -23,7 +23,7 @@ only wakes a worker. Public API::
     get_job / list_jobs / retry_dead / cancel / cancel_queued         # app.jobs.actions
     queue_depth(db)                                                  # app.jobs.stats
     running_under_live_lease(db, kind, exclude_id=...)               # app.jobs.stats
-    waiting_job(db, job_id, now, session=...)                        # app.jobs.stats
+    waiting_job(db, job_id, now, kind=..., payload=..., session=...) # app.jobs.stats
     reap(db)                                                         # app.jobs.reaper
 
 The application's job kinds are listed in ``app.handlers`` (nothing registers by import).

@@ -60,12 +60,15 @@ def running_under_live_lease(db: Database[Doc], kind: str, *, exclude_id: str | 
     return _jobs(db).count_documents(query, limit=1) > 0
 
 
-def waiting_job(db: Database[Doc], job_id: object, now: datetime, *,
-                session: ClientSession | None = None) -> Doc | None:
+def waiting_job(db: Database[Doc], job_id: object, now: datetime, *, kind: str,
+                payload: Doc, session: ClientSession | None = None) -> Doc | None:
     """The job ``job_id`` if it is queued and due by ``now`` but no worker has claimed it
-    yet, else None. The scheduler coalesces a timed entry's next slot into it: that job's
-    work starts after the slot's time anyway, so a second job would only repeat it."""
+    yet, and is of ``kind`` with ``payload``, else None. The scheduler coalesces a timed
+    entry's next slot into it: that job's work starts after the slot's time anyway, so a
+    second job would only repeat it (a job of the entry's former definition does not
+    count)."""
     if job_id is None:
         return None
-    return _jobs(db).find_one({"_id": job_id, "state": QUEUED, "run_after": {"$lte": now}},
+    return _jobs(db).find_one({"_id": job_id, "state": QUEUED, "run_after": {"$lte": now},
+                               "kind": kind, "payload": payload},
                               {"_id": 1, "dedupe_key": 1}, session=session)

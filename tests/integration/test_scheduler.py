@@ -336,7 +336,12 @@ def test_a_slot_joins_the_entrys_job_while_it_still_waits_for_a_worker(
         "run_after": dbm.server_now(db) + timedelta(minutes=5)}})
     job_c = next_fire()
     assert "coalesced" not in job_c and job_c["job_id"] not in (job_a, job_b["job_id"])
-    assert db[dbm.JOBS].count_documents({"kind": "k"}) == 3
+    # Nor does a waiting job of the entry's former definition (another payload).
+    db[dbm.JOBS].update_one({"_id": job_c["job_id"]}, {"$set": {"payload": {"old": 1}}})
+    job_d = next_fire()
+    assert "coalesced" not in job_d and job_d["job_id"] != job_c["job_id"]
+    assert next_fire()["job_id"] == job_d["job_id"]  # the current definition's job: joined
+    assert db[dbm.JOBS].count_documents({"kind": "k"}) == 4
     # Operators see it: the status CLI names the joined job.
     result = CliRunner().invoke(cli, ["scheduler", "status", "--fires", "50"])
     assert result.exit_code == 0, result.output
