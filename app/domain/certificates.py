@@ -328,24 +328,23 @@ def due_query(now: datetime) -> Doc:
     return {"deleted_at": None, "next_renewal_at": {"$lte": now}}
 
 
+DUE_FIELDS = {"_id": 1, "project_id": 1, "next_renewal_at": 1, "status": 1}
+
+
 def due_for_renewal(db: Database[Doc], now: datetime, limit: int) -> list[Doc]:
-    """Live certificates whose ``next_renewal_at`` has come, the most overdue first."""
+    """Live certificates whose ``next_renewal_at`` has come, the most overdue first, at
+    most ``limit`` (the scan's fields only). Nothing here writes: a certificate whose
+    renewal is already in hand comes back at every scan until its job moves
+    ``next_renewal_at``."""
     return dbm.retry(lambda: list(dbm.primary(db)[dbm.CERTIFICATES].find(
-        due_query(now),
-        {"_id": 1, "project_id": 1, "next_renewal_at": 1, "status": 1},
-        sort=[("next_renewal_at", 1)], limit=limit)), what="find due renewals")
+        due_query(now), DUE_FIELDS, sort=[("next_renewal_at", 1)], limit=limit)),
+        what="find due renewals")
 
 
-def hold_due(db: Database[Doc], session: ClientSession, certificate_ids: list[str],
-             now: datetime, until: datetime) -> list[Doc]:
-    """Of ``certificate_ids``, those still due at ``now`` (read in the transaction's
-    snapshot), moved to ``until``: two commands whatever the batch's size."""
-    still_due = [c for c in db[dbm.CERTIFICATES].find(
-        {"_id": {"$in": certificate_ids}},
-        {"_id": 1, "project_id": 1, "status": 1, "next_renewal_at": 1}, session=session)
+def still_due(db: Database[Doc], session: ClientSession, certificate_ids: list[str],
+              now: datetime) -> list[Doc]:
+    """Of ``certificate_ids``, those still live and due at ``now``, read in ``session``'s
+    transaction (one command whatever the batch's size)."""
+    return [c for c in db[dbm.CERTIFICATES].find(
+        {"_id": {"$in": certificate_ids}, "deleted_at": None}, DUE_FIELDS, session=session)
         if c.get("next_renewal_at") is not None and c["next_renewal_at"] <= now]
-    if still_due:
-        db[dbm.CERTIFICATES].update_many(
-            {"_id": {"$in": [c["_id"] for c in still_due]}},
-            {"$set": {"next_renewal_at": until}}, session=session)
-    return still_due

@@ -22,6 +22,7 @@ only wakes a worker. Public API::
     claim / heartbeat / complete / fail (fenced by the lease token)   # app.jobs.lifecycle
     get_job / list_jobs / retry_dead / cancel / cancel_queued         # app.jobs.actions
     queue_depth(db)                                                  # app.jobs.stats
+    jobs_by_dedupe_key(db, keys, session=...) -> {key: KeyJobs}       # app.jobs.dedupe
     running_under_live_lease(db, kind, exclude_id=...)               # app.jobs.stats
     waiting_job(db, job_id, now, kind=..., payload=..., session=...) # app.jobs.stats
     reap(db)                                                         # app.jobs.reaper
@@ -31,7 +32,7 @@ The application's job kinds are listed in ``app.handlers`` (nothing registers by
 
 from app.jobs.actions import cancel, cancel_queued, get_job, list_jobs, retry_dead
 from app.jobs.context import JobContext
-from app.jobs.dedupe import active_dedupe_keys
+from app.jobs.dedupe import KeyJobs, active_dedupe_keys, jobs_by_dedupe_key
 from app.jobs.errors import (
     DeferUntil,
     InvalidJob,
@@ -63,7 +64,7 @@ from app.jobs.stats import queue_depth, running_under_live_lease, waiting_job
 __all__ = [
     "ACTIVE_STATES", "STATES", "InvalidJob", "JobContext", "JobNotFound",
     "JobStateConflict", "LeaseLost", "PermanentFailure", "RetryLater", "DeferUntil",
-    "active_dedupe_keys",
+    "KeyJobs", "active_dedupe_keys", "jobs_by_dedupe_key",
     "cancel", "cancel_queued", "claim", "complete", "enqueue", "enqueue_many", "fail",
     "fenced_transaction",
     "get_job", "heartbeat", "list_jobs", "load_modules", "publish_wakeup", "publish_wakeups",

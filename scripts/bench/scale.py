@@ -12,8 +12,9 @@ size the script measures:
   renewal every 60 days, hash-chained with ``build_entry``) and the renewal jobs still
   inside their retention window (``app.jobs.lifecycle`` retention; a sample of already
   expired ones is inserted too and must be swept by the TTL index);
-- the renewal scan (``app.domain.renewal.renewal_scan``): time to enqueue the due 1 %, and
-  ``explain`` of its query (documents examined / returned);
+- the renewal scan (``app.domain.renewal.renewal_scan``): time to enqueue the due 1 %,
+  ``explain`` of its query (documents examined / returned), and its floor: the same jobs
+  inserted alone into a collection with the ``jobs`` indexes;
 - the queue-depth query (``app.jobs.queue_depth``, what the autoscaler's gauge runs):
   p50 over 20 calls, and ``explain`` of its match;
 - one ``/metrics`` scrape of a fresh api process (gunicorn, 1 worker): time, bytes, the
@@ -311,8 +312,10 @@ class Seeder:
                 if timings["audit_s"] else None}
 
     def make_due_again(self) -> int:
-        """The 1 % due now again (the previous scan moved them forward; their queued
-        jobs, which no worker runs here, are cancelled as an operator would)."""
+        """The 1 % due now again: the previous size's queued jobs, which no worker runs
+        here, are cancelled as an operator would, and the due time is set after them
+        (a renewal cancelled less than an hour ago is otherwise in hand: not
+        re-enqueued before the hour)."""
         now = dbm.server_now(self.db)
         self.db[dbm.JOBS].update_many(
             {"state": "queued", "kind": "certificates.issue"},
@@ -320,7 +323,7 @@ class Seeder:
                       "expire_at": now + self.retention}})
         due_ids = [f"crt_{i:016x}" for i in range(0, self.count, 100)]
         result = self.db[dbm.CERTIFICATES].update_many(
-            {"_id": {"$in": due_ids}}, {"$set": {"next_renewal_at": now - timedelta(minutes=5)}})
+            {"_id": {"$in": due_ids}}, {"$set": {"next_renewal_at": dbm.server_now(self.db)}})
         return result.modified_count
 
 
@@ -566,7 +569,9 @@ class Bench:
         scanned = renewal.renewal_scan(self.db, max_batches=1000)
         row["scan_s"] = round(time.perf_counter() - started, 3)
         row["scan_enqueued"] = scanned["enqueued"]
-        log(f"scan: {scanned} in {row['scan_s']} s")
+        row["scan_job_inserts_s"] = self.job_inserts_alone(scanned["enqueued"])
+        log(f"scan: {scanned} in {row['scan_s']} s; its job inserts alone "
+            f"{row['scan_job_inserts_s']} s")
         row["queue_depth_ms"] = ms(pct(self.time_queue_depth(), 0.5))
         row["queue_queued"] = queue_depth(self.db)["queued"]
         row["queue_explain"] = explain(self.db, dbm.JOBS, {"state": "queued"})
@@ -585,6 +590,31 @@ class Bench:
         row["sizes"] = collection_sizes(self.db)
         row["load_average"] = [round(v, 2) for v in os.getloadavg()]
         return row
+
+    def job_inserts_alone(self, count: int) -> float:
+        """The scan's floor: the jobs it just enqueued, inserted again alone
+        (``insert_many`` in the scan's batches) into a scratch collection with the
+        ``jobs`` collection's indexes; no reads, no transaction, no broker."""
+        from pymongo import IndexModel
+
+        from app.domain import renewal
+
+        made = list(self.db[dbm.JOBS].find(
+            {"kind": "certificates.issue", "state": "queued"}, limit=count))
+        scratch = self.db["bench_scan_floor"]
+        scratch.drop()
+        options = ("unique", "sparse", "partialFilterExpression", "expireAfterSeconds")
+        scratch.create_indexes([
+            IndexModel(list(spec["key"]), name=name,
+                       **{k: v for k, v in spec.items() if k in options})
+            for name, spec in self.db[dbm.JOBS].index_information().items()
+            if name != "_id_"])
+        started = time.perf_counter()
+        for first in range(0, len(made), renewal.SCAN_BATCH):
+            scratch.insert_many(made[first:first + renewal.SCAN_BATCH])
+        took = time.perf_counter() - started
+        scratch.drop()
+        return round(took, 3)
 
     def time_queue_depth(self) -> list[float]:
         from app.jobs import queue_depth
@@ -720,6 +750,7 @@ def figures(row: Doc) -> dict[str, float | None]:
         "seed_certs_per_s": row["seed"].get("certificates_per_s"),
         "seed_audit_per_s": row["seed"].get("audit_per_s"),
         "scan_s": row["scan_s"],
+        "scan_job_inserts_s": row.get("scan_job_inserts_s"),
         "scan_examined_per_returned": row["scan_explain"]["ratio"],
         "queue_depth_idle_ms": row["queue_depth_idle_ms"],
         "queue_depth_ms": row["queue_depth_ms"],

@@ -72,22 +72,49 @@ def test_renewal_scan_enqueues_only_due_certificates_in_batches(env):
     before = {c["_id"]: c for c in db[dbm.CERTIFICATES].find()}
 
     result = renewal.renewal_scan(db, batch_size=2)
-    assert result == {"enqueued": 3, "batches": 2}
+    assert result == {"enqueued": 3, "batches": 2, "in_hand": 0}
     jobs = list(db[dbm.JOBS].find({"kind": "certificates.issue"}))
     assert sorted(j["payload"]["certificate_id"] for j in jobs) == sorted(c["_id"] for c in due)
     assert all(j["payload"]["reason"] == "initial" for j in jobs)
-    after = {c["_id"]: c for c in db[dbm.CERTIFICATES].find()}
-    for cert in due:
-        moved = after[cert["_id"]]["next_renewal_at"] - now
-        assert timedelta(minutes=59) < moved <= timedelta(hours=1, seconds=5)
-    for cert in later:  # not due: not touched at all
-        assert after[cert["_id"]] == before[cert["_id"]]
+    # The scan writes only jobs: no certificate is touched, due or not.
+    assert {c["_id"]: c for c in db[dbm.CERTIFICATES].find()} == before
 
-    # due again while their jobs are still queued: no second job
-    db[dbm.CERTIFICATES].update_many({"_id": {"$in": [c["_id"] for c in due]}},
-                                     {"$set": {"next_renewal_at": now}})
-    assert renewal.renewal_scan(db)["enqueued"] == 0
+    # Still due while their jobs are queued: no second job.
+    assert renewal.renewal_scan(db) == {"enqueued": 0, "batches": 0, "in_hand": 3}
     assert db[dbm.JOBS].count_documents({"kind": "certificates.issue"}) == 3
+
+
+def test_a_job_that_died_holds_its_certificate_for_an_hour_unless_a_newer_due_time(env):
+    """A due certificate whose issuance job died (no outcome recorded, so
+    ``next_renewal_at`` did not move) is not enqueued at every scan: not for an hour after
+    that job. A due time set after the job (a revocation, a changed spec) enqueues at
+    once."""
+    db, s, project_id = env
+    certs = [certificates.create_certificate(db, project_id, {"names": [f"d{i}.scan.test"]},
+                                             ACTOR, settings=s) for i in range(3)]
+    now = dbm.server_now(db)
+    for cert in certs:
+        db[dbm.CERTIFICATES].update_one({"_id": cert["_id"]}, {"$set": {
+            "next_renewal_at": now - timedelta(hours=3)}})
+    assert renewal.renewal_scan(db)["enqueued"] == 3
+    recent, old, redue = certs
+
+    def died(cert: dict, ago: timedelta) -> None:
+        db[dbm.JOBS].update_one(
+            {"payload.certificate_id": cert["_id"], "state": "queued"},
+            {"$set": {"state": "dead", "created_at": now - ago, "finished_at": now}})
+
+    died(recent, timedelta(minutes=10))
+    died(old, timedelta(hours=2))
+    died(redue, timedelta(minutes=10))
+    # a due time set after redue's job died: the renewal is wanted again now
+    db[dbm.CERTIFICATES].update_one({"_id": redue["_id"]}, {"$set": {
+        "next_renewal_at": now - timedelta(minutes=1)}})
+
+    assert renewal.renewal_scan(db) == {"enqueued": 2, "batches": 1, "in_hand": 1}
+    queued = {j["payload"]["certificate_id"] for j in db[dbm.JOBS].find(
+        {"kind": "certificates.issue", "state": "queued"})}
+    assert queued == {old["_id"], redue["_id"]}
 
 
 def test_scan_job_then_renewal_job_renews(env):
