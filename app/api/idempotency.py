@@ -227,6 +227,14 @@ def taken_over() -> bool:
     return bool(g.get("idempotency_taken_over"))
 
 
+def retaken_key() -> str | None:
+    """``current_key()`` when this request took the key over from a first request whose
+    process died (see ``taken_over``), else None: a create that has no unique name to
+    meet looks up what that first request made under the key with it."""
+    key = current_key()
+    return key if key is not None and taken_over() else None
+
+
 def _running(keeper: _Keeper, db: Database[dict[str, Any]], record_id: str) -> None:
     g.idempotency_id = record_id
     keeper.hold(db, record_id)

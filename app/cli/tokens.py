@@ -75,7 +75,8 @@ def list_(obj: CliContext, project: str | None, show_all: bool, as_json: bool) -
         query["project_id"] = projects.find_project(db, project)["_id"]
     if not show_all:
         query["revoked_at"] = None
-    rows = list(db[dbm.API_TOKENS].find(query, {"token_hash": 0}).sort("_id", 1))
+    rows = list(db[dbm.API_TOKENS].find(query, {"token_hash": 0, "request_key": 0})
+                .sort("_id", 1))
     if as_json:
         echo_json(rows)
         return

@@ -121,10 +121,14 @@ def public_view(account: Doc) -> Doc:
 
 
 def create_account(db: Database[Doc], project_id: str, spec: Any, actor: audit.Actor, *,
-                   register: bool = True, settings: Settings | None = None) -> Doc:
+                   register: bool = True, settings: Settings | None = None,
+                   request_key: str | None = None) -> Doc:
     """Create an account (new P-256 key, sealed); with ``register`` also register it at
     the CA now. A failed registration leaves the stored account as ``new`` (the worker or
-    ``register_account`` retries it)."""
+    ``register_account`` retries it). A taken name is a Conflict, except for the account
+    this ``request_key`` (an API request's idempotency reservation) already created: a
+    retry that took over the key of a request whose process died after its commit gets
+    that account (registered now if it was not yet), not a second key at the CA."""
     from app.keys import generate_private_key, seal_private_key
 
     settings = _settings(settings)
@@ -143,6 +147,8 @@ def create_account(db: Database[Doc], project_id: str, spec: Any, actor: audit.A
                     "key_id": key_id, "key_type": ACCOUNT_KEY_TYPE, "account_url": None,
                     "status": STATUS_NEW, "created_at": now, "updated_at": now,
                     "registered_at": None, "last_error": None}
+        if request_key is not None:
+            doc["request_key"] = request_key
         db[dbm.ACME_ACCOUNTS].insert_one(doc, session=session)
         audit.record(db, session, actor=actor, action="acme_account.create",
                      target=f"acme_account:{account_id}", project_id=project_id,
@@ -155,9 +161,16 @@ def create_account(db: Database[Doc], project_id: str, spec: Any, actor: audit.A
     try:
         doc = dbm.transaction(db, insert, what="create ACME account")
     except DuplicateKeyError:
-        raise Conflict(f"project already has an account named {fields['name']!r} for "
-                       f"{fields['directory_url']}") from None
-    if register:
+        made = None if request_key is None else dbm.retry(
+            lambda: dbm.primary(db)[dbm.ACME_ACCOUNTS].find_one({
+                "project_id": project_id, "directory_url": fields["directory_url"],
+                "name": fields["name"], "request_key": request_key}),
+            what="read ACME account")
+        if made is None:
+            raise Conflict(f"project already has an account named {fields['name']!r} "
+                           f"for {fields['directory_url']}") from None
+        doc, account_id = made, made["_id"]
+    if register and doc.get("status") == STATUS_NEW:
         doc = register_account(db, account_id, actor, eab_hmac_key=hmac_key,
                                settings=settings, project_id=project_id)
     return doc

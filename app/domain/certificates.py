@@ -254,17 +254,23 @@ def delete_certificate(db: Database[Doc], certificate_id: str, actor: audit.Acto
 
 
 def request_issuance(db: Database[Doc], certificate_id: str, actor: audit.Actor,
-                     reason: str = "manual", *, project_id: str | None = None) -> Doc:
+                     reason: str = "manual", *, project_id: str | None = None,
+                     request_key: str | None = None) -> Doc:
     """Enqueue an issuance (or renewal) job now; returns the job document (the active one
-    when an issuance is already queued or running for this certificate)."""
+    when an issuance is already queued or running for this certificate). ``request_key``
+    (an API request's idempotency reservation) goes in the job's payload for
+    ``job_made_under``."""
     from app.jobs import enqueue, publish_wakeup
 
     if reason not in ISSUE_REASONS:
         raise ValidationFailed("reason must be one of " + ", ".join(ISSUE_REASONS))
     current = get_certificate(db, certificate_id, project_id=project_id)
+    payload: Doc = {"certificate_id": certificate_id, "reason": reason}
+    if request_key is not None:
+        payload["request_key"] = request_key
 
     def save(session: ClientSession) -> Doc:
-        job = enqueue(db, ISSUE_JOB_KIND, {"certificate_id": certificate_id, "reason": reason},
+        job = enqueue(db, ISSUE_JOB_KIND, payload,
                       dedupe_key=dedupe_key(certificate_id),
                       project_id=current["project_id"], session=session, publish=False)
         audit.record(db, session, actor=actor, action="certificate.issue_requested",
@@ -276,6 +282,16 @@ def request_issuance(db: Database[Doc], certificate_id: str, actor: audit.Actor,
     publish_wakeup(str(job["_id"]))
     return job
 
+
+def job_made_under(db: Database[Doc], certificate_id: str, request_key: str) -> Doc | None:
+    """The issuance job that a request with this idempotency reservation already
+    enqueued for the certificate, whatever its state now, or None: a retry that took
+    over the key of a request whose process died after its commit answers with it
+    instead of ordering again once that job has finished. One read on the
+    ``dedupe_key`` index."""
+    return dbm.retry(lambda: dbm.primary(db)[dbm.JOBS].find_one(
+        {"dedupe_key": dedupe_key(certificate_id), "payload.request_key": request_key}),
+        what="read issuance job")
 
 
 # ------------------------------------------------------------------ issuance results

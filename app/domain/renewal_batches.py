@@ -164,9 +164,10 @@ def _described(selector: Doc) -> Doc:
 
 
 def start_batch(db: Database[Doc], selector: Any, actor: audit.Actor, *,
-                project_id: str | None = None) -> Doc:
+                project_id: str | None = None, request_key: str | None = None) -> Doc:
     """Select and enqueue (see the module docstring). ``project_id``: the caller's scope
-    (a project token's project; None for an admin: every project)."""
+    (a project token's project; None for an admin: every project). ``request_key`` (an
+    API request's idempotency reservation) is stored on the batch for ``made_under``."""
     from app.jobs import enqueue, publish_wakeup
 
     clean = validate_selector(selector)
@@ -201,6 +202,8 @@ def start_batch(db: Database[Doc], selector: Any, actor: audit.Actor, *,
                  "reason": REASON, "state": "active", "created_at": now,
                  "created_by": actor.id, "total": len(items), "items": items,
                  "unmatched_serials": unmatched}
+        if request_key is not None:
+            batch["request_key"] = request_key
         db[COLLECTION].insert_one(batch, session=session)
         audit.record(db, session, actor=actor, action="renewal_batch.create",
                      target=f"renewal_batch:{batch_id}", project_id=project_id,
@@ -213,6 +216,17 @@ def start_batch(db: Database[Doc], selector: Any, actor: audit.Actor, *,
         if not item["already_queued"]:
             publish_wakeup(item["job_id"])
     return progress(db, batch)
+
+
+def made_under(db: Database[Doc], request_key: str, *, project_id: str | None) -> Doc | None:
+    """The batch (with its progress) that a request with this idempotency reservation
+    already started in this scope, or None: a retry that took over the key of a request
+    whose process died after its commit answers with it instead of renewing the
+    selection a second time (its jobs may have finished already, so the active-job
+    dedupe would not stop a second order each)."""
+    doc = dbm.retry(lambda: dbm.primary(db)[COLLECTION].find_one(
+        {"project_id": project_id, "request_key": request_key}), what="read renewal batch")
+    return None if doc is None else progress(db, doc)
 
 
 def get_batch(db: Database[Doc], batch_id: str, *, project_id: str | None = None) -> Doc:
@@ -238,7 +252,7 @@ def progress(db: Database[Doc], batch: Doc) -> Doc:
               "running": states.get("running", 0),
               "done": states.get("succeeded", 0), "failed": states.get("dead", 0),
               "cancelled": states.get("cancelled", 0)}
-    out = {k: v for k, v in batch.items() if k != "items"}
+    out = {k: v for k, v in batch.items() if k not in ("items", "request_key")}
     out["counts"] = counts
     out["finished"] = counts["queued"] == 0
     out["certificates"] = [i["certificate_id"] for i in batch.get("items") or []]

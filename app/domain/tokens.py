@@ -101,11 +101,12 @@ def normalize_scopes(scopes: Iterable[str], *, admin: bool) -> list[str]:
 
 
 def create_token(db: Database[Doc], *, project_id: str | None, scopes: Iterable[str],
-                 actor: Actor, name: str = "", expires_in_days: int | None = None
-                 ) -> tuple[Doc, str]:
+                 actor: Actor, name: str = "", expires_in_days: int | None = None,
+                 request_key: str | None = None) -> tuple[Doc, str]:
     """Create a token; return (document without hash, plaintext token shown once).
 
-    ``project_id=None`` creates an admin token (scope ``admin``)."""
+    ``project_id=None`` creates an admin token (scope ``admin``). ``request_key`` (an
+    API request's idempotency reservation) is stored on it for ``revoke_made_under``."""
     admin = project_id is None
     scope_list = normalize_scopes(scopes, admin=admin)
     if name and not NAME_RE.match(name):
@@ -133,6 +134,8 @@ def create_token(db: Database[Doc], *, project_id: str | None, scopes: Iterable[
         "revoked_at": None,
         "last_used_at": None,
     }
+    if request_key is not None:
+        doc["request_key"] = request_key
 
     def write(session: ClientSession) -> None:
         if project_id is not None and db[dbm.PROJECTS].find_one(
@@ -144,15 +147,29 @@ def create_token(db: Database[Doc], *, project_id: str | None, scopes: Iterable[
                details={"scopes": scope_list, "name": name, "admin": admin})
 
     dbm.transaction(db, write, what="create token")
-    public = {k: v for k, v in doc.items() if k != "token_hash"}
+    public = {k: v for k, v in doc.items() if k not in ("token_hash", "request_key")}
     return public, plaintext
+
+
+def revoke_made_under(db: Database[Doc], request_key: str, *, project_id: str | None,
+                      actor: Actor) -> list[str]:
+    """Revoke the live tokens a request with this idempotency reservation created: a
+    retry that took over the key of a request whose process died after its commit gets
+    a new token, and the first one, whose plaintext died with that process (it is never
+    stored), must not stay valid with nobody holding it. Returns the revoked ids."""
+    made = dbm.retry(lambda: list(dbm.primary(db)[dbm.API_TOKENS].find(
+        {"project_id": project_id, "request_key": request_key, "revoked_at": None},
+        {"_id": 1})), what="read tokens")
+    for doc in made:
+        revoke_token(db, doc["_id"], actor=actor)
+    return [doc["_id"] for doc in made]
 
 
 def get_token(db: Database[Doc], token_id: str) -> Doc:
     if not isinstance(token_id, str) or not ID_RE.match(token_id):
         raise NotFound(f"token {token_id!r} not found")
     doc = dbm.retry(lambda: db[dbm.API_TOKENS].find_one({"_id": token_id},
-                                                        {"token_hash": 0}),
+                                                        {"token_hash": 0, "request_key": 0}),
                     what="read token")
     if doc is None:
         raise NotFound(f"token {token_id!r} not found")

@@ -235,3 +235,137 @@ def test_descending_pages_keep_every_item_that_ties_on_the_cursors_date(migrated
         if not cursor:
             break
     assert seen == sorted((f"t{i:03d}" for i in range(40)), reverse=True)
+
+
+# ------------------------------------------- a retry after the first request's process died
+# kill -9 of an api after a create committed, before its answer was stored: the key's
+# lease lapses and a retry takes it over and runs the view again. Each create below
+# answers with what the dead request made instead of making it twice.
+def _as_if_its_process_died(db, tok, key: str) -> None:
+    """The state a dead first request leaves: committed, answer not stored, lease lapsed."""
+    import hashlib
+
+    record_id = f"{tok.id}:{hashlib.sha256(key.encode()).hexdigest()}"
+    changed = db[IDEMPOTENCY].update_one({"_id": record_id}, {
+        "$set": {"state": "running", "owner": "vm:1:dead",
+                 "lease_until": dbm.server_now(db) - timedelta(seconds=1)},
+        "$unset": {"status": "", "body": "", "headers": ""}})
+    assert changed.modified_count == 1
+
+
+def test_a_token_retried_after_its_first_requests_process_died_replaces_the_lost_one(
+        client, migrated_db) -> None:
+    """The first token's plaintext died with its process (never stored): the retry gets
+    a new token and the first one is revoked, not left valid with nobody holding it."""
+    project = make_project(migrated_db, "alpha")
+    owner = make_token(migrated_db, project, ["read", "write"])
+    headers = {**owner.headers, "Idempotency-Key": "token-owner-died"}
+    body = {"project_id": project, "scopes": ["read"], "name": "ci"}
+    first = client.post(f"{API}/tokens", json=body, headers=headers)
+    assert first.status_code == 201, first.json
+    _as_if_its_process_died(migrated_db, owner, "token-owner-died")
+    retry = client.post(f"{API}/tokens", json=body, headers=headers)
+    assert retry.status_code == 201 and "Idempotent-Replayed" not in retry.headers
+    assert retry.json["id"] != first.json["id"]
+    lost = migrated_db[dbm.API_TOKENS].find_one({"_id": first.json["id"]})
+    assert lost["revoked_at"] is not None
+    assert migrated_db[dbm.API_TOKENS].count_documents(
+        {"project_id": project, "name": "ci", "revoked_at": None}) == 1
+    assert migrated_db[dbm.AUDIT].count_documents(
+        {"action": "token.revoke", "target": f"token:{first.json['id']}"}) == 1
+    tokens.clear_cache()
+    fresh = {"Authorization": f"Bearer {retry.json['token']}"}
+    assert client.get(f"{API}/projects/{project}", headers=fresh).status_code == 200
+    stale = {"Authorization": f"Bearer {first.json['token']}"}
+    assert client.get(f"{API}/projects/{project}", headers=stale).status_code == 401
+    # The stored answer is the second one, its plaintext redacted; the reservation is
+    # in no answer.
+    replay = client.post(f"{API}/tokens", json=body, headers=headers)
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json["id"] == retry.json["id"] and replay.json["token"].startswith("(")
+    listed = client.get(f"{API}/tokens?project_id={project}", headers=owner.headers)
+    assert all("request_key" not in item for item in listed.json["items"])
+    assert "request_key" not in retry.json
+
+
+def test_an_alert_channel_and_an_account_retried_after_the_process_died_are_the_first(
+        client, migrated_db) -> None:
+    project = make_project(migrated_db, "alpha")
+    owner = make_token(migrated_db, project, ["read", "write"])
+    made = {}
+    for path, body in (
+            ("alert-channels", {"project_id": project, "name": "ops",
+                                "url": "https://hooks.example.com/cap"}),
+            ("acme-accounts", {"project_id": project, "register": False,
+                               "directory_url": "https://127.0.0.1:1/dir",
+                               "terms_agreed": True})):
+        headers = {**owner.headers, "Idempotency-Key": f"{path}-owner-died"}
+        first = client.post(f"{API}/{path}", json=body, headers=headers)
+        assert first.status_code == 201, first.json
+        _as_if_its_process_died(migrated_db, owner, f"{path}-owner-died")
+        retry = client.post(f"{API}/{path}", json=body, headers=headers)
+        assert retry.status_code == 201, retry.json
+        assert "Idempotent-Replayed" not in retry.headers
+        assert retry.json == first.json and "request_key" not in retry.json
+        # Another key naming the same object is still a conflict.
+        other = client.post(f"{API}/{path}", json=body,
+                            headers={**owner.headers, "Idempotency-Key": f"{path}-other"})
+        assert other.status_code == 409 and other.json["code"] == "conflict", other.json
+        made[path] = first.json["id"]
+    assert migrated_db[dbm.ALERT_CHANNELS].count_documents({"project_id": project}) == 1
+    assert migrated_db[dbm.ACME_ACCOUNTS].count_documents({"project_id": project}) == 1
+    assert migrated_db[dbm.AUDIT].count_documents(
+        {"action": {"$in": ["alert_channel.create", "acme_account.create"]}}) == 2
+
+
+def test_a_renew_now_and_a_batch_retried_after_the_process_died_do_not_order_again(
+        client, migrated_db) -> None:
+    """Their first jobs may have finished by the time the key's lease lapses, so the
+    active-job dedupe would not stop a second order: the retry answers with the first
+    request's job (renew now) and batch."""
+    from app.audit import system_actor
+    from app.domain import accounts, certificates
+
+    actor = system_actor("cli")
+    project = make_project(migrated_db, "alpha")
+    accounts.create_account(migrated_db, project, {
+        "directory_url": "https://127.0.0.1:1/dir", "terms_agreed": True}, actor,
+        register=False)
+    owner = make_token(migrated_db, project, ["read", "write"])
+    cert = certificates.create_certificate(migrated_db, project,
+                                           {"names": ["died.example.com"]}, actor)
+    migrated_db[dbm.CERTIFICATES].update_one({"_id": cert["_id"]}, {"$set": {
+        "status": "issued", "serial": "a1", "issuer": "CN=R11,O=Let's Encrypt",
+        "certificate_pem": "-----BEGIN CERTIFICATE-----",
+        "not_after": datetime.now(UTC) + timedelta(days=10)}})
+
+    def finish_every_job() -> None:
+        migrated_db[dbm.JOBS].update_many({"state": {"$in": ["queued", "running"]}},
+                                          {"$set": {"state": "succeeded"}})
+
+    headers = {**owner.headers, "Idempotency-Key": "renew-owner-died"}
+    first = client.post(f"{API}/certificates/{cert['_id']}/renew", headers=headers)
+    assert first.status_code == 202, first.json
+    finish_every_job()
+    _as_if_its_process_died(migrated_db, owner, "renew-owner-died")
+    retry = client.post(f"{API}/certificates/{cert['_id']}/renew", headers=headers)
+    assert retry.status_code == 202 and "Idempotent-Replayed" not in retry.headers
+    assert retry.json["job"]["id"] == first.json["job"]["id"]
+    assert migrated_db[dbm.JOBS].count_documents({"kind": "certificates.issue"}) == 1
+    # Without a takeover the key is not looked up: another key renews again.
+    again = client.post(f"{API}/certificates/{cert['_id']}/renew",
+                        headers={**owner.headers, "Idempotency-Key": "renew-other"})
+    assert again.status_code == 202 and again.json["job"]["id"] != first.json["job"]["id"]
+    finish_every_job()
+
+    headers = {**owner.headers, "Idempotency-Key": "batch-owner-died"}
+    batch = client.post(f"{API}/renewals", json={"issuer": "R11"}, headers=headers)
+    assert batch.status_code == 201, batch.json
+    finish_every_job()
+    _as_if_its_process_died(migrated_db, owner, "batch-owner-died")
+    retry = client.post(f"{API}/renewals", json={"issuer": "R11"}, headers=headers)
+    assert retry.status_code == 201 and "Idempotent-Replayed" not in retry.headers
+    assert retry.json["id"] == batch.json["id"] and retry.json["counts"]["done"] == 1
+    assert migrated_db["renewal_batches"].count_documents({}) == 1
+    assert migrated_db[dbm.JOBS].count_documents({"kind": "certificates.issue"}) == 3
+    assert "request_key" not in retry.json

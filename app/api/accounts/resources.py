@@ -7,6 +7,7 @@ from typing import Any
 from flask.views import MethodView
 
 from app import db as dbm
+from app.api import idempotency
 from app.api.accounts.schemas import (
     AccountCreateSchema,
     AccountListArgsSchema,
@@ -59,7 +60,8 @@ class Accounts(MethodView):
         project_id = required_project(data.pop("project_id", None))
         register = data.pop("register", True)
         return accounts.create_account(current_db(), project_id, data, principal().actor,
-                                       register=register)
+                                       register=register,
+                                       request_key=idempotency.current_key())
 
 
 @blp.route("/<string:account_id>")

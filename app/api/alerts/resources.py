@@ -9,6 +9,7 @@ from typing import Any
 from flask.views import MethodView
 
 from app import db as dbm
+from app.api import idempotency
 from app.api.alerts.schemas import (
     AlertListArgsSchema,
     AlertPageSchema,
@@ -77,7 +78,8 @@ class Channels(MethodView):
         if "from_" in data:
             data["from"] = data.pop("from_")
         doc = channels.create_channel(current_db(), project_id, data, caller.actor,
-                                      rule_names=engine.RULES)
+                                      rule_names=engine.RULES,
+                                      request_key=idempotency.current_key())
         return channels.public_view(doc)
 
 

@@ -123,11 +123,12 @@ class Certificates(MethodView):
         db = current_db()
         _merge_endpoints(data)
         key = idempotency.current_key()
-        if key is not None and idempotency.taken_over():
+        retaken = idempotency.retaken_key()
+        if retaken is not None:
             # The first request with this key died after its commit, maybe: answer with
             # what it created. Its first issuance was enqueued then, or the renewal scan
             # enqueues it (the certificate is due at creation); a second would order twice.
-            made = certificates.made_under(db, project_id, data, key)
+            made = certificates.made_under(db, project_id, data, retaken)
             if made is not None:
                 made = _with_endpoints(made)
                 return made, {"ETag": _etag(made)}
@@ -220,8 +221,12 @@ def _request(certificate_id: str, reason: str) -> tuple[dict[str, Any], int]:
     check_if_match(_etag(current))
     if current.get("status") == certificates.STATUS_REVOKED and reason == "renew_now":
         raise Conflict("a revoked certificate is not renewed; use issue to get a new one")
-    job = certificates.request_issuance(current_db(), certificate_id, principal().actor,
-                                        reason, project_id=current["project_id"])
+    retaken = idempotency.retaken_key()
+    made = None if retaken is None else certificates.job_made_under(
+        current_db(), certificate_id, retaken)
+    job = made or certificates.request_issuance(
+        current_db(), certificate_id, principal().actor, reason,
+        project_id=current["project_id"], request_key=idempotency.current_key())
     return {"certificate_id": certificate_id, "job": job}, 202
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask.views import MethodView
 
+from app.api import idempotency
 from app.api.auth import READ, WRITE, scope
 from app.api.common import API_PREFIX, Blueprint, current_db, principal
 from app.api.renewals.schemas import RenewalBatchCreateSchema, RenewalBatchSchema
@@ -29,8 +30,14 @@ class Renewals(MethodView):
     @blp.response(201, RenewalBatchSchema)
     def post(self, data: dict[str, Any]) -> dict[str, Any]:
         """Renew the selected certificates now, as one tracked batch."""
-        return renewal_batches.start_batch(current_db(), data, principal().actor,
-                                           project_id=_scope())
+        db = current_db()
+        retaken = idempotency.retaken_key()
+        if retaken is not None:
+            made = renewal_batches.made_under(db, retaken, project_id=_scope())
+            if made is not None:
+                return made
+        return renewal_batches.start_batch(db, data, principal().actor, project_id=_scope(),
+                                           request_key=idempotency.current_key())
 
 
 @blp.route("/<string:batch_id>")

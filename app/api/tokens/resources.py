@@ -7,6 +7,7 @@ from flask import g
 from flask.views import MethodView
 
 from app import db as dbm
+from app.api import idempotency
 from app.api.auth import READ, WRITE, scope
 from app.api.common import (
     API_PREFIX,
@@ -44,7 +45,7 @@ class Tokens(MethodView):
         if not args["include_revoked"]:
             query["revoked_at"] = None
         return paginate(current_db()[dbm.API_TOKENS], query, limit=args["limit"],
-                        cursor=args["cursor"], projection={"token_hash": 0})
+                        cursor=args["cursor"], projection={"token_hash": 0, "request_key": 0})
 
     @scope(WRITE)
     @blp.arguments(TokenCreateSchema)
@@ -60,9 +61,14 @@ class Tokens(MethodView):
             project_id = required_project(data["project_id"])
             scopes = data["scopes"] or list(DEFAULT_SCOPES)
         tokens.check_grant(caller, project_id, scopes)
+        db = current_db()
+        retaken = idempotency.retaken_key()
+        if retaken is not None:
+            tokens.revoke_made_under(db, retaken, project_id=project_id, actor=caller.actor)
         doc, plaintext = tokens.create_token(
-            current_db(), project_id=project_id, scopes=scopes, actor=caller.actor,
-            name=data["name"], expires_in_days=data["expires_in_days"])
+            db, project_id=project_id, scopes=scopes, actor=caller.actor,
+            name=data["name"], expires_in_days=data["expires_in_days"],
+            request_key=idempotency.current_key())
         # An idempotent replay of this answer must not come from a stored plaintext.
         g.idempotency_redact = {"token": "(shown only in the first answer)"}
         return {**doc, "token": plaintext}

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import secrets
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,6 +35,7 @@ from urllib.parse import urlsplit
 from pymongo import DESCENDING
 from pymongo.client_session import ClientSession
 from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
 
 from app import audit
 from app import db as dbm
@@ -222,7 +222,7 @@ def _check_ca_file(ca_file: str | None) -> None:
 
 def public_view(doc: Doc) -> Doc:
     """A channel as shown to users (no sealed reference, no secret)."""
-    hidden = {"_id", "sealed_id", "scope"}
+    hidden = {"_id", "sealed_id", "scope", "request_key"}
     view = {k: v for k, v in doc.items() if k not in hidden}
     view["id"] = doc["_id"]
     view["global"] = doc.get("project_id") is None
@@ -230,8 +230,12 @@ def public_view(doc: Doc) -> Doc:
 
 
 def create_channel(db: Database[Doc], project_id: str | None, spec: Any,
-                   actor: audit.Actor, *, rule_names: tuple[str, ...]) -> Doc:
-    """Validate and store a channel (``project_id`` None: a global channel)."""
+                   actor: audit.Actor, *, rule_names: tuple[str, ...],
+                   request_key: str | None = None) -> Doc:
+    """Validate and store a channel (``project_id`` None: a global channel). A taken
+    name is a Conflict, except for the channel this ``request_key`` (an API request's
+    idempotency reservation) already created: a retry that took over the key of a
+    request whose process died after its commit gets that channel."""
     from app import keys
 
     fields, to_seal = validate(spec, rule_names=rule_names)
@@ -239,13 +243,20 @@ def create_channel(db: Database[Doc], project_id: str | None, spec: Any,
     if project_id is not None:
         if db[dbm.PROJECTS].find_one({"_id": project_id}, {"_id": 1}) is None:
             raise NotFound(f"project {project_id:.64} not found")
-    if db[dbm.ALERT_CHANNELS].find_one({"scope": scope, "name": fields["name"]}) is not None:
+
+    existing = dbm.primary(db)[dbm.ALERT_CHANNELS].find_one(
+        {"scope": scope, "name": fields["name"]})
+    if existing is not None:
+        if request_key is not None and existing.get("request_key") == request_key:
+            return existing
         raise Conflict(f"an alert channel named {fields['name']!r} exists in this scope")
-    now = datetime.now(UTC)
+    now = dbm.server_now(db)
     doc: Doc = {"_id": "chn_" + secrets.token_hex(8), "project_id": project_id,
                 "scope": scope, **fields, "sealed_id": None, "next_seq": 0,
                 "created_at": now, "updated_at": now, "failure": None,
                 "last_success_at": None}
+    if request_key is not None:
+        doc["request_key"] = request_key
 
     def insert(session: ClientSession) -> None:
         if to_seal is not None:
@@ -259,7 +270,11 @@ def create_channel(db: Database[Doc], project_id: str | None, spec: Any,
                               "target": fields["target"], "signed": fields.get("signed"),
                               "rules": fields.get("rules")})
 
-    dbm.transaction(db, insert, what="create alert channel")
+    try:
+        dbm.transaction(db, insert, what="create alert channel")
+    except DuplicateKeyError:  # the same name, created since the check above
+        raise Conflict(f"an alert channel named {fields['name']!r} exists in this "
+                       "scope") from None
     return doc
 
 
