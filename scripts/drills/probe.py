@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -33,16 +34,20 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
     replay_mismatch: int = 0
     latencies: list[float] = field(default_factory=list)  # seconds, answered requests
+    # Each failed request (not a 2xx): when it was sent (UTC), what, and the status or
+    # the transport error, to match against the drill's disturbances in the logs.
+    failures: list[dict[str, str]] = field(default_factory=list)
 
     def minus(self, other: Tally) -> Tally:
         return Tally(self.requests - other.requests, self.ok - other.ok,
                      self.status - other.status, self.errors - other.errors,
                      self.replay_mismatch - other.replay_mismatch,
-                     self.latencies[len(other.latencies):])
+                     self.latencies[len(other.latencies):],
+                     self.failures[len(other.failures):])
 
     def copy(self) -> Tally:
         return Tally(self.requests, self.ok, Counter(self.status), Counter(self.errors),
-                     self.replay_mismatch, list(self.latencies))
+                     self.replay_mismatch, list(self.latencies), list(self.failures))
 
     def latency(self, q: float) -> float | None:
         ordered = sorted(self.latencies)
@@ -64,6 +69,8 @@ class Tally:
             "probe_p50_s": self.latency(0.5), "probe_p99_s": self.latency(0.99),
             "probe_max_s": self.latency(1.0),
             "probe_slower_than_5s": sum(t > 5 for t in self.latencies),
+            "probe_failure_samples": self.failures[:5] + self.failures[-5:]
+            if len(self.failures) > 10 else list(self.failures),
         }
 
 
@@ -117,34 +124,41 @@ class Probe:
 
     def _one(self, k: int) -> None:
         kind = k % 10
+        sent = _utc_now()
         try:
             if kind < 5:
                 self._count(self._session().get(
                     f"{self.base}/certificates/{random.choice(self.ids)}",
-                    timeout=self.timeout))
+                    timeout=self.timeout), sent)
             elif kind < 8:
                 self._count(self._session().get(f"{self.base}/certificates",
-                                                params={"limit": 20}, timeout=self.timeout))
+                                                params={"limit": 20}, timeout=self.timeout),
+                            sent)
             else:
                 self._post_twice()
         except requests.RequestException as exc:
+            what = f"{exc.request.method} {exc.request.url}" if exc.request else "?"
             with self._lock:
                 self.tally.requests += 1
                 self.tally.errors[type(exc).__name__] += 1
+                self.tally.failures.append({"sent": sent, "request": what,
+                                            "error": f"{type(exc).__name__}: {exc}"[:300]})
 
     def _post_twice(self) -> None:
         key = uuid.uuid4().hex
         body = {"name": f"probe-{key[:20]}", "description": "drill probe"}
         headers = {"Idempotency-Key": key}
+        sent = _utc_now()
         first = self._session().post(f"{self.base}/projects", json=body, headers=headers,
                                      timeout=self.timeout)
-        self._count(first)
+        self._count(first, sent)
         if first.ok:
             with self._lock:
                 self.acknowledged_projects.append(first.json()["id"])
+        sent = _utc_now()
         second = self._session().post(f"{self.base}/projects", json=body, headers=headers,
                                       timeout=self.timeout)
-        self._count(second)
+        self._count(second, sent)
         if first.ok and second.ok and second.json().get("id") != first.json()["id"]:
             with self._lock:
                 self.tally.replay_mismatch += 1
@@ -152,12 +166,21 @@ class Probe:
             with self._lock:
                 self.acknowledged_projects.append(second.json()["id"])
 
-    def _count(self, answer: requests.Response) -> None:
+    def _count(self, answer: requests.Response, sent: str) -> None:
         label = str(answer.status_code)
         if answer.status_code == 503 and answer.headers.get("Retry-After"):
             label = "503+retry-after"
+        ok = 200 <= answer.status_code < 300
         with self._lock:
             self.tally.requests += 1
-            self.tally.ok += 200 <= answer.status_code < 300
+            self.tally.ok += ok
             self.tally.status[label] += 1
             self.tally.latencies.append(answer.elapsed.total_seconds())
+            if not ok:
+                self.tally.failures.append({
+                    "sent": sent, "request": f"{answer.request.method} "
+                    f"{answer.request.path_url}", "error": label})
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]

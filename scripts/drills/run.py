@@ -484,6 +484,8 @@ def api_loss(ctx: Ctx) -> dict[str, Any]:
     index = random.randrange(len(stack.apis))
     stack.apis[index].kill9()
     killed_at = time.time()
+    killed_utc = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
+    log(f"api_loss: kill -9 of api{index} at {killed_utc}")
     wait_until(lambda: stack.haproxy_status().get(("be_live", f"api{index}")) != "UP", 30,
                "haproxy taking the killed api out")
     taken_out = round(time.time() - killed_at, 1)
@@ -494,7 +496,8 @@ def api_loss(ctx: Ctx) -> dict[str, Any]:
     time.sleep(5)
     converged = ctx.wait_renewed(base, WAIT_S)
     result = ctx.finish(base, {"converged_s": converged, "killed": f"api{index}",
-                               "taken_out_after_s": taken_out, "back_after_s": back})
+                               "killed_at": killed_utc, "taken_out_after_s": taken_out,
+                               "back_after_s": back})
     result["passed"] = bool((result["probe_success_ratio"] or 0) >= API_TARGET
                             and result["renewed"] == len(ctx.ids))
     return result
