@@ -124,7 +124,7 @@ class Probe:
 
     def _one(self, k: int) -> None:
         kind = k % 10
-        sent = _utc_now()
+        sent = utc_clock()
         try:
             if kind < 5:
                 self._count(self._session().get(
@@ -148,14 +148,14 @@ class Probe:
         key = uuid.uuid4().hex
         body = {"name": f"probe-{key[:20]}", "description": "drill probe"}
         headers = {"Idempotency-Key": key}
-        sent = _utc_now()
+        sent = utc_clock()
         first = self._session().post(f"{self.base}/projects", json=body, headers=headers,
                                      timeout=self.timeout)
         self._count(first, sent)
         if first.ok:
             with self._lock:
                 self.acknowledged_projects.append(first.json()["id"])
-        sent = _utc_now()
+        sent = utc_clock()
         second = self._session().post(f"{self.base}/projects", json=body, headers=headers,
                                       timeout=self.timeout)
         self._count(second, sent)
@@ -182,5 +182,6 @@ class Probe:
                     f"{answer.request.path_url}", "error": label})
 
 
-def _utc_now() -> str:
+def utc_clock() -> str:
+    """Now, UTC, as HH:MM:SS.mmm (the drill log's clock, to the millisecond)."""
     return datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]

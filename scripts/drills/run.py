@@ -57,7 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from probe import Probe, Tally  # noqa: E402
+from probe import Probe, Tally, utc_clock  # noqa: E402
 from stack import SCAN_ENTRY, DrillError, Stack, log, wait_until  # noqa: E402
 
 from app import db as dbm  # noqa: E402
@@ -484,7 +484,7 @@ def api_loss(ctx: Ctx) -> dict[str, Any]:
     index = random.randrange(len(stack.apis))
     stack.apis[index].kill9()
     killed_at = time.time()
-    killed_utc = datetime.now(UTC).strftime("%H:%M:%S.%f")[:-3]
+    killed_utc = utc_clock()
     log(f"api_loss: kill -9 of api{index} at {killed_utc}")
     wait_until(lambda: stack.haproxy_status().get(("be_live", f"api{index}")) != "UP", 30,
                "haproxy taking the killed api out")
