@@ -352,6 +352,11 @@ def test_a_renew_now_and_a_batch_retried_after_the_process_died_do_not_order_aga
     assert retry.status_code == 202 and "Idempotent-Replayed" not in retry.headers
     assert retry.json["job"]["id"] == first.json["job"]["id"]
     assert migrated_db[dbm.JOBS].count_documents({"kind": "certificates.issue"}) == 1
+    # The reservation is the job's bookkeeping, in no answer.
+    assert "request_key" not in retry.json["job"]["payload"]
+    shown = client.get(f"{API}/jobs/{first.json['job']['id']}", headers=owner.headers)
+    assert shown.status_code == 200 and "request_key" not in shown.json["payload"]
+    assert shown.json["payload"]["certificate_id"] == cert["_id"]
     # Without a takeover the key is not looked up: another key renews again.
     again = client.post(f"{API}/certificates/{cert['_id']}/renew",
                         headers={**owner.headers, "Idempotency-Key": "renew-other"})
