@@ -74,7 +74,7 @@ def populate(db: Any, certificates: int, audit_entries: int) -> int:
     from app import db as dbm
     from app.keys.store import build_record
     sys.path.insert(0, str(ROOT / "scripts" / "bench"))
-    from audit import build_chain  # type: ignore[import-not-found]
+    from audit import build_chain
 
     kek = AESGCM(os.urandom(32))
     chain = _pem_chain()

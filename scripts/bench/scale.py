@@ -239,7 +239,7 @@ class Seeder:
             "expire_at": finished + self.retention,
         }
 
-    def grow(self, size: int) -> dict[str, float]:
+    def grow(self, size: int) -> dict[str, float | None]:
         """Insert certificates up to ``size`` (and their year of audit entries and jobs)."""
         from app.audit import system_actor
         from app.audit.log import CHAIN_ID, build_entry
@@ -630,6 +630,7 @@ class Bench:
         import requests
 
         result: Doc = {}
+        fleet_metrics: Any
         try:
             from app import metrics_snapshot as fleet_metrics  # the snapshot design, when present
         except ImportError:

@@ -51,6 +51,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -58,7 +59,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from probe import Probe, Tally, utc_clock  # noqa: E402
-from stack import SCAN_ENTRY, DrillError, Stack, log, wait_until  # noqa: E402
+from stack import SCAN_ENTRY, DrillError, Proc, Stack, log, wait_until  # noqa: E402
 
 from app import db as dbm  # noqa: E402
 from app.db.names import FIRES  # noqa: E402
@@ -267,6 +268,15 @@ def op_shape(command: dict[str, Any]) -> str:
 
 # --- the drills ---------------------------------------------------------------------------
 
+def _booted(api: Proc) -> bool:
+    return api.log().count("Booting worker") >= 2
+
+
+def _heartbeating(db: Any, worker: Proc) -> bool:
+    return dbm.primary(db)[dbm.WORKERS].find_one({"pid": worker.pid, "state": "running"}) \
+        is not None
+
+
 def rolling_restart(ctx: Ctx) -> dict[str, Any]:
     stack = ctx.stack
     base = ctx.begin()
@@ -280,8 +290,7 @@ def rolling_restart(ctx: Ctx) -> dict[str, Any]:
     steps.append("migrate")
     for index in range(len(stack.apis)):
         old, new = stack.apis[index], stack.start_api(index)
-        wait_until(lambda new=new: new.log().count("Booting worker") >= 2, 120,
-                   f"replacement api{index} up")
+        wait_until(partial(_booted, new), 120, f"replacement api{index} up")
         time.sleep(1)
         old.terminate()
         old.popen.wait(90)
@@ -293,8 +302,7 @@ def rolling_restart(ctx: Ctx) -> dict[str, Any]:
     wait_until(ctx.running_issues, 120, "renewals running")
     for index in range(len(stack.workers)):
         old, new = stack.workers[index], stack.start_worker()
-        wait_until(lambda new=new: dbm.primary(ctx.db)[dbm.WORKERS].find_one(
-            {"pid": new.pid, "state": "running"}), 120, "replacement worker heartbeating")
+        wait_until(partial(_heartbeating, ctx.db, new), 120, "replacement worker heartbeating")
         rolled_while_running += bool(ctx.running_issues())
         old.terminate()
         old.popen.wait(120)

@@ -59,6 +59,7 @@ def log(message: str) -> None:
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
                interval: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
     while True:
         try:
             value = predicate()

@@ -74,7 +74,7 @@ class CertFactory:
         key_path = self.directory / f"leaf{self.count}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM)
                               + self.cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(  # type: ignore[union-attr]
+        key_path.write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()))
         der = cert.public_bytes(serialization.Encoding.DER)
