@@ -327,7 +327,10 @@ def paginate(collection: Collection[Doc], query: Doc, *, limit: int, cursor: str
         return list(collection.find(query, projection).sort([(k, order) for k in keys])
                     .limit(limit + 1 + extra))
 
-    extra = 0
+    # After a cursor the range includes the cursor's own document (its first key's
+    # value, inclusive), which is dropped here: ask for it too, or every such page takes
+    # a second read.
+    extra = 0 if after is None else 1
     while True:
         fetched = dbm.retry(functools.partial(fetch, extra), what=f"list {collection.name}")
         items = fetched if after is None else [d for d in fetched if beyond(d)]
@@ -481,7 +484,9 @@ def windowed_paginate(collection: Collection[Doc], query: Doc, *, limit: int,
         if narrowed is None:
             return []  # outside the query's own range on the date
         find = {**base, first: narrowed} if narrowed else dict(base)
-        extra = 0
+        # The window that starts at the cursor's date holds the cursor's own document,
+        # dropped by ``beyond``: ask for it too, or every deep page takes a second read.
+        extra = 1 if after is not None and window.get("$gte") == after[0] else 0
         while True:
             wanted = need + extra
             fetched = dbm.retry(functools.partial(read, find, wanted),

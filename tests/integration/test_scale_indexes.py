@@ -175,6 +175,62 @@ def test_windowed_pages_are_one_sorted_read_whatever_the_hints(migrated_db) -> N
     assert walk(*lists[0], 7)[0] == "crt_w_oldest"
 
 
+def test_a_page_after_a_cursor_is_one_read(migrated_db, mongo_uri) -> None:
+    """The range after a cursor includes the cursor's own document (ties on the date are
+    dropped in the application): each pager asks for it too, so a deep page costs one
+    read, not a second one for the item it dropped (every deep page took two before)."""
+    from pymongo import MongoClient, monitoring
+
+    from app.api import common
+
+    class Finds(monitoring.CommandListener):
+        count = 0
+
+        def started(self, event: monitoring.CommandStartedEvent) -> None:
+            if event.command_name == "find":
+                Finds.count += 1
+
+        def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+            pass
+
+        def failed(self, event: monitoring.CommandFailedEvent) -> None:
+            pass
+
+    now = dbm.server_now(migrated_db)
+    migrated_db[dbm.CERTIFICATES].insert_many([
+        {"_id": f"crt_one{i:04d}", "project_id": "prj_one", "status": "issued",
+         "created_at": now - timedelta(minutes=300 - i), "deleted_at": None}
+        for i in range(300)])
+    client: MongoClient[dict[str, Any]] = MongoClient(
+        mongo_uri, tz_aware=True, event_listeners=[Finds()])
+    try:
+        coll = client.get_default_database()[dbm.CERTIFICATES]
+        query = {"deleted_at": None, "status": "issued"}
+        keys = ("created_at", "_id")
+        common._hints.clear()
+        for pager in (common.paginate, common.windowed_paginate):
+            cursor, seen, reads = None, [], []
+            while True:
+                Finds.count = 0
+                page = pager(coll, query, limit=50, cursor=cursor, keys=keys,
+                             projection={"_id": 1, "created_at": 1})
+                reads.append(Finds.count)
+                seen.extend(d["_id"] for d in page["items"])
+                cursor = page["next_cursor"]
+                if cursor is None:
+                    break
+            assert seen == [f"crt_one{i:04d}" for i in range(300)], pager
+            if pager is common.paginate:
+                assert reads == [1] * len(reads), reads
+            else:
+                # Its first deep page learns how much of the date a page covers; every
+                # full page after it is one read (the last, short one climbs through
+                # empty windows up to the unbounded one).
+                assert len(reads) == 6 and reads[2:5] == [1, 1, 1], reads
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def client_admin(migrated_db, settings):
     from app import create_app
