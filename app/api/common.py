@@ -483,6 +483,9 @@ def windowed_paginate(collection: Collection[Doc], query: Doc, *, limit: int,
         narrowed = narrow_range(own, window)
         if narrowed is None:
             return []  # outside the query's own range on the date
+        if narrowed and not {"$gt", "$gte"} & set(narrowed):
+            # Not through the documents whose date is null (dbm.EARLIEST).
+            narrowed = {"$gte": dbm.EARLIEST, **narrowed}
         find = {**base, first: narrowed} if narrowed else dict(base)
         # The window that starts at the cursor's date holds the cursor's own document,
         # dropped by ``beyond``: ask for it too, or every deep page takes a second read.

@@ -26,7 +26,7 @@ from app.db.client import (
     primary,
     retry,
 )
-from app.db.clock import server_now
+from app.db.clock import EARLIEST, server_now
 from app.db.names import (
     ACME_ACCOUNTS,
     ALERT_CHANNELS,
@@ -69,7 +69,8 @@ from app.db.txn import after_commit, transaction
 __all__ = [
     "ACME_ACCOUNTS", "ALERTS", "ALERT_CHANNELS", "ALERT_DELIVERIES", "API_TOKENS", "AUDIT",
     "AUDIT_PENDING", "CA_BUDGETS", "CERTIFICATES", "CHALLENGES", "COUNTERS",
-    "DASHBOARD_SESSIONS", "ENDPOINT_SCANS", "FIRES", "IDEMPOTENCY", "JOBS", "KEK_ROTATIONS",
+    "DASHBOARD_SESSIONS", "EARLIEST", "ENDPOINT_SCANS", "FIRES", "IDEMPOTENCY", "JOBS",
+    "KEK_ROTATIONS",
     "KEK_VERSIONS", "KEYS", "LEASES", "MAJORITY", "MESSAGES_COLLECTION", "METRICS_SNAPSHOTS",
     "MIGRATIONS", "MIGRATIONS_LOCK_ID", "ORDERS", "PROJECTS", "RATE_LIMITS",
     "RENEWAL_BATCHES", "RESTORES", "SCHEDULE", "SCHEDULER_LEASE_ID", "SCHEDULER_STANDBYS",

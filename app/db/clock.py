@@ -28,6 +28,14 @@ from pymongo.database import Database
 from app.db.client import retry
 from app.db.names import Doc
 
+# The lower bound a query on a stored date gives a range that has only an upper one:
+# ``{"$gte": EARLIEST, "$lt": x}`` matches what ``{"$lt": x}`` matches (a comparison with a
+# date matches dates only), but the embedded server reads ``{"$lt": x}`` from the start
+# of the index, through every document whose date is null (a revoked certificate's
+# renewal time, a failed one's expiry) before the first date: 5x slower with 2,000 such
+# documents among 10,000.
+EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
+
 # Re-read the server's clock at least this often.
 RESAMPLE_SECONDS = 30.0
 # Samples kept per process (one per client in use; tests open many).

@@ -340,8 +340,9 @@ def store_awaiting(db: Database[Doc], certificate_id: str, awaiting: Doc | None)
 # ------------------------------------------------------------------ due renewals
 def due_query(now: datetime) -> Doc:
     """The renewal scan's filter: on the (deleted_at, next_renewal_at) index (m0010), so
-    the scan reads the due certificates only."""
-    return {"deleted_at": None, "next_renewal_at": {"$lte": now}}
+    the scan reads the due certificates only (from ``EARLIEST``: not through the revoked
+    ones, whose renewal time is null)."""
+    return {"deleted_at": None, "next_renewal_at": {"$gte": dbm.EARLIEST, "$lte": now}}
 
 
 DUE_FIELDS = {"_id": 1, "project_id": 1, "next_renewal_at": 1, "status": 1}
