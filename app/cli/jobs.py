@@ -22,10 +22,9 @@ def _when(value: Any) -> str:
 
 def _public(job: dict[str, Any]) -> dict[str, Any]:
     """A job for display: the lease token is a fencing credential, so only its tail; an
-    API request's idempotency reservation (``payload.request_key``) is not shown."""
+    API request's idempotency reservation (``request_key``) is not shown."""
     shown = dict(job)
-    if isinstance(shown.get("payload"), dict):
-        shown["payload"] = {k: v for k, v in shown["payload"].items() if k != "request_key"}
+    shown.pop("request_key", None)
     lease = shown.get("lease")
     if isinstance(lease, dict) and lease.get("token"):
         shown["lease"] = {**lease, "token": "…" + str(lease["token"])[-6:]}

@@ -408,8 +408,7 @@ def _load_job(job_id: str) -> Doc:
     doc = None
     if valid_job_id(job_id):
         doc = dbm.retry(lambda: current_db()[dbm.JOBS].find_one({"_id": job_id},
-                                                                {"lease.token": 0,
-                                                                 "payload.request_key": 0}),
+                                                                {"lease.token": 0}),
                         what="read job")
     return _visible(doc, "job", job_id)
 

@@ -258,7 +258,7 @@ def request_issuance(db: Database[Doc], certificate_id: str, actor: audit.Actor,
                      request_key: str | None = None) -> Doc:
     """Enqueue an issuance (or renewal) job now; returns the job document (the active one
     when an issuance is already queued or running for this certificate). ``request_key``
-    (an API request's idempotency reservation) goes in the job's payload for
+    (an API request's idempotency reservation) is stored with the job for
     ``job_made_under``."""
     from app.jobs import enqueue, publish_wakeup
 
@@ -266,13 +266,12 @@ def request_issuance(db: Database[Doc], certificate_id: str, actor: audit.Actor,
         raise ValidationFailed("reason must be one of " + ", ".join(ISSUE_REASONS))
     current = get_certificate(db, certificate_id, project_id=project_id)
     payload: Doc = {"certificate_id": certificate_id, "reason": reason}
-    if request_key is not None:
-        payload["request_key"] = request_key
 
     def save(session: ClientSession) -> Doc:
         job = enqueue(db, ISSUE_JOB_KIND, payload,
                       dedupe_key=dedupe_key(certificate_id),
-                      project_id=current["project_id"], session=session, publish=False)
+                      project_id=current["project_id"], session=session, publish=False,
+                      request_key=request_key)
         audit.record(db, session, actor=actor, action="certificate.issue_requested",
                      target=f"certificate:{certificate_id}", project_id=current["project_id"],
                      details={"reason": reason, "job_id": str(job.get("_id"))})
@@ -290,7 +289,7 @@ def job_made_under(db: Database[Doc], certificate_id: str, request_key: str) -> 
     instead of ordering again once that job has finished. One read on the
     ``dedupe_key`` index."""
     return dbm.retry(lambda: dbm.primary(db)[dbm.JOBS].find_one(
-        {"dedupe_key": dedupe_key(certificate_id), "payload.request_key": request_key}),
+        {"dedupe_key": dedupe_key(certificate_id), "request_key": request_key}),
         what="read issuance job")
 
 

@@ -173,7 +173,7 @@ def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
             dedupe_key: str | None = None, run_after: datetime | None = None,
             project_id: str | None = None, session: ClientSession | None = None,
             publish: bool = True, settings: Settings | None = None,
-            expire_at: datetime | None = None) -> Doc:
+            expire_at: datetime | None = None, request_key: str | None = None) -> Doc:
     """Insert a queued job (``w=majority``) and publish its wake-up; return the job.
 
     With a ``dedupe_key`` already held by an active (queued or running) job, return that
@@ -182,6 +182,8 @@ def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
     commit (or leave it to the reaper). A failed publish leaves the job queued for the
     reaper. A ``run_after`` in the future delays the job. ``expire_at`` (the scheduler's
     slot jobs) removes the job then, whatever its state (``slot_expire_at``, TTL, m0010).
+    ``request_key`` (an API request's idempotency reservation) is kept beside the payload,
+    not in it: how a retry finds the job, not an input of its handler, and in no answer.
     """
     _validate(kind, payload, dedupe_key, run_after, project_id)
     settings = _settings(settings)
@@ -191,6 +193,8 @@ def enqueue(db: Database[Doc], kind: str, payload: dict[str, Any], *,
     doc = _job_doc(kind, payload, dedupe_key, project_id, now, due, settings)
     if expire_at is not None:
         doc["slot_expire_at"] = expire_at
+    if request_key is not None:
+        doc["request_key"] = request_key
     jobs = db[dbm.JOBS]
     if session is not None:
         if dedupe_key is not None:

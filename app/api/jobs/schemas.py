@@ -1,6 +1,4 @@
-from typing import Any
-
-from marshmallow import Schema, fields, post_dump, validate
+from marshmallow import Schema, fields, validate
 
 from app.api.common import JsonValue, PageArgsSchema, page_schema
 
@@ -33,16 +31,6 @@ class JobSchema(Schema):
     lease = fields.Nested(JobLeaseSchema, allow_none=True,
                           metadata={"description": "Current or last claim (no token)"})
     history = fields.List(JsonValue(), metadata={"description": "Last transitions"})
-
-    @post_dump
-    def _without_reservation(self, data: dict[str, Any], **_: Any) -> dict[str, Any]:
-        # A renew/issue made through the API keeps its request's idempotency reservation
-        # in the payload (``request_key``: how a retry finds this job), not an input of
-        # the job: not shown, like every other object's.
-        payload = data.get("payload")
-        if isinstance(payload, dict) and "request_key" in payload:
-            data["payload"] = {k: v for k, v in payload.items() if k != "request_key"}
-        return data
 
 
 class CancelSchema(Schema):
